@@ -1,0 +1,55 @@
+//! What a run tells its observers as it goes: the seam for progress bars,
+//! the server's event stream and metrics.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::exec::{RunStatus, StepStatus};
+
+/// Something that happened in a run. Events go out on a broadcast channel
+/// ([`Host::subscribe`](crate::Host::subscribe)); a slow subscriber misses
+/// events rather than slowing the run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum Event {
+    /// A run began.
+    #[serde(rename = "q.qflow.run.started.v1")]
+    RunStarted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The flow's name.
+        flow: Arc<str>,
+        /// How many steps it has.
+        steps: usize,
+    },
+    /// A step began its attempt.
+    #[serde(rename = "q.qflow.step.started.v1")]
+    StepStarted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+    },
+    /// A step ended: succeeded, failed, or was cancelled or skipped.
+    #[serde(rename = "q.qflow.step.finished.v1")]
+    StepFinished {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+        /// How it ended.
+        status: StepStatus,
+    },
+    /// A run ended.
+    #[serde(rename = "q.qflow.run.finished.v1")]
+    RunFinished {
+        /// The run.
+        run_id: Arc<str>,
+        /// How it ended.
+        status: RunStatus,
+        /// Its wall time in milliseconds.
+        wall_ms: f64,
+    },
+}

@@ -1,0 +1,552 @@
+//! Flows: the model, parsing from TOML or JSON, and validation whose errors
+//! name the file, the step and the problem.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::input::{Source, Template};
+use crate::plan;
+
+/// A validated flow: a DAG of steps, and the loaders that serve its assets.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// The flow's name.
+    pub name: String,
+    /// What it does, if the file says.
+    pub description: Option<String>,
+    /// Its steps, in the order the file lists them.
+    pub steps: Vec<Step>,
+    /// Its loaders.
+    pub loaders: Vec<LoaderSpec>,
+    /// Where it came from: a file path, or `<inline>`.
+    pub origin: String,
+}
+
+/// One step of a flow.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Its id, unique in the flow.
+    pub id: String,
+    /// The plugin it runs.
+    pub plugin: PluginRef,
+    /// Its configuration, passed to the plugin's `init`.
+    pub config: Map<String, Value>,
+    /// The ids of the steps it depends on.
+    pub needs: Vec<String>,
+    /// How long one attempt may take.
+    pub timeout: Option<Duration>,
+    /// The indices (in `Flow::steps`) of `needs`.
+    pub(crate) deps: Vec<usize>,
+    /// The `input` mapping, if the file gives one.
+    pub(crate) input: Option<Template>,
+}
+
+/// A loader: a plugin that serves assets named `ID/NAME` to steps.
+#[derive(Debug, Clone)]
+pub struct LoaderSpec {
+    /// The loader's id: the first part of the asset names it serves.
+    pub id: String,
+    /// The plugin it runs.
+    pub plugin: PluginRef,
+    /// Its parameters, passed to every `load`.
+    pub params: Map<String, Value>,
+    /// Host directories it may read, each mounted read-only at a guest path.
+    pub dirs: Vec<Mount>,
+}
+
+/// A host directory granted to a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Where the plugin sees it.
+    pub guest: String,
+    /// The directory on the host (resolved against the flow file's directory).
+    pub host: PathBuf,
+}
+
+/// A plugin by name, optionally pinned to a version: `jq` or `jq@0.1.0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginRef {
+    /// The plugin's name (its file's stem in the plugins directory).
+    pub name: String,
+    /// The version it must report, if pinned.
+    pub version: Option<String>,
+}
+
+impl fmt::Display for PluginRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "{}@{v}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// A flow that could not be read or is not valid: every problem found, with
+/// the file it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowError {
+    /// The flow file, or `<inline>`.
+    pub origin: String,
+    /// What is wrong, one entry per problem.
+    pub problems: Vec<Problem>,
+}
+
+impl std::error::Error for FlowError {}
+
+impl fmt::Display for FlowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.problems.as_slice() {
+            [one] => write!(f, "{}: {one}", self.origin),
+            many => {
+                write!(f, "{}: {} problems", self.origin, many.len())?;
+                many.iter().try_for_each(|p| write!(f, "\n  {p}"))
+            }
+        }
+    }
+}
+
+/// One thing wrong with a flow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The file could not be read.
+    #[error("cannot read the file: {0}")]
+    Read(String),
+    /// The text is not valid TOML or JSON, or not shaped like a flow.
+    #[error("{0}")]
+    Syntax(String),
+    /// A step or loader id is empty or has characters other than letters,
+    /// digits, `-` and `_`.
+    #[error("{what} id {id:?} is not valid: use letters, digits, `-` and `_`")]
+    BadId {
+        /// `step` or `loader`.
+        what: &'static str,
+        /// The id as written.
+        id: String,
+    },
+    /// Two steps (or two loaders) share an id.
+    #[error("{what} id `{id}` is used more than once")]
+    DuplicateId {
+        /// `step` or `loader`.
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// A plugin reference is not `name` or `name@version`.
+    #[error("{owner}: plugin {plugin:?} is not `name` or `name@version`")]
+    BadPluginRef {
+        /// The step or loader, as `step \`id\``.
+        owner: String,
+        /// The reference as written.
+        plugin: String,
+    },
+    /// No such plugin in the plugins directory.
+    #[error("{owner}: no plugin `{plugin}` in {dir} (it has: {available})")]
+    UnknownPlugin {
+        /// The step or loader, as `step \`id\``.
+        owner: String,
+        /// The plugin's name.
+        plugin: String,
+        /// The plugins directory.
+        dir: String,
+        /// The plugins there are.
+        available: String,
+    },
+    /// `needs` names a step that does not exist.
+    #[error("step `{step}`: needs `{needs}`, which is not a step of this flow (steps: {steps})")]
+    UnknownDependency {
+        /// The step.
+        step: String,
+        /// The missing id.
+        needs: String,
+        /// The ids there are.
+        steps: String,
+    },
+    /// The steps depend on each other in a circle.
+    #[error("the steps {} depend on each other in a cycle", .0.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" -> "))]
+    Cycle(Vec<String>),
+    /// `config` (or a loader's `params`) is not a table.
+    #[error("{owner}: `{field}` must be a table (a JSON object), not {found}")]
+    BadConfig {
+        /// The step or loader.
+        owner: String,
+        /// `config` or `params`.
+        field: &'static str,
+        /// What it is instead.
+        found: String,
+    },
+    /// An `input` reference is malformed or names a step this one does not need.
+    #[error("step `{step}`: input {reason}")]
+    BadReference {
+        /// The step.
+        step: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A loader's directory grant is unusable.
+    #[error("loader `{loader}`: dir {guest:?} = {host:?}: {reason}")]
+    BadMount {
+        /// The loader.
+        loader: String,
+        /// The guest path.
+        guest: String,
+        /// The host path.
+        host: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The text format of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TOML (`.toml`, the default).
+    Toml,
+    /// JSON (`.json`).
+    Json,
+}
+
+impl Flow {
+    /// Reads and validates a flow file; `.json` files are JSON, all others TOML.
+    /// Relative directories in the flow are resolved against the file's directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<Flow, FlowError> {
+        let path = path.as_ref();
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| FlowError {
+            origin: origin.clone(),
+            problems: vec![Problem::Read(e.to_string())],
+        })?;
+        let format = if path.extension().is_some_and(|e| e == "json") {
+            Format::Json
+        } else {
+            Format::Toml
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        Flow::parse(&text, format, &origin, base)
+    }
+
+    /// Parses and validates a flow's text. `origin` names it in errors; `base`
+    /// is the directory relative paths in it are resolved against.
+    pub fn parse(text: &str, format: Format, origin: &str, base: &Path) -> Result<Flow, FlowError> {
+        let error = |problems| FlowError {
+            origin: origin.to_owned(),
+            problems,
+        };
+        let raw: RawFlow = match format {
+            Format::Toml => toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned()),
+            Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
+        }
+        .map_err(|message| error(vec![Problem::Syntax(message)]))?;
+        let mut problems = Vec::new();
+        let flow = raw.validate(origin, base, &mut problems);
+        if problems.is_empty() {
+            Ok(flow)
+        } else {
+            Err(error(problems))
+        }
+    }
+
+    /// Checks that every plugin the flow names is in the plugins directory.
+    pub fn check_plugins(&self, catalog: &crate::Catalog) -> Result<(), FlowError> {
+        let owners = self
+            .steps
+            .iter()
+            .map(|s| (format!("step `{}`", s.id), &s.plugin))
+            .chain(
+                self.loaders
+                    .iter()
+                    .map(|l| (format!("loader `{}`", l.id), &l.plugin)),
+            );
+        let mut available = None;
+        let problems: Vec<Problem> = owners
+            .filter(|(_, plugin)| !catalog.contains(&plugin.name))
+            .map(|(owner, plugin)| {
+                let available = available
+                    .get_or_insert_with(|| match catalog.names() {
+                        Ok(names) if names.is_empty() => "no plugins".to_owned(),
+                        Ok(names) => names.join(", "),
+                        Err(e) => e.to_string(),
+                    })
+                    .clone();
+                Problem::UnknownPlugin {
+                    owner,
+                    plugin: plugin.name.clone(),
+                    dir: catalog.dir().display().to_string(),
+                    available,
+                }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(FlowError {
+                origin: self.origin.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// The index of the step `id`.
+    pub fn step_index(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    flow: RawHeader,
+    #[serde(default, alias = "steps")]
+    step: Vec<RawStep>,
+    #[serde(default, alias = "loaders")]
+    loader: Vec<RawLoader>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: String,
+    description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    id: String,
+    plugin: String,
+    config: Option<Value>,
+    #[serde(default)]
+    needs: Vec<String>,
+    input: Option<Value>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoader {
+    id: String,
+    plugin: String,
+    params: Option<Value>,
+    /// Guest path → host directory.
+    #[serde(default)]
+    dirs: BTreeMap<String, PathBuf>,
+}
+
+impl RawFlow {
+    fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> Flow {
+        let ids: HashMap<&str, usize> = self
+            .step
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
+        check_ids(
+            "loader",
+            self.loader.iter().map(|l| l.id.as_str()),
+            problems,
+        );
+        let all_ids = || {
+            self.step
+                .iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+
+        let steps: Vec<Step> = self
+            .step
+            .iter()
+            .map(|raw| {
+                let owner = format!("step `{}`", raw.id);
+                let mut deps = Vec::new();
+                for need in &raw.needs {
+                    match ids.get(need.as_str()) {
+                        Some(&i) if !deps.contains(&i) => deps.push(i),
+                        Some(_) => {}
+                        None => problems.push(Problem::UnknownDependency {
+                            step: raw.id.clone(),
+                            needs: need.clone(),
+                            steps: all_ids(),
+                        }),
+                    }
+                }
+                let input = raw
+                    .input
+                    .as_ref()
+                    .and_then(|value| match Template::parse(value) {
+                        Ok(t) => {
+                            check_refs(raw, &t, problems);
+                            Some(t)
+                        }
+                        Err(reason) => {
+                            problems.push(Problem::BadReference {
+                                step: raw.id.clone(),
+                                reason,
+                            });
+                            None
+                        }
+                    });
+                Step {
+                    id: raw.id.clone(),
+                    plugin: plugin_ref(&owner, &raw.plugin, problems),
+                    config: table(&owner, "config", raw.config.clone(), problems),
+                    needs: raw.needs.clone(),
+                    timeout: raw.timeout_ms.map(Duration::from_millis),
+                    deps,
+                    input,
+                }
+            })
+            .collect();
+
+        for cycle in plan::cycles(&steps) {
+            problems.push(Problem::Cycle(
+                cycle.iter().map(|&i| steps[i].id.clone()).collect(),
+            ));
+        }
+
+        let loaders = self
+            .loader
+            .into_iter()
+            .map(|raw| {
+                let owner = format!("loader `{}`", raw.id);
+                let dirs = raw
+                    .dirs
+                    .into_iter()
+                    .filter_map(|(guest, host)| {
+                        let host = base.join(host);
+                        let reason = if !guest.starts_with('/') {
+                            Some("the guest path must be absolute, such as \"/data\"")
+                        } else if !host.is_dir() {
+                            Some("no such directory on the host")
+                        } else {
+                            None
+                        };
+                        match reason {
+                            Some(reason) => {
+                                problems.push(Problem::BadMount {
+                                    loader: raw.id.clone(),
+                                    guest,
+                                    host: host.display().to_string(),
+                                    reason: reason.to_owned(),
+                                });
+                                None
+                            }
+                            None => Some(Mount { guest, host }),
+                        }
+                    })
+                    .collect();
+                LoaderSpec {
+                    plugin: plugin_ref(&owner, &raw.plugin, problems),
+                    params: table(&owner, "params", raw.params, problems),
+                    id: raw.id,
+                    dirs,
+                }
+            })
+            .collect();
+
+        Flow {
+            name: self.flow.name,
+            description: self.flow.description,
+            steps,
+            loaders,
+            origin: origin.to_owned(),
+        }
+    }
+}
+
+fn check_ids<'a>(
+    what: &'static str,
+    ids: impl Iterator<Item = &'a str>,
+    problems: &mut Vec<Problem>,
+) {
+    let mut seen = HashSet::new();
+    for id in ids {
+        let valid = !id.is_empty()
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid {
+            problems.push(Problem::BadId {
+                what,
+                id: id.to_owned(),
+            });
+        } else if !seen.insert(id) {
+            problems.push(Problem::DuplicateId {
+                what,
+                id: id.to_owned(),
+            });
+        }
+    }
+}
+
+/// Every `${steps.X.output}` must name a step this one needs, so that its
+/// output exists when this step starts.
+fn check_refs(raw: &RawStep, template: &Template, problems: &mut Vec<Problem>) {
+    for r in template.refs() {
+        if let Source::Step(id) = &r.source
+            && !raw.needs.contains(id)
+        {
+            problems.push(Problem::BadReference {
+                step: raw.id.clone(),
+                reason: format!(
+                    "`{}` refers to step `{id}`, which this step does not need (add it to `needs`)",
+                    r.text
+                ),
+            });
+        }
+    }
+}
+
+fn plugin_ref(owner: &str, text: &str, problems: &mut Vec<Problem>) -> PluginRef {
+    let (name, version) = match text.split_once('@') {
+        Some((name, version)) => (name, Some(version.to_owned())),
+        None => (text, None),
+    };
+    let valid_name = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid_name || version.as_deref().is_some_and(str::is_empty) {
+        problems.push(Problem::BadPluginRef {
+            owner: owner.to_owned(),
+            plugin: text.to_owned(),
+        });
+    }
+    PluginRef {
+        name: name.to_owned(),
+        version,
+    }
+}
+
+fn table(
+    owner: &str,
+    field: &'static str,
+    value: Option<Value>,
+    problems: &mut Vec<Problem>,
+) -> Map<String, Value> {
+    match value {
+        None => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(other) => {
+            let found = match other {
+                Value::Array(_) => "an array",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                Value::Bool(_) => "a boolean",
+                _ => "null",
+            };
+            problems.push(Problem::BadConfig {
+                owner: owner.to_owned(),
+                field,
+                found: found.to_owned(),
+            });
+            Map::new()
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! One plugin instance's store: its WASI context (what the operator granted,
+//! nothing more), the host functions of the contract, and its captured stderr.
+
+use std::sync::Arc;
+
+use wasmtime::Store;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::assets::Assets;
+use crate::bindings::{LogLevel, StepError, host};
+use crate::engine::Engine;
+
+/// How much of a guest's stderr is kept: enough for a panic message.
+const STDERR_CAPACITY: usize = 16 * 1024;
+
+/// Who is calling: named in log lines and error messages.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The step id, or `loader:<id>` for a loader.
+    pub(crate) name: Arc<str>,
+    pub(crate) plugin: Arc<str>,
+}
+
+/// The data of one plugin instance's `Store`.
+pub(crate) struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    stderr: MemoryOutputPipe,
+    caller: Caller,
+    /// Where `host.asset` is served from; `None` for loaders, which do not
+    /// read assets themselves.
+    assets: Option<Arc<Assets>>,
+}
+
+impl PluginState {
+    /// A store for one instance of a plugin: no environment, no files, no
+    /// network, stdout discarded, stderr captured for error reports.
+    pub(crate) fn store(
+        engine: &Engine,
+        caller: Caller,
+        assets: Option<Arc<Assets>>,
+        wasi: &mut wasmtime_wasi::WasiCtxBuilder,
+    ) -> Store<PluginState> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let wasi = wasi.stderr(stderr.clone()).build();
+        let state = PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            stderr,
+            caller,
+            assets,
+        };
+        let mut store = Store::new(engine.wasmtime(), state);
+        // Yield to the async scheduler at every epoch tick: a CPU-bound guest
+        // shares its worker thread instead of holding it.
+        store.epoch_deadline_async_yield_and_update(1);
+        store
+    }
+
+    /// The last lines the guest wrote to stderr (a Rust panic message lands
+    /// there), for an error report; empty when it wrote nothing.
+    pub(crate) fn stderr_tail(&self) -> String {
+        let bytes = self.stderr.contents();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        let (step, plugin) = (&*self.caller.name, &*self.caller.plugin);
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "qflow::plugin", step, plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "qflow::plugin", step, plugin, "{message}"),
+            LogLevel::Info => tracing::info!(target: "qflow::plugin", step, plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "qflow::plugin", step, plugin, "{message}"),
+            LogLevel::Error => tracing::error!(target: "qflow::plugin", step, plugin, "{message}"),
+        }
+    }
+
+    async fn asset(&mut self, name: String) -> Result<Vec<u8>, StepError> {
+        match &self.assets {
+            Some(assets) => assets.clone().get(&name).await.map(|bytes| bytes.to_vec()),
+            None => Err(StepError {
+                code: "no-assets".into(),
+                message: format!(
+                    "{} is a loader; loaders cannot read assets",
+                    self.caller.name
+                ),
+                retryable: false,
+            }),
+        }
+    }
+}
+
+/// A one-line account of a failed guest call: wasmtime's error chain (a trap
+/// says which), then what the guest last wrote to stderr (a panic message).
+pub(crate) fn describe_failure(error: &wasmtime::Error, store: &Store<PluginState>) -> String {
+    let mut message = error.to_string();
+    let root = error.root_cause().to_string();
+    if root != message {
+        message = format!("{message}: {root}");
+    }
+    let stderr = store.data().stderr_tail();
+    if !stderr.is_empty() {
+        message = format!("{message}; stderr: {stderr}");
+    }
+    message
+}

@@ -1,0 +1,295 @@
+//! The `qflow` command line.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use qflow::{Event, Flow, Host, HostConfig, RunStatus, RunSummary, StepStatus};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    name = "qflow",
+    version,
+    about = "Runs flows of WebAssembly-component steps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a flow to the end; exits 0 only if every step succeeded.
+    Run {
+        /// The flow file (TOML, or JSON if it ends in .json).
+        flow: PathBuf,
+        #[command(flatten)]
+        plugins: PluginsDir,
+        /// The flow's input: JSON text, or @FILE to read JSON from a file.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// Print a machine-readable summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with the plugins directory.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Build a plugin crate (or a workspace of them) into components in the
+    /// plugins directory.
+    Build {
+        /// The crate or workspace to build.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Where to place the components (default: the plugins directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Build with the dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// List the plugins with what they say about themselves.
+    List {
+        #[command(flatten)]
+        plugins: PluginsDir,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct PluginsDir {
+    /// The plugins directory.
+    #[arg(long = "plugins", env = "QFLOW_PLUGINS", default_value = "plugins")]
+    dir: PathBuf,
+}
+
+/// Exit codes: 0 the command did what was asked, 1 a run failed, 2 it could
+/// not be carried out (a bad flow, a missing plugin, a build error).
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Build { path, out, debug } => {
+            let out = out.unwrap_or_else(|| PluginsDir::parse_default().dir);
+            let options = qflow_plugin_build::Options {
+                release: !debug,
+                ..Default::default()
+            };
+            for built in qflow_plugin_build::build(&path, &out, &options)? {
+                eprintln!("built {} -> {}", built.name, built.path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            flow,
+            plugins,
+            input,
+            json,
+        } => runtime()?.block_on(run(&flow, &plugins.dir, &input, json)),
+        Command::Plugins {
+            command: PluginsCommand::List { plugins, json },
+        } => runtime()?.block_on(list(&plugins.dir, json)),
+    }
+}
+
+impl PluginsDir {
+    /// The directory from `QFLOW_PLUGINS` or the default, for commands that
+    /// take it as an optional output.
+    fn parse_default() -> PluginsDir {
+        PluginsDir {
+            dir: std::env::var_os("QFLOW_PLUGINS").map_or_else(|| "plugins".into(), PathBuf::from),
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+}
+
+fn host(plugins: &Path) -> anyhow::Result<Host> {
+    if !plugins.is_dir() {
+        bail!(
+            "the plugins directory {} does not exist: build the bundled plugins with `qflow build plugins`, \
+             or point --plugins (or QFLOW_PLUGINS) at a directory of components",
+            plugins.display()
+        );
+    }
+    Ok(Host::new(HostConfig::new(plugins))?)
+}
+
+fn read_input(input: &str) -> anyhow::Result<Value> {
+    let (text, origin) = match input.strip_prefix('@') {
+        Some(path) => (
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --input {path}"))?,
+            path,
+        ),
+        None => (input.to_owned(), "--input"),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{origin} is not JSON"))
+}
+
+async fn run(flow: &Path, plugins: &Path, input: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let flow = Flow::load(flow)?;
+    let input = read_input(input)?;
+    let host = host(plugins)?;
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| show_progress(&host, &flow));
+    let summary = tokio::select! {
+        summary = host.run(&flow, input) => summary?,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the run aborts its steps' tasks and their instances.
+            eprintln!("interrupted: the run was stopped");
+            return Ok(ExitCode::from(130));
+        }
+    };
+    if let Some(progress) = progress {
+        progress.finish_and_clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&flow, &summary);
+    }
+    Ok(if summary.status == RunStatus::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A progress bar on stderr, fed by the host's events.
+fn show_progress(host: &Host, flow: &Flow) -> ProgressBar {
+    let bar = ProgressBar::new(flow.steps.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {pos}/{len} steps [{elapsed}] {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let mut events = host.subscribe();
+    let updater = bar.clone();
+    tokio::spawn(async move {
+        while let Ok(event) = events.recv().await {
+            match event {
+                Event::StepStarted { step, .. } => updater.set_message(format!("running {step}")),
+                Event::StepFinished { step, status, .. } => {
+                    updater.inc(1);
+                    if status == StepStatus::Failed {
+                        updater.println(format!("✗ {step} failed"));
+                    }
+                }
+                Event::RunFinished { .. } => break,
+                _ => {}
+            }
+        }
+    });
+    bar
+}
+
+fn print_summary(flow: &Flow, summary: &RunSummary) {
+    let width = summary.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
+    for step in &summary.steps {
+        let mark = match step.status {
+            StepStatus::Succeeded => "✓",
+            StepStatus::Failed => "✗",
+            StepStatus::Cancelled => "⊘",
+            StepStatus::Skipped => "-",
+        };
+        let timing = match (step.start_ms, step.end_ms) {
+            (Some(start), Some(end)) => format!("{start:8.1} → {end:8.1} ms"),
+            _ => format!("{:>22}", format!("{:?}", step.status).to_lowercase()),
+        };
+        println!("{mark} {:width$}  {timing}  {}", step.id, step.plugin);
+        if let Some(error) = &step.error {
+            println!("    {}", error.message);
+        }
+    }
+    let status = match summary.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+    };
+    println!(
+        "flow {} {status} in {:.1} ms (run {})",
+        summary.flow, summary.wall_ms, summary.run_id
+    );
+    // The flow's results: the outputs of the steps nothing depends on.
+    for step in flow
+        .steps
+        .iter()
+        .filter(|s| !flow.steps.iter().any(|o| o.needs.contains(&s.id)))
+    {
+        if let Some(output) = summary.output(&step.id) {
+            println!("\n── {} ──", step.id);
+            match output {
+                Value::String(text) => println!("{}", text.trim_end()),
+                other => println!(
+                    "{}",
+                    serde_json::to_string_pretty(other).unwrap_or_default()
+                ),
+            }
+        }
+    }
+}
+
+async fn list(plugins: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let host = host(plugins)?;
+    let described = host.catalog().describe_all().await?;
+    if json {
+        let entries: Vec<Value> = described
+            .iter()
+            .map(|d| match d {
+                Ok(info) => serde_json::to_value(info).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+    } else {
+        for d in &described {
+            match d {
+                Ok(info) => println!(
+                    "{:14} {:8} {:7} {}",
+                    info.name, info.version, info.kind, info.description
+                ),
+                Err(e) => println!("error: {e}"),
+            }
+        }
+    }
+    let broken = described.iter().filter(|d| d.is_err()).count();
+    Ok(if broken == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,68 @@
+//! A plugin that misbehaves on purpose, as its config's `mode` says. Qflow's
+//! tests run it to prove that one bad step fails alone, with a clear error,
+//! and that the host keeps running. It implements the `step` world by hand
+//! (not through the SDK's `Step`), so it can break the contract.
+
+use qflow_sdk::serde_json::{self, Value};
+use qflow_sdk::step_bindings::{Guest, PluginInfo, StepError};
+
+struct Hostile;
+
+thread_local! {
+    static MODE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+impl Guest for Hostile {
+    fn describe() -> PluginInfo {
+        qflow_sdk::__private::info(
+            qflow_sdk::__private::PluginKind::Step,
+            "hostile",
+            env!("CARGO_PKG_VERSION"),
+            "Misbehaves on purpose; for tests only",
+        )
+    }
+
+    fn init(config: String) -> Result<(), StepError> {
+        let config: Value = serde_json::from_str(&config).unwrap_or_default();
+        let mode = config
+            .get("mode")
+            .and_then(Value::as_str)
+            .unwrap_or("ok")
+            .to_owned();
+        if mode == "trap-in-init" {
+            panic!("hostile: trapping in init");
+        }
+        MODE.with(|m| *m.borrow_mut() = mode);
+        Ok(())
+    }
+
+    fn run(input: String) -> Result<String, StepError> {
+        match MODE.with(|m| m.borrow().clone()).as_str() {
+            "ok" => Ok(input),
+            "trap" => panic!("hostile: trapping on purpose"),
+            "error" => Err(StepError {
+                code: "hostile".to_owned(),
+                message: "failing on purpose".to_owned(),
+                retryable: false,
+            }),
+            "invalid-json" => Ok("{this is not json".to_owned()),
+            "loop" => loop {
+                std::hint::black_box(());
+            },
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            other => Err(StepError {
+                code: "bad-config".to_owned(),
+                message: format!("unknown mode {other:?}"),
+                retryable: false,
+            }),
+        }
+    }
+}
+
+qflow_sdk::step_bindings::export_step_world!(Hostile with_types_in qflow_sdk::step_bindings);
