@@ -22,29 +22,18 @@ pub(crate) struct Assets {
 }
 
 fn error(code: &str, message: String) -> StepError {
-    StepError {
-        code: code.to_owned(),
-        message,
-        retryable: false,
-    }
+    StepError { code: code.to_owned(), message, retryable: false }
 }
 
 impl Assets {
     pub(crate) fn new(catalog: Arc<Catalog>, loaders: Vec<LoaderSpec>) -> Assets {
-        Assets {
-            catalog,
-            loaders,
-            cache: Mutex::default(),
-        }
+        Assets { catalog, loaders, cache: Mutex::default() }
     }
 
     /// The asset `loader-id/name`, loaded on first request.
     pub(crate) async fn get(&self, name: &str) -> Result<Arc<[u8]>, StepError> {
         let cell = {
-            let mut cache = self
-                .cache
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             cache.entry(name.to_owned()).or_default().clone()
         };
         // Failures are not cached: a later request tries again.
@@ -60,11 +49,7 @@ impl Assets {
         };
         let Some(spec) = self.loaders.iter().find(|l| l.id == loader_id) else {
             let ids: Vec<&str> = self.loaders.iter().map(|l| l.id.as_str()).collect();
-            let ids = if ids.is_empty() {
-                "none".to_owned()
-            } else {
-                ids.join(", ")
-            };
+            let ids = if ids.is_empty() { "none".to_owned() } else { ids.join(", ") };
             return Err(error(
                 "no-loader",
                 format!("asset {name:?}: the flow has no loader `{loader_id}` (loaders: {ids})"),
@@ -79,23 +64,20 @@ impl Assets {
         plugin
             .check_version(spec.plugin.version.as_deref())
             .map_err(|e| error("plugin", format!("{owner}: {e}")))?;
-        let pre = plugin
-            .loader()
-            .map_err(|e| error("plugin", format!("{owner}: {e}")))?;
+        let pre = plugin.loader().map_err(|e| error("plugin", format!("{owner}: {e}")))?;
 
         let mut wasi = WasiCtxBuilder::new();
         for mount in &spec.dirs {
-            wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly)
-                .map_err(|e| {
-                    error(
-                        "io",
-                        format!(
-                            "{owner}: cannot open {} for {}: {e}",
-                            mount.host.display(),
-                            mount.guest
-                        ),
-                    )
-                })?;
+            wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly).map_err(|e| {
+                error(
+                    "io",
+                    format!(
+                        "{owner}: cannot open {} for {}: {e}",
+                        mount.host.display(),
+                        mount.guest
+                    ),
+                )
+            })?;
         }
         let caller = Caller {
             name: Arc::from(format!("loader:{}", spec.id)),
@@ -109,16 +91,12 @@ impl Assets {
         };
         match loaded {
             Ok(Ok(bytes)) => Ok(Arc::from(bytes)),
-            Ok(Err(e)) => Err(StepError {
-                message: format!("{owner}: asset {name:?}: {}", e.message),
-                ..e
-            }),
+            Ok(Err(e)) => {
+                Err(StepError { message: format!("{owner}: asset {name:?}: {}", e.message), ..e })
+            }
             Err(trap) => Err(error(
                 "trap",
-                format!(
-                    "{owner}: asset {name:?}: {}",
-                    describe_failure(&trap, &store)
-                ),
+                format!("{owner}: asset {name:?}: {}", describe_failure(&trap, &store)),
             )),
         }
     }

@@ -87,11 +87,7 @@ pub enum PluginError {
 }
 
 fn list_or_none(names: &[String]) -> String {
-    if names.is_empty() {
-        "no plugins".to_owned()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { "no plugins".to_owned() } else { names.join(", ") }
 }
 
 /// Which world a plugin implements.
@@ -170,11 +166,7 @@ impl Plugin {
     }
 
     fn wrong_kind(&self, wanted: Kind) -> PluginError {
-        PluginError::WrongKind {
-            name: self.info.name.clone(),
-            wanted,
-            found: self.info.kind,
-        }
+        PluginError::WrongKind { name: self.info.name.clone(), wanted, found: self.info.kind }
     }
 }
 
@@ -192,12 +184,7 @@ impl Catalog {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
-        Ok(Catalog {
-            dir,
-            engine,
-            linker,
-            loaded: Mutex::default(),
-        })
+        Ok(Catalog { dir, engine, linker, loaded: Mutex::default() })
     }
 
     /// The plugins directory.
@@ -207,10 +194,8 @@ impl Catalog {
 
     /// The names of the plugins in the directory (`NAME.wasm`), sorted.
     pub fn names(&self) -> Result<Vec<String>, PluginError> {
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| PluginError::Read {
-            path: self.dir.clone(),
-            message: e.to_string(),
-        })?;
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| PluginError::Read { path: self.dir.clone(), message: e.to_string() })?;
         let mut names: Vec<String> = entries
             .filter_map(|entry| {
                 let path = entry.ok()?.path();
@@ -234,19 +219,14 @@ impl Catalog {
     /// Describes every plugin in the directory, compiling those not yet loaded.
     pub async fn describe_all(&self) -> Result<Vec<Result<PluginInfo, PluginError>>, PluginError> {
         let names = self.names()?;
-        let loads = names
-            .iter()
-            .map(|name| async move { Ok(self.load(name).await?.info.clone()) });
+        let loads = names.iter().map(|name| async move { Ok(self.load(name).await?.info.clone()) });
         Ok(futures::future::join_all(loads).await)
     }
 
     /// The plugin `name`, compiled and described on first use.
     pub(crate) async fn load(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
         let cell = {
-            let mut loaded = self
-                .loaded
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             loaded.entry(name.to_owned()).or_default().clone()
         };
         cell.get_or_try_init(|| self.compile(name)).await.cloned()
@@ -263,37 +243,23 @@ impl Catalog {
         }
         let bytes = tokio::fs::read(&path)
             .await
-            .map_err(|e| PluginError::Read {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
         // Cranelift is CPU-bound for up to seconds: keep it off the async workers.
         let engine = self.engine.wasmtime().clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
             .await
-            .map_err(|e| PluginError::Compile {
-                path: path.clone(),
-                message: e.to_string(),
-            })?
-            .map_err(|e| PluginError::Compile {
-                path: path.clone(),
-                message: format!("{e:#}"),
-            })?;
+            .map_err(|e| PluginError::Compile { path: path.clone(), message: e.to_string() })?
+            .map_err(|e| PluginError::Compile { path: path.clone(), message: format!("{e:#}") })?;
         let no_world = |e: wasmtime::Error| PluginError::NoWorld {
             path: path.clone(),
             message: format!("{e:#}"),
         };
         let pre = self.linker.instantiate_pre(&component).map_err(no_world)?;
-        let caller = Caller {
-            name: Arc::from("describe"),
-            plugin: Arc::from(name),
-        };
+        let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
         let mut store = PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new());
-        let describe_failed =
-            |e: wasmtime::Error, store: &wasmtime::Store<PluginState>| PluginError::Describe {
-                path: path.clone(),
-                message: describe_failure(&e, store),
-            };
+        let describe_failed = |e: wasmtime::Error, store: &wasmtime::Store<PluginState>| {
+            PluginError::Describe { path: path.clone(), message: describe_failure(&e, store) }
+        };
         let (world, info) = match StepPre::new(pre.clone()) {
             Ok(step) => {
                 let instance = step.instantiate_async(&mut store).await;
@@ -301,10 +267,7 @@ impl Catalog {
                     Ok(instance) => instance.call_describe(&mut store).await,
                     Err(e) => Err(e),
                 };
-                (
-                    World::Step(step),
-                    info.map_err(|e| describe_failed(e, &store))?,
-                )
+                (World::Step(step), info.map_err(|e| describe_failed(e, &store))?)
             }
             Err(step_mismatch) => {
                 let loader =
@@ -319,10 +282,7 @@ impl Catalog {
                     Ok(instance) => instance.call_describe(&mut store).await,
                     Err(e) => Err(e),
                 };
-                (
-                    World::Loader(loader),
-                    info.map_err(|e| describe_failed(e, &store))?,
-                )
+                (World::Loader(loader), info.map_err(|e| describe_failed(e, &store))?)
             }
         };
         let kind = match world {

@@ -98,16 +98,14 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
 /// Advances the engine's epoch every `tick` until the engine is dropped.
 fn spawn_epoch_ticker(engine: &wasmtime::Engine, tick: Duration) -> std::io::Result<()> {
     let weak = engine.weak();
-    std::thread::Builder::new()
-        .name("qflow-epoch".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(tick);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
-                }
+    std::thread::Builder::new().name("qflow-epoch".into()).spawn(move || {
+        loop {
+            std::thread::sleep(tick);
+            match weak.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => break,
             }
-        })?;
+        }
+    })?;
     Ok(())
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::assets::Assets;
-use crate::catalog::{Catalog, PluginError};
+use crate::catalog::{Catalog, Plugin, PluginError};
 use crate::events::Event;
 use crate::flow::{Flow, Step};
 use crate::input::Source;
@@ -174,12 +174,7 @@ pub(crate) async fn run(
     let mut running = JoinSet::new();
     let mut failed = false;
 
-    let mut ready: Vec<usize> = plan
-        .order
-        .iter()
-        .copied()
-        .filter(|&i| unmet[i] == 0)
-        .collect();
+    let mut ready: Vec<usize> = plan.order.iter().copied().filter(|&i| unmet[i] == 0).collect();
     loop {
         // Start everything that is ready, in plan order.
         for index in ready.drain(..) {
@@ -193,12 +188,7 @@ pub(crate) async fn run(
                     finish(
                         &ctx,
                         &mut reports[index],
-                        Finished {
-                            index,
-                            start: now,
-                            end: now,
-                            result: Err(failure),
-                        },
+                        Finished { index, start: now, end: now, result: Err(failure) },
                     );
                     failed = true;
                 }
@@ -231,10 +221,7 @@ pub(crate) async fn run(
         }
     }
 
-    for report in reports
-        .iter_mut()
-        .filter(|r| r.attempts > 0 && r.end_ms.is_none())
-    {
+    for report in reports.iter_mut().filter(|r| r.attempts > 0 && r.end_ms.is_none()) {
         report.status = StepStatus::Cancelled;
     }
     for report in &reports {
@@ -246,17 +233,9 @@ pub(crate) async fn run(
             });
         }
     }
-    let status = if failed {
-        RunStatus::Failed
-    } else {
-        RunStatus::Succeeded
-    };
+    let status = if failed { RunStatus::Failed } else { RunStatus::Succeeded };
     let wall_ms = ctx.ms_since_start(Instant::now());
-    let _ = ctx.events.send(Event::RunFinished {
-        run_id: ctx.run_id.clone(),
-        status,
-        wall_ms,
-    });
+    let _ = ctx.events.send(Event::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
     RunSummary {
         run_id: ctx.run_id.to_string(),
         flow: ctx.flow.name.clone(),
@@ -293,12 +272,7 @@ fn finish(ctx: &RunContext, report: &mut StepReport, done: Finished) -> Option<V
 /// Starts compiling every plugin the flow uses, so that compiles overlap
 /// each other and the first steps instead of each waiting for its turn.
 fn prefetch_plugins(ctx: &Arc<RunContext>) {
-    let mut names: Vec<&str> = ctx
-        .flow
-        .steps
-        .iter()
-        .map(|s| s.plugin.name.as_str())
-        .collect();
+    let mut names: Vec<&str> = ctx.flow.steps.iter().map(|s| s.plugin.name.as_str()).collect();
     names.sort_unstable();
     names.dedup();
     if names.len() < 2 {
@@ -335,9 +309,7 @@ fn resolve_input(
         (None, []) => Ok(input.clone()),
         (None, [one]) => Ok(output_of(*one)),
         (None, deps) => Ok(Value::Object(
-            deps.iter()
-                .map(|&d| (flow.steps[d].id.clone(), output_of(d)))
-                .collect(),
+            deps.iter().map(|&d| (flow.steps[d].id.clone(), output_of(d))).collect(),
         )),
     }
 }
@@ -350,27 +322,32 @@ fn failure(step: &Step, kind: &'static str, code: Option<String>, what: String) 
     }
 }
 
-/// One attempt at a step: load its plugin, instantiate, `init`, `run`.
+/// One attempt at a step: load its plugin, then run it under the step's timeout.
 async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
     let start = Instant::now();
     let step = &ctx.flow.steps[index];
-    let _ = ctx.events.send(Event::StepStarted {
-        run_id: ctx.run_id.clone(),
-        step: Arc::from(step.id.as_str()),
-    });
-    let attempt = attempt(&ctx, step, &input);
-    let result = match step.timeout {
-        Some(limit) => tokio::time::timeout(limit, attempt)
-            .await
-            .unwrap_or_else(|_| Err(timed_out(step, limit))),
-        None => attempt.await,
+    let _ = ctx
+        .events
+        .send(Event::StepStarted { run_id: ctx.run_id.clone(), step: Arc::from(step.id.as_str()) });
+    let result = match load_step_plugin(&ctx, step).await {
+        // The timeout bounds the plugin's own work, not compiling it.
+        Ok(plugin) => match step.timeout {
+            Some(limit) => tokio::time::timeout(limit, attempt(&ctx, step, &plugin, &input))
+                .await
+                .unwrap_or_else(|_| Err(timed_out(step, limit))),
+            None => attempt(&ctx, step, &plugin, &input).await,
+        },
+        Err(failure) => Err(failure),
     };
-    Finished {
-        index,
-        start,
-        end: Instant::now(),
-        result,
-    }
+    Finished { index, start, end: Instant::now(), result }
+}
+
+async fn load_step_plugin(ctx: &RunContext, step: &Step) -> Result<Arc<Plugin>, StepFailure> {
+    let plugin_failed = |e: PluginError| failure(step, "plugin", None, e.to_string());
+    let plugin = ctx.catalog.load(&step.plugin.name).await.map_err(plugin_failed)?;
+    plugin.check_version(step.plugin.version.as_deref()).map_err(plugin_failed)?;
+    plugin.step().map_err(plugin_failed)?;
+    Ok(plugin)
 }
 
 fn timed_out(step: &Step, limit: Duration) -> StepFailure {
@@ -378,29 +355,21 @@ fn timed_out(step: &Step, limit: Duration) -> StepFailure {
         step,
         "timeout",
         None,
-        format!(
-            "did not finish within its timeout of {} ms",
-            limit.as_millis()
-        ),
+        format!("did not finish within its timeout of {} ms", limit.as_millis()),
     )
 }
 
-async fn attempt(ctx: &RunContext, step: &Step, input: &Value) -> Result<Value, StepFailure> {
-    let plugin_failed = |e: PluginError| failure(step, "plugin", None, e.to_string());
-    let plugin = ctx
-        .catalog
-        .load(&step.plugin.name)
-        .await
-        .map_err(plugin_failed)?;
-    plugin
-        .check_version(step.plugin.version.as_deref())
-        .map_err(plugin_failed)?;
-    let pre = plugin.step().map_err(plugin_failed)?;
+/// Instantiate, `init`, `run`: one attempt on a loaded step plugin.
+async fn attempt(
+    ctx: &RunContext,
+    step: &Step,
+    plugin: &Plugin,
+    input: &Value,
+) -> Result<Value, StepFailure> {
+    let pre = plugin.step().map_err(|e| failure(step, "plugin", None, e.to_string()))?;
 
-    let caller = Caller {
-        name: Arc::from(step.id.as_str()),
-        plugin: Arc::from(step.plugin.name.as_str()),
-    };
+    let caller =
+        Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(step.plugin.name.as_str()) };
     let mut store = PluginState::store(
         ctx.catalog.engine(),
         caller,
@@ -408,12 +377,7 @@ async fn attempt(ctx: &RunContext, step: &Step, input: &Value) -> Result<Value, 
         &mut WasiCtxBuilder::new(),
     );
     let trapped = |phase: &str, e: wasmtime::Error, store: &wasmtime::Store<PluginState>| {
-        failure(
-            step,
-            "trap",
-            None,
-            format!("trapped in {phase}: {}", describe_failure(&e, store)),
-        )
+        failure(step, "trap", None, format!("trapped in {phase}: {}", describe_failure(&e, store)))
     };
 
     let instance = match pre.instantiate_async(&mut store).await {
@@ -444,11 +408,62 @@ async fn attempt(ctx: &RunContext, step: &Step, input: &Value) -> Result<Value, 
     };
     serde_json::from_str(&output).map_err(|e| {
         let preview: String = output.chars().take(80).collect();
-        failure(
-            step,
-            "invalid-output",
-            None,
-            format!("returned invalid JSON ({e}): {preview:?}"),
-        )
+        failure(step, "invalid-output", None, format!("returned invalid JSON ({e}): {preview:?}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::flow::Format;
+
+    fn flow() -> Flow {
+        let toml = r#"
+            [flow]
+            name = "inputs"
+            [[step]]
+            id = "a"
+            plugin = "x"
+            [[step]]
+            id = "b"
+            plugin = "x"
+            needs = ["a"]
+            [[step]]
+            id = "c"
+            plugin = "x"
+            needs = ["a", "b"]
+            [[step]]
+            id = "d"
+            plugin = "x"
+            needs = ["b"]
+            input = { from_a = "${steps.b.output.n}", all = "${input}" }
+        "#;
+        Flow::parse(toml, Format::Toml, "<test>", Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn default_inputs_follow_the_dependencies() {
+        let flow = flow();
+        let input = json!({"flow": "input"});
+        let outputs = vec![Some(json!("A")), Some(json!({"n": 2})), None, None];
+        let resolve = |i| resolve_input(&flow, i, &input, &outputs).unwrap();
+        assert_eq!(resolve(0), input, "no dependencies: the flow's input");
+        assert_eq!(resolve(1), json!("A"), "one dependency: its output");
+        assert_eq!(resolve(2), json!({"a": "A", "b": {"n": 2}}), "several: keyed by id");
+        assert_eq!(resolve(3), json!({"from_a": 2, "all": {"flow": "input"}}), "a mapping");
+    }
+
+    #[test]
+    fn the_plan_orders_dependencies_first() {
+        let flow = flow();
+        let plan = Plan::new(&flow);
+        let pos = |i: usize| plan.order.iter().position(|&x| x == i).unwrap();
+        assert!(pos(0) < pos(1) && pos(1) < pos(2) && pos(1) < pos(3));
+        assert_eq!(plan.dependents[0], vec![1, 2]);
+        assert_eq!(plan.dependents[1], vec![2, 3]);
+    }
 }

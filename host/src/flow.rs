@@ -221,11 +221,8 @@ impl Flow {
             origin: origin.clone(),
             problems: vec![Problem::Read(e.to_string())],
         })?;
-        let format = if path.extension().is_some_and(|e| e == "json") {
-            Format::Json
-        } else {
-            Format::Toml
-        };
+        let format =
+            if path.extension().is_some_and(|e| e == "json") { Format::Json } else { Format::Toml };
         let base = path.parent().unwrap_or(Path::new("."));
         Flow::parse(&text, format, &origin, base)
     }
@@ -233,10 +230,7 @@ impl Flow {
     /// Parses and validates a flow's text. `origin` names it in errors; `base`
     /// is the directory relative paths in it are resolved against.
     pub fn parse(text: &str, format: Format, origin: &str, base: &Path) -> Result<Flow, FlowError> {
-        let error = |problems| FlowError {
-            origin: origin.to_owned(),
-            problems,
-        };
+        let error = |problems| FlowError { origin: origin.to_owned(), problems };
         let raw: RawFlow = match format {
             Format::Toml => toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned()),
             Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
@@ -244,11 +238,7 @@ impl Flow {
         .map_err(|message| error(vec![Problem::Syntax(message)]))?;
         let mut problems = Vec::new();
         let flow = raw.validate(origin, base, &mut problems);
-        if problems.is_empty() {
-            Ok(flow)
-        } else {
-            Err(error(problems))
-        }
+        if problems.is_empty() { Ok(flow) } else { Err(error(problems)) }
     }
 
     /// Checks that every plugin the flow names is in the plugins directory.
@@ -257,11 +247,7 @@ impl Flow {
             .steps
             .iter()
             .map(|s| (format!("step `{}`", s.id), &s.plugin))
-            .chain(
-                self.loaders
-                    .iter()
-                    .map(|l| (format!("loader `{}`", l.id), &l.plugin)),
-            );
+            .chain(self.loaders.iter().map(|l| (format!("loader `{}`", l.id), &l.plugin)));
         let mut available = None;
         let problems: Vec<Problem> = owners
             .filter(|(_, plugin)| !catalog.contains(&plugin.name))
@@ -284,10 +270,7 @@ impl Flow {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(FlowError {
-                origin: self.origin.clone(),
-                problems,
-            })
+            Err(FlowError { origin: self.origin.clone(), problems })
         }
     }
 
@@ -339,25 +322,11 @@ struct RawLoader {
 
 impl RawFlow {
     fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> Flow {
-        let ids: HashMap<&str, usize> = self
-            .step
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
-            .collect();
+        let ids: HashMap<&str, usize> =
+            self.step.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
-        check_ids(
-            "loader",
-            self.loader.iter().map(|l| l.id.as_str()),
-            problems,
-        );
-        let all_ids = || {
-            self.step
-                .iter()
-                .map(|s| s.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        check_ids("loader", self.loader.iter().map(|l| l.id.as_str()), problems);
+        let all_ids = || self.step.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ");
 
         let steps: Vec<Step> = self
             .step
@@ -376,22 +345,16 @@ impl RawFlow {
                         }),
                     }
                 }
-                let input = raw
-                    .input
-                    .as_ref()
-                    .and_then(|value| match Template::parse(value) {
-                        Ok(t) => {
-                            check_refs(raw, &t, problems);
-                            Some(t)
-                        }
-                        Err(reason) => {
-                            problems.push(Problem::BadReference {
-                                step: raw.id.clone(),
-                                reason,
-                            });
-                            None
-                        }
-                    });
+                let input = raw.input.as_ref().and_then(|value| match Template::parse(value) {
+                    Ok(t) => {
+                        check_refs(raw, &t, problems);
+                        Some(t)
+                    }
+                    Err(reason) => {
+                        problems.push(Problem::BadReference { step: raw.id.clone(), reason });
+                        None
+                    }
+                });
                 Step {
                     id: raw.id.clone(),
                     plugin: plugin_ref(&owner, &raw.plugin, problems),
@@ -405,9 +368,7 @@ impl RawFlow {
             .collect();
 
         for cycle in plan::cycles(&steps) {
-            problems.push(Problem::Cycle(
-                cycle.iter().map(|&i| steps[i].id.clone()).collect(),
-            ));
+            problems.push(Problem::Cycle(cycle.iter().map(|&i| steps[i].id.clone()).collect()));
         }
 
         let loaders = self
@@ -467,20 +428,12 @@ fn check_ids<'a>(
 ) {
     let mut seen = HashSet::new();
     for id in ids {
-        let valid = !id.is_empty()
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let valid =
+            !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         if !valid {
-            problems.push(Problem::BadId {
-                what,
-                id: id.to_owned(),
-            });
+            problems.push(Problem::BadId { what, id: id.to_owned() });
         } else if !seen.insert(id) {
-            problems.push(Problem::DuplicateId {
-                what,
-                id: id.to_owned(),
-            });
+            problems.push(Problem::DuplicateId { what, id: id.to_owned() });
         }
     }
 }
@@ -508,20 +461,12 @@ fn plugin_ref(owner: &str, text: &str, problems: &mut Vec<Problem>) -> PluginRef
         Some((name, version)) => (name, Some(version.to_owned())),
         None => (text, None),
     };
-    let valid_name = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let valid_name =
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !valid_name || version.as_deref().is_some_and(str::is_empty) {
-        problems.push(Problem::BadPluginRef {
-            owner: owner.to_owned(),
-            plugin: text.to_owned(),
-        });
+        problems.push(Problem::BadPluginRef { owner: owner.to_owned(), plugin: text.to_owned() });
     }
-    PluginRef {
-        name: name.to_owned(),
-        version,
-    }
+    PluginRef { name: name.to_owned(), version }
 }
 
 fn table(
@@ -548,5 +493,169 @@ fn table(
             });
             Map::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> Result<Flow, FlowError> {
+        Flow::parse(toml, Format::Toml, "flows/test.toml", Path::new("."))
+    }
+
+    fn problems(toml: &str) -> Vec<Problem> {
+        match parse(toml) {
+            Ok(_) => panic!("the flow should not be valid"),
+            Err(e) => {
+                assert_eq!(e.origin, "flows/test.toml");
+                e.problems
+            }
+        }
+    }
+
+    const HEADER: &str = "[flow]\nname = \"t\"\n";
+
+    fn steps(body: &str) -> String {
+        format!("{HEADER}{body}")
+    }
+
+    #[test]
+    fn the_examples_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml" || e == "json") {
+                Flow::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
+    }
+
+    #[test]
+    fn a_full_step_parses() {
+        let flow = parse(&steps(
+            r#"
+            [[step]]
+            id = "a"
+            plugin = "csv"
+            [[step]]
+            id = "b"
+            plugin = "jq@0.1.0"
+            needs = ["a"]
+            config = { filter = "." }
+            input = { rows = "${steps.a.output}" }
+            timeout_ms = 250
+            "#,
+        ))
+        .unwrap();
+        let b = &flow.steps[1];
+        assert_eq!(b.plugin, PluginRef { name: "jq".into(), version: Some("0.1.0".into()) });
+        assert_eq!(b.deps, vec![0]);
+        assert_eq!(b.config["filter"], ".");
+        assert_eq!(b.timeout, Some(Duration::from_millis(250)));
+        assert!(b.input.is_some());
+    }
+
+    #[test]
+    fn json_flows_parse_too() {
+        let json = r#"{"flow": {"name": "j"}, "steps": [{"id": "a", "plugin": "identity"}]}"#;
+        let flow = Flow::parse(json, Format::Json, "x.json", Path::new(".")).unwrap();
+        assert_eq!(flow.steps[0].id, "a");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let message = problems("[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \n").remove(0).to_string();
+        assert!(message.contains("line 5"), "{message}");
+        let message = problems("[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\nneed = [\"b\"]\n")
+            .remove(0)
+            .to_string();
+        assert!(message.contains("unknown field `need`") && message.contains("line 6"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_and_malformed_ids() {
+        let found = problems(&steps(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\n\
+             [[step]]\nid = \"b.c\"\nplugin = \"x\"\n",
+        ));
+        assert!(found.contains(&Problem::DuplicateId { what: "step", id: "a".into() }), "{found:?}");
+        assert!(found.contains(&Problem::BadId { what: "step", id: "b.c".into() }), "{found:?}");
+    }
+
+    #[test]
+    fn an_unknown_dependency_lists_the_steps_there_are() {
+        let found = problems(&steps(
+            "[[step]]\nid = \"orders\"\nplugin = \"x\"\n\
+             [[step]]\nid = \"totals\"\nplugin = \"x\"\nneeds = [\"order\"]\n",
+        ));
+        assert_eq!(
+            found[0].to_string(),
+            "step `totals`: needs `order`, which is not a step of this flow (steps: orders, totals)"
+        );
+    }
+
+    #[test]
+    fn a_cycle_names_its_steps_in_order() {
+        let found = problems(&steps(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\nneeds = [\"c\"]\n\
+             [[step]]\nid = \"b\"\nplugin = \"x\"\nneeds = [\"a\"]\n\
+             [[step]]\nid = \"c\"\nplugin = \"x\"\nneeds = [\"b\"]\n\
+             [[step]]\nid = \"free\"\nplugin = \"x\"\n\
+             [[step]]\nid = \"me\"\nplugin = \"x\"\nneeds = [\"me\"]\n",
+        ));
+        assert_eq!(
+            found,
+            vec![
+                Problem::Cycle(vec!["a".into(), "b".into(), "c".into()]),
+                Problem::Cycle(vec!["me".into()]),
+            ]
+        );
+        assert_eq!(found[0].to_string(), "the steps `a` -> `b` -> `c` depend on each other in a cycle");
+    }
+
+    #[test]
+    fn config_must_be_a_table() {
+        let found = problems(&steps("[[step]]\nid = \"a\"\nplugin = \"x\"\nconfig = [1, 2]\n"));
+        assert_eq!(found[0].to_string(), "step `a`: `config` must be a table (a JSON object), not an array");
+    }
+
+    #[test]
+    fn references_must_parse_and_name_a_needed_step() {
+        let found = problems(&steps(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\n\
+             [[step]]\nid = \"b\"\nplugin = \"x\"\ninput = \"${steps.a.output}\"\n\
+             [[step]]\nid = \"c\"\nplugin = \"x\"\nneeds = [\"a\"]\ninput = \"${steps.a}\"\n",
+        ));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].to_string().starts_with("step `b`: input `${steps.a.output}` refers to step `a`"));
+        assert!(found[1].to_string().contains("write `${steps.a.output}`"), "{}", found[1]);
+    }
+
+    #[test]
+    fn plugin_references_and_mounts_are_checked() {
+        let found = problems(&steps(
+            "[[step]]\nid = \"a\"\nplugin = \"jq@\"\n\
+             [[loader]]\nid = \"d\"\nplugin = \"file-loader\"\ndirs = { \"rel\" = \".\", \"/x\" = \"no/such/dir\" }\n",
+        ));
+        assert!(matches!(&found[0], Problem::BadPluginRef { plugin, .. } if plugin == "jq@"), "{found:?}");
+        assert!(found.iter().any(|p| matches!(p, Problem::BadMount { guest, .. } if guest == "rel")));
+        assert!(found.iter().any(
+            |p| matches!(p, Problem::BadMount { reason, .. } if reason == "no such directory on the host")
+        ));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = parse(&steps(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\nneeds = [\"nope\"]\nconfig = 3\n\
+             [[step]]\nid = \"a\"\nplugin = \"x\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(err.to_string().starts_with("flows/test.toml: 3 problems\n  "), "{err}");
     }
 }

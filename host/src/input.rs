@@ -45,10 +45,7 @@ impl Template {
         Ok(match value {
             Value::String(s) => parse_string(s)?,
             Value::Array(items) => {
-                let items = items
-                    .iter()
-                    .map(Template::parse)
-                    .collect::<Result<Vec<_>, _>>()?;
+                let items = items.iter().map(Template::parse).collect::<Result<Vec<_>, _>>()?;
                 if items.iter().all(|t| matches!(t, Template::Literal(_))) {
                     Template::Literal(value.clone())
                 } else {
@@ -60,10 +57,7 @@ impl Template {
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), Template::parse(v)?)))
                     .collect::<Result<Vec<_>, String>>()?;
-                if fields
-                    .iter()
-                    .all(|(_, t)| matches!(t, Template::Literal(_)))
-                {
+                if fields.iter().all(|(_, t)| matches!(t, Template::Literal(_))) {
                     Template::Literal(value.clone())
                 } else {
                     Template::Object(fields)
@@ -114,17 +108,15 @@ impl Template {
                 }
                 Value::String(text)
             }
-            Template::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|t| t.resolve(lookup))
-                    .collect::<Result<_, _>>()?,
-            ),
+            Template::Array(items) => {
+                Value::Array(items.iter().map(|t| t.resolve(lookup)).collect::<Result<_, _>>()?)
+            }
             Template::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, t)| Ok((k.clone(), t.resolve(lookup)?)))
-                    .collect::<Result<Map<_, _>, String>>()?,
+                fields.iter().map(|(k, t)| Ok((k.clone(), t.resolve(lookup)?))).collect::<Result<
+                    Map<_, _>,
+                    String,
+                >>(
+                )?,
             ),
         })
     }
@@ -188,9 +180,8 @@ fn parse_string(s: &str) -> Result<Template, String> {
             text.push_str("${");
             rest = after;
         } else if let Some(after) = rest.strip_prefix("${") {
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("`{s}`: `${{` without a closing `}}`"))?;
+            let end =
+                after.find('}').ok_or_else(|| format!("`{s}`: `${{` without a closing `}}`"))?;
             if !text.is_empty() {
                 parts.push(Part::Text(std::mem::take(&mut text)));
             }
@@ -228,16 +219,10 @@ fn parse_ref(inner: &str) -> Result<Ref, String> {
             ));
         }
         _ => {
-            return Err(format!(
-                "`{text}`: a reference starts with `input` or `steps.ID.output`"
-            ));
+            return Err(format!("`{text}`: a reference starts with `input` or `steps.ID.output`"));
         }
     };
-    Ok(Ref {
-        source,
-        path: path.iter().map(|s| (*s).to_owned()).collect(),
-        text,
-    })
+    Ok(Ref { source, path: path.iter().map(|s| (*s).to_owned()).collect(), text })
 }
 
 #[cfg(test)]
@@ -296,19 +281,13 @@ mod tests {
         let t = Template::parse(&json!("${steps.orders.output.totl}")).unwrap();
         let (input, orders) = (json!(null), json!({"total": 42}));
         let err = t.resolve(&lookup(&input, &orders)).unwrap_err();
-        assert!(
-            err.contains("${steps.orders.output.totl}") && err.contains("total"),
-            "{err}"
-        );
+        assert!(err.contains("${steps.orders.output.totl}") && err.contains("total"), "{err}");
     }
 
     #[test]
     fn malformed_references_are_errors() {
         for bad in ["${steps.orders}", "${output}", "${input..a}", "${input"] {
-            assert!(
-                Template::parse(&json!(bad)).is_err(),
-                "{bad} should not parse"
-            );
+            assert!(Template::parse(&json!(bad)).is_err(), "{bad} should not parse");
         }
     }
 }

@@ -45,13 +45,7 @@ impl PluginState {
     ) -> Store<PluginState> {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = wasi.stderr(stderr.clone()).build();
-        let state = PluginState {
-            wasi,
-            table: ResourceTable::new(),
-            stderr,
-            caller,
-            assets,
-        };
+        let state = PluginState { wasi, table: ResourceTable::new(), stderr, caller, assets };
         let mut store = Store::new(engine.wasmtime(), state);
         // Yield to the async scheduler at every epoch tick: a CPU-bound guest
         // shares its worker thread instead of holding it.
@@ -71,10 +65,7 @@ impl PluginState {
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -95,10 +86,7 @@ impl host::Host for PluginState {
             Some(assets) => assets.clone().get(&name).await.map(|bytes| bytes.to_vec()),
             None => Err(StepError {
                 code: "no-assets".into(),
-                message: format!(
-                    "{} is a loader; loaders cannot read assets",
-                    self.caller.name
-                ),
+                message: format!("{} is a loader; loaders cannot read assets", self.caller.name),
                 retryable: false,
             }),
         }

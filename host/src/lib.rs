@@ -46,10 +46,7 @@ pub struct HostConfig {
 impl HostConfig {
     /// The defaults, with plugins from `plugins_dir`.
     pub fn new(plugins_dir: impl Into<PathBuf>) -> HostConfig {
-        HostConfig {
-            plugins_dir: plugins_dir.into(),
-            engine: EngineConfig::default(),
-        }
+        HostConfig { plugins_dir: plugins_dir.into(), engine: EngineConfig::default() }
     }
 }
 
@@ -84,10 +81,7 @@ impl Host {
         let catalog = Catalog::new(config.plugins_dir, engine)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        Ok(Host {
-            catalog: Arc::new(catalog),
-            events,
-        })
+        Ok(Host { catalog: Arc::new(catalog), events })
     }
 
     /// The plugins directory.
@@ -109,12 +103,7 @@ impl Host {
         input: serde_json::Value,
     ) -> Result<RunSummary, FlowError> {
         flow.check_plugins(&self.catalog)?;
-        Ok(exec::run(
-            self.catalog.clone(),
-            self.events.clone(),
-            Arc::new(flow.clone()),
-            input,
-        )
-        .await)
+        Ok(exec::run(self.catalog.clone(), self.events.clone(), Arc::new(flow.clone()), input)
+            .await)
     }
 }

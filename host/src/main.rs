@@ -12,11 +12,7 @@ use qflow::{Event, Flow, Host, HostConfig, RunStatus, RunSummary, StepStatus};
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(
-    name = "qflow",
-    version,
-    about = "Runs flows of WebAssembly-component steps"
-)]
+#[command(name = "qflow", version, about = "Runs flows of WebAssembly-component steps")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -100,24 +96,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Build { path, out, debug } => {
             let out = out.unwrap_or_else(|| PluginsDir::parse_default().dir);
-            let options = qflow_plugin_build::Options {
-                release: !debug,
-                ..Default::default()
-            };
+            let options = qflow_plugin_build::Options { release: !debug, ..Default::default() };
             for built in qflow_plugin_build::build(&path, &out, &options)? {
                 eprintln!("built {} -> {}", built.name, built.path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            flow,
-            plugins,
-            input,
-            json,
-        } => runtime()?.block_on(run(&flow, &plugins.dir, &input, json)),
-        Command::Plugins {
-            command: PluginsCommand::List { plugins, json },
-        } => runtime()?.block_on(list(&plugins.dir, json)),
+        Command::Run { flow, plugins, input, json } => {
+            runtime()?.block_on(run(&flow, &plugins.dir, &input, json))
+        }
+        Command::Plugins { command: PluginsCommand::List { plugins, json } } => {
+            runtime()?.block_on(list(&plugins.dir, json))
+        }
     }
 }
 
@@ -164,9 +154,7 @@ async fn run(flow: &Path, plugins: &Path, input: &str, json: bool) -> anyhow::Re
     let flow = Flow::load(flow)?;
     let input = read_input(input)?;
     let host = host(plugins)?;
-    let progress = std::io::stderr()
-        .is_terminal()
-        .then(|| show_progress(&host, &flow));
+    let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
     let summary = tokio::select! {
         summary = host.run(&flow, input) => summary?,
         _ = tokio::signal::ctrl_c() => {
@@ -183,11 +171,7 @@ async fn run(flow: &Path, plugins: &Path, input: &str, json: bool) -> anyhow::Re
     } else {
         print_summary(&flow, &summary);
     }
-    Ok(if summary.status == RunStatus::Succeeded {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if summary.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// A progress bar on stderr, fed by the host's events.
@@ -245,19 +229,12 @@ fn print_summary(flow: &Flow, summary: &RunSummary) {
         summary.flow, summary.wall_ms, summary.run_id
     );
     // The flow's results: the outputs of the steps nothing depends on.
-    for step in flow
-        .steps
-        .iter()
-        .filter(|s| !flow.steps.iter().any(|o| o.needs.contains(&s.id)))
-    {
+    for step in flow.steps.iter().filter(|s| !flow.steps.iter().any(|o| o.needs.contains(&s.id))) {
         if let Some(output) = summary.output(&step.id) {
             println!("\n── {} ──", step.id);
             match output {
                 Value::String(text) => println!("{}", text.trim_end()),
-                other => println!(
-                    "{}",
-                    serde_json::to_string_pretty(other).unwrap_or_default()
-                ),
+                other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
             }
         }
     }
@@ -287,9 +264,5 @@ async fn list(plugins: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     let broken = described.iter().filter(|d| d.is_err()).count();
-    Ok(if broken == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

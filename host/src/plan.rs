@@ -40,20 +40,13 @@ fn order_cycle(steps: &[Step], members: &[usize]) -> Vec<usize> {
     let mut chain = vec![members[0]];
     while chain.len() < members.len() {
         let last = chain[chain.len() - 1];
-        let next = members
-            .iter()
-            .copied()
-            .find(|m| !chain.contains(m) && steps[*m].deps.contains(&last));
+        let next =
+            members.iter().copied().find(|m| !chain.contains(m) && steps[*m].deps.contains(&last));
         match next {
             Some(next) => chain.push(next),
             // Not a simple cycle: list the rest as they come.
-            None => chain.extend(
-                members
-                    .iter()
-                    .filter(|m| !chain.contains(m))
-                    .copied()
-                    .collect::<Vec<_>>(),
-            ),
+            None => chain
+                .extend(members.iter().filter(|m| !chain.contains(m)).copied().collect::<Vec<_>>()),
         }
     }
     chain

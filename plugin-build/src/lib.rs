@@ -24,10 +24,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            release: true,
-            target_dir: None,
-        }
+        Options { release: true, target_dir: None }
     }
 }
 
@@ -90,11 +87,7 @@ pub fn build(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built
     cmd.arg("build")
         .arg("--manifest-path")
         .arg(&manifest)
-        .args([
-            "--target",
-            TARGET,
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["--target", TARGET, "--message-format=json-render-diagnostics"])
         .stdout(Stdio::piped());
     if options.release {
         cmd.arg("--release");
@@ -118,10 +111,8 @@ pub fn build(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built
         return Err(Error::NoComponents(path.to_path_buf()));
     }
 
-    std::fs::create_dir_all(out_dir).map_err(|source| Error::Io {
-        path: out_dir.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|source| Error::Io { path: out_dir.to_path_buf(), source })?;
     components
         .into_iter()
         .map(|(name, artifact)| {
@@ -133,15 +124,12 @@ pub fn build(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built
 }
 
 /// Copies through a temporary file and renames, so a host watching `dest`
-/// never sees half a component.
+/// never sees half a component (and concurrent builds never share a file).
 fn place(artifact: &Path, dest: &Path) -> Result<(), Error> {
-    let tmp = dest.with_extension("wasm.tmp");
+    let tmp = dest.with_extension(format!("wasm.{}.tmp", std::process::id()));
     std::fs::copy(artifact, &tmp)
         .and_then(|_| std::fs::rename(&tmp, dest))
-        .map_err(|source| Error::Io {
-            path: dest.to_path_buf(),
-            source,
-        })
+        .map_err(|source| Error::Io { path: dest.to_path_buf(), source })
 }
 
 /// The package name and `.wasm` file of a `compiler-artifact` message for a cdylib.
@@ -197,19 +185,16 @@ fn cargo() -> Command {
 /// Installs the target through rustup when it is missing (a fresh machine).
 fn ensure_target() -> Result<(), Error> {
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let libdir = Command::new(&rustc)
-        .args(["--print", "target-libdir", "--target", TARGET])
-        .output();
+    let libdir =
+        Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
     if let Ok(out) = libdir {
         let dir = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if out.status.success() && Path::new(&dir).is_dir() {
             return Ok(());
         }
     }
-    let added = Command::new("rustup")
-        .args(["target", "add", TARGET])
-        .stdout(Stdio::null())
-        .status();
+    let added =
+        Command::new("rustup").args(["target", "add", TARGET]).stdout(Stdio::null()).status();
     match added {
         Ok(status) if status.success() => Ok(()),
         Ok(status) => Err(Error::Target(status.to_string())),
@@ -236,12 +221,9 @@ pub fn sources(dir: &Path) -> Vec<PathBuf> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let skip = matches!(
-                path.file_name().and_then(OsStr::to_str),
-                Some("target" | "src") | None
-            ) || path
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+            let skip =
+                matches!(path.file_name().and_then(OsStr::to_str), Some("target" | "src") | None)
+                    || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
             if path.is_dir() && !skip {
                 stack.push(path);
             }
@@ -261,10 +243,7 @@ mod tests {
             package_name("path+file:///w/plugins/file-loader#0.1.0").as_deref(),
             Some("file-loader")
         );
-        assert_eq!(
-            package_name("path+file:///w/plugins/x#jq@0.1.0").as_deref(),
-            Some("jq")
-        );
+        assert_eq!(package_name("path+file:///w/plugins/x#jq@0.1.0").as_deref(), Some("jq"));
         assert_eq!(package_name("no-fragment"), None);
     }
 
@@ -273,10 +252,7 @@ mod tests {
         let lib = r#"{"reason":"compiler-artifact","package_id":"path+file:///p/sdk#0.1.0","target":{"kind":["lib"]},"filenames":["/t/libsdk.rlib"]}"#;
         let dylib = r#"{"reason":"compiler-artifact","package_id":"path+file:///p/jq#0.1.0","target":{"kind":["cdylib"]},"filenames":["/t/jq.wasm"]}"#;
         assert_eq!(component_in(lib), None);
-        assert_eq!(
-            component_in(dylib),
-            Some(("jq".to_owned(), PathBuf::from("/t/jq.wasm")))
-        );
+        assert_eq!(component_in(dylib), Some(("jq".to_owned(), PathBuf::from("/t/jq.wasm"))));
         assert_eq!(component_in("not json"), None);
     }
 }

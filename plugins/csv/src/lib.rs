@@ -19,11 +19,7 @@ struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            delimiter: ',',
-            infer_types: false,
-            asset: None,
-        }
+        Config { delimiter: ',', infer_types: false, asset: None }
     }
 }
 
@@ -51,11 +47,7 @@ impl Step for Csv {
             ),
             None => None,
         };
-        Ok(Csv {
-            delimiter,
-            infer_types: config.infer_types,
-            text,
-        })
+        Ok(Csv { delimiter, infer_types: config.infer_types, text })
     }
 
     fn run(&mut self, input: Value) -> Result<Self::Output, Error> {
@@ -64,9 +56,8 @@ impl Step for Csv {
             (None, Value::String(text)) => text.as_str(),
             (None, _) => return Err(Error::bad_input("expected CSV text (a string)")),
         };
-        let mut reader = csv::ReaderBuilder::new()
-            .delimiter(self.delimiter)
-            .from_reader(text.as_bytes());
+        let mut reader =
+            csv::ReaderBuilder::new().delimiter(self.delimiter).from_reader(text.as_bytes());
         let headers = reader.headers().map_err(|e| Error::bad_input(e))?.clone();
         let mut records = Vec::new();
         for row in reader.records() {

@@ -52,9 +52,7 @@ impl Step for Fib {
         let n = match (self.n, input) {
             (Some(n), _) | (None, Input::N(n) | Input::Object { n }) => n,
             (None, Input::Other(_)) => {
-                return Err(Error::bad_input(
-                    "expected n, or an object with a field `n`",
-                ));
+                return Err(Error::bad_input("expected n, or an object with a field `n`"));
             }
         };
         if n > MAX_N {
@@ -67,11 +65,7 @@ impl Step for Fib {
 }
 
 fn fib(n: u32) -> u64 {
-    if n < 2 {
-        n as u64
-    } else {
-        fib(n - 1) + fib(n - 2)
-    }
+    if n < 2 { n as u64 } else { fib(n - 1) + fib(n - 2) }
 }
 
 export_step!(Fib, "Computes fib(n) by naive recursion (CPU-bound)");

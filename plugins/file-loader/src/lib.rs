@@ -13,9 +13,7 @@ struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params {
-            root: "/data".to_owned(),
-        }
+        Params { root: "/data".to_owned() }
     }
 }
 
@@ -35,17 +33,10 @@ impl Loader for FileLoader {
         }
         let path = format!("{}/{name}", params.root.trim_end_matches('/'));
         std::fs::read(&path).map_err(|e| {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                "not-found"
-            } else {
-                "io"
-            };
+            let code = if e.kind() == std::io::ErrorKind::NotFound { "not-found" } else { "io" };
             Error::new(code, format!("{path}: {e}"))
         })
     }
 }
 
-export_loader!(
-    FileLoader,
-    "Serves the files of a granted directory as named assets"
-);
+export_loader!(FileLoader, "Serves the files of a granted directory as named assets");

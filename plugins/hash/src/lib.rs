@@ -30,10 +30,7 @@ impl Step for Hash {
             Value::String(text) => text.into_bytes(),
             other => serde_json::to_vec(&other).map_err(|e| Error::bad_input(e))?,
         };
-        Ok(Output {
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            bytes: bytes.len(),
-        })
+        Ok(Output { sha256: hex::encode(Sha256::digest(&bytes)), bytes: bytes.len() })
     }
 }
 

@@ -24,11 +24,7 @@ impl Guest for Hostile {
 
     fn init(config: String) -> Result<(), StepError> {
         let config: Value = serde_json::from_str(&config).unwrap_or_default();
-        let mode = config
-            .get("mode")
-            .and_then(Value::as_str)
-            .unwrap_or("ok")
-            .to_owned();
+        let mode = config.get("mode").and_then(Value::as_str).unwrap_or("ok").to_owned();
         if mode == "trap-in-init" {
             panic!("hostile: trapping in init");
         }

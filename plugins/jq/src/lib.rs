@@ -29,17 +29,10 @@ impl Step for Jq {
     type Output = Value;
 
     fn new(config: Config) -> Result<Self, Error> {
-        let defs = jaq_core::defs()
-            .chain(jaq_std::defs())
-            .chain(jaq_json::defs());
-        let funs = jaq_core::funs()
-            .chain(jaq_std::funs())
-            .chain(jaq_json::funs());
+        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs());
+        let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
         let arena = Arena::default();
-        let program = File {
-            code: config.filter.as_str(),
-            path: (),
-        };
+        let program = File { code: config.filter.as_str(), path: () };
         let modules = Loader::new(defs)
             .load(&arena, program)
             .map_err(|errs| Error::bad_config(format!("the filter does not parse: {errs:?}")))?;
@@ -59,10 +52,7 @@ impl Step for Jq {
         for out in self.filter.id.run((ctx, input)).map(unwrap_valr) {
             let out = out.map_err(|e| Error::new("filter-error", e))?;
             let out = serde_json::from_str(&out.to_string()).map_err(|e| {
-                Error::new(
-                    "filter-error",
-                    format!("the filter made a value JSON cannot hold: {e}"),
-                )
+                Error::new("filter-error", format!("the filter made a value JSON cannot hold: {e}"))
             })?;
             outputs.push(out);
         }

@@ -105,11 +105,7 @@ pub struct Error {
 impl Error {
     /// An error with a code and a message; not retryable.
     pub fn new(code: impl Into<String>, message: impl fmt::Display) -> Self {
-        Error {
-            code: code.into(),
-            message: message.to_string(),
-            retryable: false,
-        }
+        Error { code: code.into(), message: message.to_string(), retryable: false }
     }
 
     /// The step's input is not what it accepts.
@@ -137,21 +133,13 @@ impl fmt::Display for Error {
 
 impl From<Error> for StepError {
     fn from(e: Error) -> StepError {
-        StepError {
-            code: e.code,
-            message: e.message,
-            retryable: e.retryable,
-        }
+        StepError { code: e.code, message: e.message, retryable: e.retryable }
     }
 }
 
 impl From<StepError> for Error {
     fn from(e: StepError) -> Error {
-        Error {
-            code: e.code,
-            message: e.message,
-            retryable: e.retryable,
-        }
+        Error { code: e.code, message: e.message, retryable: e.retryable }
     }
 }
 
@@ -248,11 +236,7 @@ pub mod __private {
     /// `()`) that take no fields, so a step without configuration accepts `{}`.
     fn parse<T: DeserializeOwned>(json: &str) -> Result<T, serde_json::Error> {
         serde_json::from_str(json).or_else(|e| {
-            if json.trim() == "{}" {
-                serde_json::from_str("null").map_err(|_| e)
-            } else {
-                Err(e)
-            }
+            if json.trim() == "{}" { serde_json::from_str("null").map_err(|_| e) } else { Err(e) }
         })
     }
 }

@@ -24,9 +24,7 @@ impl Step for Sleep {
     type Output = Value;
 
     fn new(config: Option<Config>) -> Result<Self, Error> {
-        Ok(Sleep {
-            ms: config.unwrap_or_default().ms,
-        })
+        Ok(Sleep { ms: config.unwrap_or_default().ms })
     }
 
     fn run(&mut self, input: Value) -> Result<Value, Error> {

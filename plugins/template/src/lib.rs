@@ -39,19 +39,13 @@ impl Step for Template {
         };
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.add_template_owned(NAME, source)
-            .map_err(|e| Error::bad_config(describe(&e)))?;
+        env.add_template_owned(NAME, source).map_err(|e| Error::bad_config(describe(&e)))?;
         Ok(Template { env })
     }
 
     fn run(&mut self, input: Value) -> Result<String, Error> {
-        let template = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| Error::bad_config(describe(&e)))?;
-        template
-            .render(input)
-            .map_err(|e| Error::bad_input(describe(&e)))
+        let template = self.env.get_template(NAME).map_err(|e| Error::bad_config(describe(&e)))?;
+        template.render(input).map_err(|e| Error::bad_input(describe(&e)))
     }
 }
 
@@ -63,7 +57,4 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
-export_step!(
-    Template,
-    "Renders a minijinja template with its input as the context"
-);
+export_step!(Template, "Renders a minijinja template with its input as the context");

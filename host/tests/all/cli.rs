@@ -1,0 +1,147 @@
+//! The `qflow` binary, run as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::support::{plugins_dir, repo};
+
+fn qflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qflow"))
+        .args(args)
+        .current_dir(repo())
+        .env("QFLOW_PLUGINS", plugins_dir())
+        .env_remove("QFLOW_LOG")
+        .output()
+        .expect("the qflow binary runs")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(out)
+        )
+    })
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn run_json_reports_every_step_and_exits_zero() {
+    let out = qflow(&["run", "examples/orders-report.toml", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = stdout_json(&out);
+    assert_eq!(summary["status"], "succeeded");
+    assert_eq!(summary["flow"], "orders-report");
+    assert_eq!(summary["run_id"].as_str().unwrap().len(), 36);
+    assert!(summary["wall_ms"].as_f64().unwrap() > 0.0);
+    let steps = summary["steps"].as_array().unwrap();
+    let ids: Vec<&str> = steps.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["orders", "totals", "checksum", "report"]);
+    for step in steps {
+        assert_eq!(step["status"], "succeeded");
+        assert_eq!(step["attempts"], 1);
+        assert!(step["start_ms"].as_f64().unwrap() <= step["end_ms"].as_f64().unwrap());
+        assert!(step.get("output").is_some() && step.get("error").is_none(), "{step}");
+    }
+    assert_eq!(steps[1]["output"]["count"], 8);
+}
+
+#[test]
+fn run_takes_input_from_a_file_and_prints_results_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.json");
+    std::fs::write(&input, r#"{"label": "from-a-file"}"#).unwrap();
+    let out = qflow(&["run", "examples/fan-out.toml", "--input", &format!("@{}", input.display())]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("flow fan-out succeeded"), "{text}");
+    assert!(
+        text.contains("\"label\": \"from-a-file\"") && text.contains("\"fib\": 75025"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_failed_run_exits_one_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("fails.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"fails\"\n[[step]]\nid = \"boom\"\nplugin = \"hostile\"\nconfig = { mode = \"trap\" }\n",
+    )
+    .unwrap();
+    let out = qflow(&["run", flow.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let summary = stdout_json(&out);
+    assert_eq!(summary["status"], "failed");
+    assert_eq!(summary["steps"][0]["status"], "failed");
+    assert_eq!(summary["steps"][0]["error"]["kind"], "trap");
+    let message = summary["steps"][0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("step `boom` (plugin hostile)"), "{message}");
+}
+
+#[test]
+fn an_invalid_flow_exits_two_naming_the_file_and_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("cyclic.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"c\"\n[[step]]\nid = \"a\"\nplugin = \"identity\"\nneeds = [\"b\"]\n\
+         [[step]]\nid = \"b\"\nplugin = \"identity\"\nneeds = [\"a\"]\n",
+    )
+    .unwrap();
+    let out = qflow(&["run", flow.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cyclic.toml") && err.contains("`a` -> `b`") && err.contains("cycle"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn plugins_list_describes_every_bundled_plugin() {
+    let out = qflow(&["plugins", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let list = stdout_json(&out);
+    let kinds: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["kind"].as_str().unwrap().to_owned()))
+        .collect();
+    for step in ["csv", "fib", "hash", "identity", "jq", "sleep", "template"] {
+        assert!(kinds.contains(&(step.to_owned(), "step".to_owned())), "{kinds:?}");
+    }
+    assert!(kinds.contains(&("file-loader".to_owned(), "loader".to_owned())), "{kinds:?}");
+}
+
+#[test]
+fn build_places_a_component_that_the_host_can_run() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = qflow(&["build", "plugins/hash", "--out", out_dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(Path::new(&out_dir.path().join("hash.wasm")).is_file());
+    let listed = Command::new(env!("CARGO_BIN_EXE_qflow"))
+        .args(["plugins", "list", "--json", "--plugins", out_dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let list = stdout_json(&listed);
+    assert_eq!(list[0]["name"], "hash");
+    assert_eq!(list[0]["kind"], "step");
+}
+
+#[test]
+fn build_of_a_directory_without_a_crate_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = qflow(&["build", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no Cargo.toml here"), "{}", stderr(&out));
+}
