@@ -1,1 +1,212 @@
-fn main() {}
+//! Qflow's benchmarks: `cargo bench -p qflow` runs every scenario and prints
+//! one table. Each figure is a ratio against a baseline measured in the same
+//! run on the same machine, never an absolute target.
+//!
+//! `cargo bench -p qflow -- NAME` runs only the scenarios whose name contains NAME.
+
+// A benchmark that cannot set itself up has nothing to report: panicking
+// with the reason is the right thing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qflow::{Flow, Format, Host, HostConfig, RunStatus};
+use serde_json::json;
+
+mod bare {
+    //! The baseline: the same trivial component on bare wasmtime, through
+    //! its own bindings, with nothing of Qflow's in the way.
+    wasmtime::component::bindgen!({
+        world: "step",
+        path: "../wit",
+        imports: { "qflow:plugin/host.asset": async },
+        exports: { default: async },
+    });
+}
+
+fn main() {
+    // SAFETY: nothing else runs yet. Every error captures a backtrace when
+    // RUST_BACKTRACE is set; a benchmark must not pay for that.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let plugins = build_plugins();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+
+    let mut table = Table::default();
+    let scenarios: [(&str, fn(&tokio::runtime::Runtime, &Path, &mut Table)); 2] =
+        [("floor", floor), ("chain", chain)];
+    for (name, scenario) in scenarios {
+        if filter.as_deref().is_none_or(|f| name.contains(f)) {
+            eprintln!("running {name}...");
+            scenario(&rt, &plugins, &mut table);
+        }
+    }
+    table.print();
+}
+
+fn build_plugins() -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins");
+    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    qflow_plugin_build::build(&repo.join("plugins"), &out, &Default::default())
+        .expect("building the bundled plugins");
+    out
+}
+
+/// The floor: per-call cost of a trivial step through Qflow (a one-step
+/// flow, run to the end) against bare wasmtime's pooled `InstancePre`
+/// instantiate + call of the same component.
+fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    const CALLS: u32 = 2000;
+    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), CALLS));
+
+    let host = Host::new(HostConfig::new(plugins)).unwrap();
+    let flow = flow("[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"identity\"\n");
+    let qflow = rt.block_on(async {
+        host.run(&flow, json!({})).await.unwrap(); // compile and warm up
+        per_call(CALLS, || async {
+            let summary = host.run(&flow, json!({})).await.unwrap();
+            assert_eq!(summary.status, RunStatus::Succeeded);
+        })
+        .await
+    });
+    table.row("trivial step, per call (1-step flow)", "bare wasmtime", bare, qflow);
+}
+
+/// 40 sequential trivial steps (the shape of Windmill's "40 light tasks"):
+/// Qflow's cost per step against the bare per-call floor.
+fn chain(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    const STEPS: usize = 40;
+    const RUNS: u32 = 50;
+    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), 1000));
+    let mut toml = String::from("[flow]\nname = \"chain\"\n");
+    for i in 0..STEPS {
+        toml += &format!("[[step]]\nid = \"s{i}\"\nplugin = \"identity\"\n");
+        if i > 0 {
+            toml += &format!("needs = [\"s{}\"]\n", i - 1);
+        }
+    }
+    let flow = flow(&toml);
+    let host = Host::new(HostConfig::new(plugins)).unwrap();
+    let per_run = rt.block_on(async {
+        host.run(&flow, json!({})).await.unwrap();
+        per_call(RUNS, || async {
+            let summary = host.run(&flow, json!({"n": 1})).await.unwrap();
+            assert_eq!(summary.status, RunStatus::Succeeded);
+        })
+        .await
+    });
+    table.row(
+        "40 sequential trivial steps, per step",
+        "bare wasmtime",
+        bare,
+        per_run / STEPS as u32,
+    );
+}
+
+fn flow(toml: &str) -> Flow {
+    Flow::parse(toml, Format::Toml, "<bench>", Path::new(".")).unwrap()
+}
+
+/// The median over 5 batches of the mean time per call.
+async fn per_call<F, Fut>(calls: u32, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut batches = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        for _ in 0..calls.div_ceil(5) {
+            f().await;
+        }
+        batches.push(start.elapsed() / calls.div_ceil(5));
+    }
+    batches.sort();
+    batches[2]
+}
+
+struct BareState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+}
+
+impl wasmtime_wasi::WasiView for BareState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl bare::qflow::plugin::host::Host for BareState {
+    fn log(&mut self, _: bare::qflow::plugin::types::LogLevel, _: String) {}
+
+    async fn asset(&mut self, _: String) -> Result<Vec<u8>, bare::qflow::plugin::types::StepError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Bare wasmtime: pooling allocator, one `InstancePre`, then per call a new
+/// store, an instantiation and one call of `run`.
+async fn bare_calls(component: &Path, calls: u32) -> Duration {
+    use wasmtime::component::{Component, HasSelf, Linker};
+    use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(PoolingAllocationConfig::new()));
+    let engine = Engine::new(&config).unwrap();
+    let component = Component::from_file(&engine, component).unwrap();
+    let mut linker = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+    bare::qflow::plugin::host::add_to_linker::<_, HasSelf<BareState>>(&mut linker, |s| s).unwrap();
+    let pre = bare::StepPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+    per_call(calls, || async {
+        let state = BareState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: wasmtime::component::ResourceTable::new(),
+        };
+        let mut store = Store::new(&engine, state);
+        let step = pre.instantiate_async(&mut store).await.unwrap();
+        let out = step.call_run(&mut store, "{}").await.unwrap().unwrap();
+        assert_eq!(out, "{}");
+    })
+    .await
+}
+
+/// The printed result: one row per measurement.
+#[derive(Default)]
+struct Table {
+    rows: Vec<[String; 5]>,
+}
+
+impl Table {
+    fn row(&mut self, scenario: &str, baseline_name: &str, baseline: Duration, qflow: Duration) {
+        let ratio = qflow.as_secs_f64() / baseline.as_secs_f64();
+        self.rows.push([
+            scenario.to_owned(),
+            baseline_name.to_owned(),
+            format!("{:.1} µs", baseline.as_secs_f64() * 1e6),
+            format!("{:.1} µs", qflow.as_secs_f64() * 1e6),
+            format!("{ratio:.2}x"),
+        ]);
+    }
+
+    fn print(&self) {
+        let header = ["scenario", "baseline", "baseline time", "qflow", "ratio"];
+        let mut widths = header.map(str::len);
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let padded: Vec<String> =
+                cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            println!("| {} |", padded.join(" | "));
+        };
+        line(&header.map(String::from));
+        line(&widths.map(|w| "-".repeat(w)));
+        for row in &self.rows {
+            line(row);
+        }
+    }
+}

@@ -13,12 +13,15 @@ use crate::catalog::Catalog;
 use crate::flow::LoaderSpec;
 use crate::instance::{Caller, PluginState, describe_failure};
 
+/// An asset's contents, shared by every step that reads it.
+type Bytes = Arc<[u8]>;
+
 /// One run's loaders and the assets they have served.
 pub(crate) struct Assets {
     catalog: Arc<Catalog>,
     loaders: Vec<LoaderSpec>,
     /// One cell per asset name, so concurrent first requests load it once.
-    cache: Mutex<HashMap<String, Arc<OnceCell<Arc<[u8]>>>>>,
+    cache: Mutex<HashMap<String, Arc<OnceCell<Bytes>>>>,
 }
 
 fn error(code: &str, message: String) -> StepError {
@@ -31,7 +34,7 @@ impl Assets {
     }
 
     /// The asset `loader-id/name`, loaded on first request.
-    pub(crate) async fn get(&self, name: &str) -> Result<Arc<[u8]>, StepError> {
+    pub(crate) async fn get(&self, name: &str) -> Result<Bytes, StepError> {
         let cell = {
             let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             cache.entry(name.to_owned()).or_default().clone()
@@ -40,7 +43,7 @@ impl Assets {
         cell.get_or_try_init(|| self.load(name)).await.cloned()
     }
 
-    async fn load(&self, name: &str) -> Result<Arc<[u8]>, StepError> {
+    async fn load(&self, name: &str) -> Result<Bytes, StepError> {
         let Some((loader_id, asset)) = name.split_once('/') else {
             return Err(error(
                 "bad-asset-name",

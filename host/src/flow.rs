@@ -568,12 +568,19 @@ mod tests {
 
     #[test]
     fn syntax_errors_give_the_line() {
-        let message = problems("[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \n").remove(0).to_string();
-        assert!(message.contains("line 5"), "{message}");
-        let message = problems("[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\nneed = [\"b\"]\n")
+        let message = problems("[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \n")
             .remove(0)
             .to_string();
-        assert!(message.contains("unknown field `need`") && message.contains("line 6"), "{message}");
+        assert!(message.contains("line 5"), "{message}");
+        let message = problems(
+            "[flow]\nname = \"t\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\nneed = [\"b\"]\n",
+        )
+        .remove(0)
+        .to_string();
+        assert!(
+            message.contains("unknown field `need`") && message.contains("line 6"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -582,7 +589,10 @@ mod tests {
             "[[step]]\nid = \"a\"\nplugin = \"x\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\n\
              [[step]]\nid = \"b.c\"\nplugin = \"x\"\n",
         ));
-        assert!(found.contains(&Problem::DuplicateId { what: "step", id: "a".into() }), "{found:?}");
+        assert!(
+            found.contains(&Problem::DuplicateId { what: "step", id: "a".into() }),
+            "{found:?}"
+        );
         assert!(found.contains(&Problem::BadId { what: "step", id: "b.c".into() }), "{found:?}");
     }
 
@@ -614,13 +624,19 @@ mod tests {
                 Problem::Cycle(vec!["me".into()]),
             ]
         );
-        assert_eq!(found[0].to_string(), "the steps `a` -> `b` -> `c` depend on each other in a cycle");
+        assert_eq!(
+            found[0].to_string(),
+            "the steps `a` -> `b` -> `c` depend on each other in a cycle"
+        );
     }
 
     #[test]
     fn config_must_be_a_table() {
         let found = problems(&steps("[[step]]\nid = \"a\"\nplugin = \"x\"\nconfig = [1, 2]\n"));
-        assert_eq!(found[0].to_string(), "step `a`: `config` must be a table (a JSON object), not an array");
+        assert_eq!(
+            found[0].to_string(),
+            "step `a`: `config` must be a table (a JSON object), not an array"
+        );
     }
 
     #[test]
@@ -631,7 +647,11 @@ mod tests {
              [[step]]\nid = \"c\"\nplugin = \"x\"\nneeds = [\"a\"]\ninput = \"${steps.a}\"\n",
         ));
         assert_eq!(found.len(), 2, "{found:?}");
-        assert!(found[0].to_string().starts_with("step `b`: input `${steps.a.output}` refers to step `a`"));
+        assert!(
+            found[0]
+                .to_string()
+                .starts_with("step `b`: input `${steps.a.output}` refers to step `a`")
+        );
         assert!(found[1].to_string().contains("write `${steps.a.output}`"), "{}", found[1]);
     }
 
@@ -641,8 +661,13 @@ mod tests {
             "[[step]]\nid = \"a\"\nplugin = \"jq@\"\n\
              [[loader]]\nid = \"d\"\nplugin = \"file-loader\"\ndirs = { \"rel\" = \".\", \"/x\" = \"no/such/dir\" }\n",
         ));
-        assert!(matches!(&found[0], Problem::BadPluginRef { plugin, .. } if plugin == "jq@"), "{found:?}");
-        assert!(found.iter().any(|p| matches!(p, Problem::BadMount { guest, .. } if guest == "rel")));
+        assert!(
+            matches!(&found[0], Problem::BadPluginRef { plugin, .. } if plugin == "jq@"),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| matches!(p, Problem::BadMount { guest, .. } if guest == "rel"))
+        );
         assert!(found.iter().any(
             |p| matches!(p, Problem::BadMount { reason, .. } if reason == "no such directory on the host")
         ));

@@ -1,6 +1,9 @@
 //! End-to-end tests: the bundled plugins, built for real, run through the
 //! library and through the `qflow` binary.
 
+// A test that panics on a broken expectation is doing its job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod failures;
 mod flows;

@@ -58,10 +58,10 @@ impl Step for Csv {
         };
         let mut reader =
             csv::ReaderBuilder::new().delimiter(self.delimiter).from_reader(text.as_bytes());
-        let headers = reader.headers().map_err(|e| Error::bad_input(e))?.clone();
+        let headers = reader.headers().map_err(Error::bad_input)?.clone();
         let mut records = Vec::new();
         for row in reader.records() {
-            let row = row.map_err(|e| Error::bad_input(e))?;
+            let row = row.map_err(Error::bad_input)?;
             let record = headers
                 .iter()
                 .zip(row.iter())

@@ -28,7 +28,7 @@ impl Step for Hash {
     fn run(&mut self, input: Value) -> Result<Output, Error> {
         let bytes = match input {
             Value::String(text) => text.into_bytes(),
-            other => serde_json::to_vec(&other).map_err(|e| Error::bad_input(e))?,
+            other => serde_json::to_vec(&other).map_err(Error::bad_input)?,
         };
         Ok(Output { sha256: hex::encode(Sha256::digest(&bytes)), bytes: bytes.len() })
     }
