@@ -34,8 +34,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, fn(&tokio::runtime::Runtime, &Path, &mut Table)); 2] =
-        [("floor", floor), ("chain", chain)];
+    let scenarios: [(&str, Scenario); 2] = [("floor", floor), ("chain", chain)];
     for (name, scenario) in scenarios {
         if filter.as_deref().is_none_or(|f| name.contains(f)) {
             eprintln!("running {name}...");
@@ -44,6 +43,9 @@ fn main() {
     }
     table.print();
 }
+
+/// A scenario measures on the shared runtime and adds its rows to the table.
+type Scenario = fn(&tokio::runtime::Runtime, &Path, &mut Table);
 
 fn build_plugins() -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins");
