@@ -30,4 +30,4 @@ pub(crate) mod loader {
 }
 
 pub(crate) use step::qflow::plugin::host;
-pub(crate) use step::qflow::plugin::types::{LogLevel, PluginKind, StepError};
+pub(crate) use step::qflow::plugin::types::{LogLevel, PluginInfo, PluginKind, StepError};

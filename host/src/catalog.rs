@@ -138,6 +138,39 @@ pub(crate) enum World {
     Loader(LoaderPre<PluginState>),
 }
 
+impl World {
+    fn kind(&self) -> Kind {
+        match self {
+            World::Step(_) => Kind::Step,
+            World::Loader(_) => Kind::Loader,
+        }
+    }
+
+    /// Calls `describe()` in a fresh instance.
+    async fn describe(
+        &self,
+        store: &mut wasmtime::Store<PluginState>,
+    ) -> wasmtime::Result<bindings::PluginInfo> {
+        match self {
+            World::Step(pre) => {
+                pre.instantiate_async(&mut *store).await?.call_describe(store).await
+            }
+            World::Loader(pre) => {
+                pre.instantiate_async(&mut *store).await?.call_describe(store).await
+            }
+        }
+    }
+}
+
+impl From<bindings::PluginKind> for Kind {
+    fn from(kind: bindings::PluginKind) -> Kind {
+        match kind {
+            bindings::PluginKind::Step => Kind::Step,
+            bindings::PluginKind::Loader => Kind::Loader,
+        }
+    }
+}
+
 impl Plugin {
     pub(crate) fn step(&self) -> Result<&StepPre<PluginState>, PluginError> {
         match &self.world {
@@ -257,42 +290,23 @@ impl Catalog {
         let pre = self.linker.instantiate_pre(&component).map_err(no_world)?;
         let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
         let mut store = PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new());
-        let describe_failed = |e: wasmtime::Error, store: &wasmtime::Store<PluginState>| {
-            PluginError::Describe { path: path.clone(), message: describe_failure(&e, store) }
-        };
-        let (world, info) = match StepPre::new(pre.clone()) {
-            Ok(step) => {
-                let instance = step.instantiate_async(&mut store).await;
-                let info = match instance {
-                    Ok(instance) => instance.call_describe(&mut store).await,
-                    Err(e) => Err(e),
-                };
-                (World::Step(step), info.map_err(|e| describe_failed(e, &store))?)
-            }
-            Err(step_mismatch) => {
-                let loader =
-                    LoaderPre::new(pre).map_err(|loader_mismatch| PluginError::NoWorld {
-                        path: path.clone(),
-                        message: format!(
-                            "as a step: {step_mismatch:#}; as a loader: {loader_mismatch:#}"
-                        ),
-                    })?;
-                let instance = loader.instantiate_async(&mut store).await;
-                let info = match instance {
-                    Ok(instance) => instance.call_describe(&mut store).await,
-                    Err(e) => Err(e),
-                };
-                (World::Loader(loader), info.map_err(|e| describe_failed(e, &store))?)
+        let world = match StepPre::new(pre.clone()) {
+            Ok(step) => World::Step(step),
+            Err(as_step) => {
+                World::Loader(LoaderPre::new(pre).map_err(|as_loader| PluginError::NoWorld {
+                    path: path.clone(),
+                    message: format!("as a step: {as_step:#}; as a loader: {as_loader:#}"),
+                })?)
             }
         };
-        let kind = match world {
-            World::Step(_) => Kind::Step,
-            World::Loader(_) => Kind::Loader,
+        let info = match world.describe(&mut store).await {
+            Ok(info) => info,
+            Err(e) => {
+                let message = describe_failure(&e, &store);
+                return Err(PluginError::Describe { path, message });
+            }
         };
-        let said = match info.kind {
-            bindings::PluginKind::Step => Kind::Step,
-            bindings::PluginKind::Loader => Kind::Loader,
-        };
+        let (kind, said) = (world.kind(), Kind::from(info.kind));
         if said != kind {
             return Err(PluginError::Describe {
                 path,

@@ -2,6 +2,7 @@
 //! done, each in its own instance, concurrently on tokio (a waiting step
 //! holds no thread), and reports what happened.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,18 +171,20 @@ pub(crate) async fn run(
         })
         .collect();
     let mut unmet: Vec<usize> = flow.steps.iter().map(|s| s.deps.len()).collect();
-    let mut outputs: Vec<Option<Value>> = vec![None; flow.steps.len()];
     let mut running = JoinSet::new();
+    let mut tasks = HashMap::new();
     let mut failed = false;
 
     let mut ready: Vec<usize> = plan.order.iter().copied().filter(|&i| unmet[i] == 0).collect();
     loop {
         // Start everything that is ready, in plan order.
         for index in ready.drain(..) {
-            match resolve_input(&ctx.flow, index, &input, &outputs) {
+            let output_of = |i: usize| reports[i].output.as_ref();
+            match resolve_input(&ctx.flow, index, &input, &output_of) {
                 Ok(step_input) => {
                     reports[index].attempts += 1;
-                    running.spawn(execute(ctx.clone(), index, step_input));
+                    let task = running.spawn(execute(ctx.clone(), index, step_input));
+                    tasks.insert(task.id(), index);
                 }
                 Err(failure) => {
                     let now = Instant::now();
@@ -198,18 +201,26 @@ pub(crate) async fn run(
             // Fail fast: stop whatever is still running.
             running.abort_all();
         }
-        let Some(joined) = running.join_next().await else {
+        let Some(joined) = running.join_next_with_id().await else {
             break;
         };
-        let Ok(done) = joined else {
-            // An aborted task: its step was cancelled, marked below.
-            continue;
+        let done = match joined {
+            Ok((_, done)) => done,
+            // Aborted by fail-fast: marked cancelled below.
+            Err(e) if e.is_cancelled() => continue,
+            // A bug in the host, not in the plugin: fail the step, keep going.
+            Err(e) => {
+                let Some(&index) = tasks.get(&e.id()) else { continue };
+                let now = Instant::now();
+                let what = format!("the host failed while running it: {e}");
+                let result = Err(failure(&ctx.flow.steps[index], "internal", None, what));
+                Finished { index, start: now, end: now, result }
+            }
         };
         let index = done.index;
         let succeeded = done.result.is_ok();
-        let output = finish(&ctx, &mut reports[index], done);
+        finish(&ctx, &mut reports[index], done);
         if succeeded && !failed {
-            outputs[index] = output;
             for &next in &plan.dependents[index] {
                 unmet[next] -= 1;
                 if unmet[next] == 0 {
@@ -245,28 +256,26 @@ pub(crate) async fn run(
     }
 }
 
-/// Records a finished attempt in its report and announces it; returns the output.
-fn finish(ctx: &RunContext, report: &mut StepReport, done: Finished) -> Option<Value> {
+/// Records a finished attempt in its report (which keeps the output for the
+/// dependents) and announces it.
+fn finish(ctx: &RunContext, report: &mut StepReport, done: Finished) {
     report.start_ms = Some(ctx.ms_since_start(done.start));
     report.end_ms = Some(ctx.ms_since_start(done.end));
-    let output = match done.result {
+    match done.result {
         Ok(output) => {
             report.status = StepStatus::Succeeded;
-            report.output = Some(output.clone());
-            Some(output)
+            report.output = Some(output);
         }
         Err(failure) => {
             report.status = StepStatus::Failed;
             report.error = Some(failure);
-            None
         }
-    };
+    }
     let _ = ctx.events.send(Event::StepFinished {
         run_id: ctx.run_id.clone(),
         step: Arc::from(report.id.as_str()),
         status: report.status,
     });
-    output
 }
 
 /// Starts compiling every plugin the flow uses, so that compiles overlap
@@ -288,29 +297,29 @@ fn prefetch_plugins(ctx: &Arc<RunContext>) {
 /// The step's input: its `input` mapping resolved, or by default the flow's
 /// input (no dependencies), its one dependency's output, or an object of its
 /// dependencies' outputs keyed by their ids.
-fn resolve_input(
+fn resolve_input<'v>(
     flow: &Flow,
     index: usize,
-    input: &Value,
-    outputs: &[Option<Value>],
+    input: &'v Value,
+    output_of: &impl Fn(usize) -> Option<&'v Value>,
 ) -> Result<Value, StepFailure> {
     let step = &flow.steps[index];
-    let output_of = |i: usize| outputs[i].clone().unwrap_or(Value::Null);
+    let output = |i: usize| output_of(i).cloned().unwrap_or(Value::Null);
     match (&step.input, step.deps.as_slice()) {
         (Some(template), _) => {
             let lookup = |source: &Source| match source {
                 Source::Input => Some(input),
-                Source::Step(id) => flow.step_index(id).and_then(|i| outputs[i].as_ref()),
+                Source::Step(id) => flow.step_index(id).and_then(output_of),
             };
             template
                 .resolve(&lookup)
                 .map_err(|reason| failure(step, "input", None, format!("input {reason}")))
         }
         (None, []) => Ok(input.clone()),
-        (None, [one]) => Ok(output_of(*one)),
-        (None, deps) => Ok(Value::Object(
-            deps.iter().map(|&d| (flow.steps[d].id.clone(), output_of(d))).collect(),
-        )),
+        (None, [one]) => Ok(output(*one)),
+        (None, deps) => {
+            Ok(Value::Object(deps.iter().map(|&d| (flow.steps[d].id.clone(), output(d))).collect()))
+        }
     }
 }
 
@@ -449,8 +458,9 @@ mod tests {
     fn default_inputs_follow_the_dependencies() {
         let flow = flow();
         let input = json!({"flow": "input"});
-        let outputs = vec![Some(json!("A")), Some(json!({"n": 2})), None, None];
-        let resolve = |i| resolve_input(&flow, i, &input, &outputs).unwrap();
+        let outputs = [Some(json!("A")), Some(json!({"n": 2})), None, None];
+        let output_of = |i: usize| outputs[i].as_ref();
+        let resolve = |i| resolve_input(&flow, i, &input, &output_of).unwrap();
         assert_eq!(resolve(0), input, "no dependencies: the flow's input");
         assert_eq!(resolve(1), json!("A"), "one dependency: its output");
         assert_eq!(resolve(2), json!({"a": "A", "b": {"n": 2}}), "several: keyed by id");

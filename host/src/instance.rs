@@ -54,12 +54,17 @@ impl PluginState {
     }
 
     /// The last lines the guest wrote to stderr (a Rust panic message lands
-    /// there), for an error report; empty when it wrote nothing.
+    /// there), on one line, for an error report; empty when it wrote nothing.
     pub(crate) fn stderr_tail(&self) -> String {
         let bytes = self.stderr.contents();
         let text = String::from_utf8_lossy(&bytes);
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        lines[lines.len().saturating_sub(5)..].join("\n")
+        // Rust's hint about RUST_BACKTRACE means nothing inside a guest.
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect();
+        lines[lines.len().saturating_sub(5)..].join(" ")
     }
 }
 
@@ -93,17 +98,20 @@ impl host::Host for PluginState {
     }
 }
 
-/// A one-line account of a failed guest call: wasmtime's error chain (a trap
-/// says which), then what the guest last wrote to stderr (a panic message).
+/// A one-line account of a failed guest call: the trap (or the host's
+/// error), then what the guest last wrote to stderr, where a Rust guest's
+/// panic message lands. The full error, with the guest's backtrace, goes to
+/// the debug log.
 pub(crate) fn describe_failure(error: &wasmtime::Error, store: &Store<PluginState>) -> String {
-    let mut message = error.to_string();
-    let root = error.root_cause().to_string();
-    if root != message {
-        message = format!("{message}: {root}");
-    }
+    let caller = &store.data().caller;
+    tracing::debug!(step = &*caller.name, plugin = &*caller.plugin, "guest call failed: {error:?}");
+    let mut message = match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.root_cause().to_string(),
+    };
     let stderr = store.data().stderr_tail();
     if !stderr.is_empty() {
-        message = format!("{message}; stderr: {stderr}");
+        message = format!("{message}; the guest wrote: {stderr}");
     }
     message
 }

@@ -45,8 +45,7 @@ impl Step for Jq {
 
     fn run(&mut self, input: Value) -> Result<Value, Error> {
         let text = serde_json::to_string(&input).map_err(Error::bad_input)?;
-        let input =
-            jaq_json::read::parse_single(text.as_bytes()).map_err(Error::bad_input)?;
+        let input = jaq_json::read::parse_single(text.as_bytes()).map_err(Error::bad_input)?;
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
         let mut outputs = Vec::new();
         for out in self.filter.id.run((ctx, input)).map(unwrap_valr) {
