@@ -1,49 +1,78 @@
-//! Assets that a run's loaders serve to its steps through `host.asset`:
-//! loaded on first request, then shared by every step of the run that asks.
+//! Assets that loaders serve to steps through `host.asset`: loaded on first
+//! request, kept in a byte-bounded LRU shared by every run on the host, and
+//! preloaded when hot.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::OnceCell;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::bindings::StepError;
+use crate::cache::{Cache, LoadError};
 use crate::catalog::Catalog;
-use crate::flow::LoaderSpec;
+use crate::flow::{LoaderSpec, Mount, PluginRef};
 use crate::instance::{Caller, PluginState, describe_failure};
 
 /// An asset's contents, shared by every step that reads it.
-type Bytes = Arc<[u8]>;
+pub(crate) type Bytes = Arc<[u8]>;
 
-/// One run's loaders and the assets they have served.
-pub(crate) struct Assets {
-    catalog: Arc<Catalog>,
-    loaders: Vec<LoaderSpec>,
-    /// One cell per asset name, so concurrent first requests load it once.
-    cache: Mutex<HashMap<String, Arc<OnceCell<Bytes>>>>,
+/// The host's asset cache.
+pub(crate) type AssetCache = Cache<AssetKey, Bytes, StepError>;
+
+/// Everything that decides an asset's bytes: which loader (plugin, params,
+/// granted directories) and which name. Two flows that define the same
+/// loader share its assets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct AssetKey {
+    /// The loader's id in the flow, for messages.
+    loader_id: String,
+    plugin: PluginRef,
+    params: String,
+    dirs: Vec<Mount>,
+    name: String,
+}
+
+impl AssetKey {
+    /// The key under which uses of this asset are counted.
+    pub(crate) fn use_key(&self) -> String {
+        format!("asset:{}", serde_json::to_string(self).unwrap_or_default())
+    }
+
+    /// The key a use key was made from.
+    pub(crate) fn from_use_key(key: &str) -> Option<AssetKey> {
+        serde_json::from_str(key.strip_prefix("asset:")?).ok()
+    }
 }
 
 fn error(code: &str, message: String) -> StepError {
     StepError { code: code.to_owned(), message, retryable: false }
 }
 
+/// One run's loaders, routing `loader-id/name` to the host's asset cache.
+pub(crate) struct Assets {
+    catalog: Arc<Catalog>,
+    cache: Arc<AssetCache>,
+    loaders: Vec<LoaderSpec>,
+}
+
 impl Assets {
-    pub(crate) fn new(catalog: Arc<Catalog>, loaders: Vec<LoaderSpec>) -> Assets {
-        Assets { catalog, loaders, cache: Mutex::default() }
+    pub(crate) fn new(
+        catalog: Arc<Catalog>,
+        cache: Arc<AssetCache>,
+        loaders: Vec<LoaderSpec>,
+    ) -> Assets {
+        Assets { catalog, cache, loaders }
     }
 
     /// The asset `loader-id/name`, loaded on first request.
     pub(crate) async fn get(&self, name: &str) -> Result<Bytes, StepError> {
-        let cell = {
-            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            cache.entry(name.to_owned()).or_default().clone()
-        };
-        // Failures are not cached: a later request tries again.
-        cell.get_or_try_init(|| self.load(name)).await.cloned()
+        let key = self.key(name)?;
+        self.catalog.count_use(key.use_key());
+        fetch(&self.catalog, &self.cache, key).await
     }
 
-    async fn load(&self, name: &str) -> Result<Bytes, StepError> {
+    fn key(&self, name: &str) -> Result<AssetKey, StepError> {
         let Some((loader_id, asset)) = name.split_once('/') else {
             return Err(error(
                 "bad-asset-name",
@@ -58,49 +87,71 @@ impl Assets {
                 format!("asset {name:?}: the flow has no loader `{loader_id}` (loaders: {ids})"),
             ));
         };
-        let owner = format!("loader `{}` (plugin {})", spec.id, spec.plugin);
-        let plugin = self
-            .catalog
-            .load(&spec.plugin.name)
-            .await
-            .map_err(|e| error("plugin", format!("{owner}: {e}")))?;
-        plugin
-            .check_version(spec.plugin.version.as_deref())
-            .map_err(|e| error("plugin", format!("{owner}: {e}")))?;
-        let pre = plugin.loader().map_err(|e| error("plugin", format!("{owner}: {e}")))?;
+        Ok(AssetKey {
+            loader_id: spec.id.clone(),
+            plugin: spec.plugin.clone(),
+            params: Value::Object(spec.params.clone()).to_string(),
+            dirs: spec.dirs.clone(),
+            name: asset.to_owned(),
+        })
+    }
+}
 
-        let mut wasi = WasiCtxBuilder::new();
-        for mount in &spec.dirs {
-            wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly).map_err(|e| {
-                error(
-                    "io",
-                    format!(
-                        "{owner}: cannot open {} for {}: {e}",
-                        mount.host.display(),
-                        mount.guest
-                    ),
-                )
-            })?;
+/// The asset `key`: from memory, or loaded once however many ask.
+pub(crate) async fn fetch(
+    catalog: &Arc<Catalog>,
+    cache: &Arc<AssetCache>,
+    key: AssetKey,
+) -> Result<Bytes, StepError> {
+    let (catalog, loading) = (catalog.clone(), key.clone());
+    let loaded = cache
+        .get_or_load(&key, move || async move {
+            let bytes = load(&catalog, &loading).await?;
+            let size = bytes.len() as u64;
+            Ok((bytes, size))
+        })
+        .await;
+    loaded.map_err(|e| match e {
+        LoadError::Failed(e) => e,
+        other => error("load", format!("asset {:?}: {other}", key.name)),
+    })
+}
+
+/// Runs the loader plugin once for the asset.
+async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
+    let owner = format!("loader `{}` (plugin {})", key.loader_id, key.plugin);
+    let failed = |e: crate::PluginError| error("plugin", format!("{owner}: {e}"));
+    let plugin = catalog.load(&key.plugin.name).await.map_err(failed)?;
+    plugin.check_version(&key.plugin.name, key.plugin.version.as_deref()).map_err(failed)?;
+    let pre = plugin.loader(&key.plugin.name).map_err(failed)?;
+
+    let mut wasi = WasiCtxBuilder::new();
+    for mount in &key.dirs {
+        wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly).map_err(|e| {
+            error(
+                "io",
+                format!("{owner}: cannot open {} for {}: {e}", mount.host.display(), mount.guest),
+            )
+        })?;
+    }
+    let caller = Caller {
+        name: Arc::from(format!("loader:{}", key.loader_id)),
+        plugin: Arc::from(key.plugin.name.as_str()),
+    };
+    let mut store = PluginState::store(catalog.engine(), caller, None, &mut wasi);
+    let loaded = match pre.instantiate_async(&mut store).await {
+        Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
+        Err(e) => Err(e),
+    };
+    let name = &key.name;
+    match loaded {
+        Ok(Ok(bytes)) => Ok(Arc::from(bytes)),
+        Ok(Err(e)) => {
+            Err(StepError { message: format!("{owner}: asset {name:?}: {}", e.message), ..e })
         }
-        let caller = Caller {
-            name: Arc::from(format!("loader:{}", spec.id)),
-            plugin: Arc::from(spec.plugin.name.as_str()),
-        };
-        let mut store = PluginState::store(self.catalog.engine(), caller, None, &mut wasi);
-        let params = Value::Object(spec.params.clone()).to_string();
-        let loaded = match pre.instantiate_async(&mut store).await {
-            Ok(instance) => instance.call_load(&mut store, asset, &params).await,
-            Err(e) => Err(e),
-        };
-        match loaded {
-            Ok(Ok(bytes)) => Ok(Arc::from(bytes)),
-            Ok(Err(e)) => {
-                Err(StepError { message: format!("{owner}: asset {name:?}: {}", e.message), ..e })
-            }
-            Err(trap) => Err(error(
-                "trap",
-                format!("{owner}: asset {name:?}: {}", describe_failure(&trap, &store)),
-            )),
-        }
+        Err(trap) => Err(error(
+            "trap",
+            format!("{owner}: asset {name:?}: {}", describe_failure(&trap, &store)),
+        )),
     }
 }

@@ -1,19 +1,20 @@
-//! The plugins directory: which plugins there are, and each one compiled,
-//! linked and described, once, on first use.
+//! The plugins directory: which plugins there are, which bytes each name
+//! stands for now, what each needs, and how often each is used. The compiled
+//! code itself comes from the component store.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde::Serialize;
-use tokio::sync::OnceCell;
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::bindings::{self, loader::LoaderPre, step::StepPre};
-use crate::engine::Engine;
-use crate::instance::{Caller, PluginState, describe_failure};
+use crate::bindings;
+use crate::disk::Digest;
+use crate::store::{ComponentStore, Plugin, World};
 
 /// Why a plugin could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -74,6 +75,19 @@ pub enum PluginError {
         /// The version `describe()` reports.
         found: String,
     },
+    /// A plugin needs another that could not be loaded.
+    #[error("plugin `{name}` needs `{needs}`: {source}")]
+    Dependency {
+        /// The plugin.
+        name: String,
+        /// The plugin it needs.
+        needs: String,
+        /// Why that one could not be loaded.
+        source: Box<PluginError>,
+    },
+    /// Plugins need each other in a circle.
+    #[error("plugins need each other in a cycle: {}", .0.join(" -> "))]
+    Cycle(Vec<String>),
     /// A step names a loader plugin, or a loader names a step plugin.
     #[error("plugin `{name}` is a {found}, not a {wanted}")]
     WrongKind {
@@ -122,43 +136,54 @@ pub struct PluginInfo {
     pub kind: Kind,
     /// The assets it reads, as `loader-id/name`.
     pub assets: Vec<String>,
+    /// The plugins it needs loaded.
+    pub needs: Vec<String>,
     /// Its component file.
     pub path: PathBuf,
+    /// The SHA-256 digest of the file, in hex.
+    pub digest: String,
 }
 
-/// A plugin compiled, linked against the host, and described: ready to
-/// instantiate.
-pub(crate) struct Plugin {
-    pub(crate) info: PluginInfo,
-    pub(crate) world: World,
-}
-
-pub(crate) enum World {
-    Step(StepPre<PluginState>),
-    Loader(LoaderPre<PluginState>),
-}
-
-impl World {
-    fn kind(&self) -> Kind {
-        match self {
-            World::Step(_) => Kind::Step,
-            World::Loader(_) => Kind::Loader,
+impl Plugin {
+    pub(crate) fn step(
+        &self,
+        name: &str,
+    ) -> Result<&crate::bindings::step::StepPre<crate::instance::PluginState>, PluginError> {
+        match &self.world {
+            World::Step(pre) => Ok(pre),
+            World::Loader(_) => Err(self.wrong_kind(name, Kind::Step)),
         }
     }
 
-    /// Calls `describe()` in a fresh instance.
-    async fn describe(
+    pub(crate) fn loader(
         &self,
-        store: &mut wasmtime::Store<PluginState>,
-    ) -> wasmtime::Result<bindings::PluginInfo> {
-        match self {
-            World::Step(pre) => {
-                pre.instantiate_async(&mut *store).await?.call_describe(store).await
-            }
-            World::Loader(pre) => {
-                pre.instantiate_async(&mut *store).await?.call_describe(store).await
-            }
+        name: &str,
+    ) -> Result<&crate::bindings::loader::LoaderPre<crate::instance::PluginState>, PluginError>
+    {
+        match &self.world {
+            World::Loader(pre) => Ok(pre),
+            World::Step(_) => Err(self.wrong_kind(name, Kind::Loader)),
         }
+    }
+
+    /// Checks the version a flow asks for (`name@version`), if any.
+    pub(crate) fn check_version(
+        &self,
+        name: &str,
+        wanted: Option<&str>,
+    ) -> Result<(), PluginError> {
+        match wanted {
+            Some(wanted) if wanted != self.described.version => Err(PluginError::Version {
+                name: name.to_owned(),
+                wanted: wanted.to_owned(),
+                found: self.described.version.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn wrong_kind(&self, name: &str, wanted: Kind) -> PluginError {
+        PluginError::WrongKind { name: name.to_owned(), wanted, found: self.described.kind }
     }
 }
 
@@ -171,58 +196,43 @@ impl From<bindings::PluginKind> for Kind {
     }
 }
 
-impl Plugin {
-    pub(crate) fn step(&self) -> Result<&StepPre<PluginState>, PluginError> {
-        match &self.world {
-            World::Step(pre) => Ok(pre),
-            World::Loader(_) => Err(self.wrong_kind(Kind::Step)),
-        }
-    }
-
-    pub(crate) fn loader(&self) -> Result<&LoaderPre<PluginState>, PluginError> {
-        match &self.world {
-            World::Loader(pre) => Ok(pre),
-            World::Step(_) => Err(self.wrong_kind(Kind::Loader)),
-        }
-    }
-
-    /// Checks the version a flow asks for (`name@version`), if any.
-    pub(crate) fn check_version(&self, wanted: Option<&str>) -> Result<(), PluginError> {
-        match wanted {
-            Some(wanted) if wanted != self.info.version => Err(PluginError::Version {
-                name: self.info.name.clone(),
-                wanted: wanted.to_owned(),
-                found: self.info.version.clone(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    fn wrong_kind(&self, wanted: Kind) -> PluginError {
-        PluginError::WrongKind { name: self.info.name.clone(), wanted, found: self.info.kind }
-    }
+/// What identifies a file's contents without reading it: when these are the
+/// same, the digest computed last time still holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: u64,
+    modified: Option<SystemTime>,
 }
 
-/// The plugins directory and the plugins loaded from it so far.
+/// The plugins directory.
 pub struct Catalog {
     dir: PathBuf,
-    engine: Engine,
-    linker: Linker<PluginState>,
-    /// One cell per plugin name, so concurrent first uses compile it once.
-    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<Plugin>>>>>,
+    store: Arc<ComponentStore>,
+    /// The digest of each plugin file as last read.
+    digests: Mutex<HashMap<String, (Fingerprint, Digest)>>,
+    /// How often each plugin and asset was used (`plugin:NAME`,
+    /// `asset:KEY`), including by earlier hosts on the same cache.
+    uses: Mutex<HashMap<String, u64>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; recover the data if it ever did.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Catalog {
-    pub(crate) fn new(dir: PathBuf, engine: Engine) -> wasmtime::Result<Catalog> {
-        let mut linker = Linker::new(engine.wasmtime());
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
-        Ok(Catalog { dir, engine, linker, loaded: Mutex::default() })
+    pub(crate) fn new(dir: PathBuf, store: Arc<ComponentStore>) -> Catalog {
+        let uses = store.disk().map(|disk| disk.load_uses()).unwrap_or_default();
+        Catalog { dir, store, digests: Mutex::default(), uses: Mutex::new(uses) }
     }
 
     /// The plugins directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub(crate) fn store(&self) -> &Arc<ComponentStore> {
+        &self.store
     }
 
     /// The names of the plugins in the directory (`NAME.wasm`), sorted.
@@ -249,82 +259,129 @@ impl Catalog {
         self.dir.join(format!("{name}.wasm"))
     }
 
-    /// Describes every plugin in the directory, compiling those not yet loaded.
+    /// Describes every plugin in the directory, loading those not yet loaded.
     pub async fn describe_all(&self) -> Result<Vec<Result<PluginInfo, PluginError>>, PluginError> {
         let names = self.names()?;
-        let loads = names.iter().map(|name| async move { Ok(self.load(name).await?.info.clone()) });
+        let loads = names.iter().map(|name| async move {
+            let plugin = self.load_with_needs(name, Vec::new()).await?;
+            Ok(self.info(name, &plugin))
+        });
         Ok(futures::future::join_all(loads).await)
     }
 
-    /// The plugin `name`, compiled and described on first use.
-    pub(crate) async fn load(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
-        let cell = {
-            let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            loaded.entry(name.to_owned()).or_default().clone()
-        };
-        cell.get_or_try_init(|| self.compile(name)).await.cloned()
-    }
-
-    async fn compile(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
-        let path = self.path_of(name);
-        if !path.is_file() {
-            return Err(PluginError::NotFound {
-                name: name.to_owned(),
-                dir: self.dir.clone(),
-                available: self.names().unwrap_or_default(),
-            });
-        }
-        let bytes = tokio::fs::read(&path)
-            .await
-            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
-        // Cranelift is CPU-bound for up to seconds: keep it off the async workers.
-        let engine = self.engine.wasmtime().clone();
-        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
-            .await
-            .map_err(|e| PluginError::Compile { path: path.clone(), message: e.to_string() })?
-            .map_err(|e| PluginError::Compile { path: path.clone(), message: format!("{e:#}") })?;
-        let no_world = |e: wasmtime::Error| PluginError::NoWorld {
-            path: path.clone(),
-            message: format!("{e:#}"),
-        };
-        let pre = self.linker.instantiate_pre(&component).map_err(no_world)?;
-        let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
-        let mut store = PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new());
-        let world = match StepPre::new(pre.clone()) {
-            Ok(step) => World::Step(step),
-            Err(as_step) => {
-                World::Loader(LoaderPre::new(pre).map_err(|as_loader| PluginError::NoWorld {
-                    path: path.clone(),
-                    message: format!("as a step: {as_step:#}; as a loader: {as_loader:#}"),
-                })?)
-            }
-        };
-        let info = match world.describe(&mut store).await {
-            Ok(info) => info,
-            Err(e) => {
-                let message = describe_failure(&e, &store);
-                return Err(PluginError::Describe { path, message });
-            }
-        };
-        let (kind, said) = (world.kind(), Kind::from(info.kind));
-        if said != kind {
-            return Err(PluginError::Describe {
-                path,
-                message: format!("it says it is a {said} but implements the {kind} world"),
-            });
-        }
-        let info = PluginInfo {
+    fn info(&self, name: &str, plugin: &Plugin) -> PluginInfo {
+        let d = &plugin.described;
+        PluginInfo {
             name: name.to_owned(),
-            version: info.version,
-            description: info.description,
-            kind,
-            assets: info.assets,
-            path,
-        };
-        Ok(Arc::new(Plugin { info, world }))
+            version: d.version.clone(),
+            description: d.description.clone(),
+            kind: d.kind,
+            assets: d.assets.clone(),
+            needs: d.needs.clone(),
+            path: self.path_of(name),
+            digest: hex::encode(plugin.digest),
+        }
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.engine
+    /// The plugin `name`, ready to instantiate, with the plugins it needs
+    /// loaded too; counts as a use.
+    pub(crate) async fn load(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        self.count_use(format!("plugin:{name}"));
+        self.load_with_needs(name, Vec::new()).await
+    }
+
+    /// Loads `name` and what it needs without counting a use: for preloading.
+    pub(crate) async fn preload(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        self.load_with_needs(name, Vec::new()).await
+    }
+
+    /// Loads `name`, then what it needs, in parallel; `chain` holds the
+    /// plugins whose needs led here, to catch a cycle.
+    fn load_with_needs<'a>(
+        &'a self,
+        name: &'a str,
+        chain: Vec<&'a str>,
+    ) -> BoxFuture<'a, Result<Arc<Plugin>, PluginError>> {
+        async move {
+            let plugin = self.load_one(name).await?;
+            if plugin.described.needs.is_empty() {
+                return Ok(plugin);
+            }
+            let mut chain = chain;
+            chain.push(name);
+            let needs = plugin.described.needs.iter().map(|need| {
+                let chain = chain.clone();
+                async move {
+                    if let Some(start) = chain.iter().position(|c| c == need) {
+                        let mut cycle: Vec<String> =
+                            chain[start..].iter().map(|c| (*c).to_owned()).collect();
+                        cycle.push(need.clone());
+                        return Err(PluginError::Cycle(cycle));
+                    }
+                    self.load_with_needs(need, chain).await.map_err(|e| match e {
+                        cycle @ PluginError::Cycle(_) => cycle,
+                        other => PluginError::Dependency {
+                            name: name.to_owned(),
+                            needs: need.clone(),
+                            source: Box::new(other),
+                        },
+                    })
+                }
+            });
+            futures::future::try_join_all(needs).await?;
+            Ok(plugin)
+        }
+        .boxed()
+    }
+
+    /// One plugin, without its needs: the file's digest (re-read only when
+    /// the file changed), then the component store.
+    async fn load_one(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        let path = self.path_of(name);
+        let not_found = || PluginError::NotFound {
+            name: name.to_owned(),
+            dir: self.dir.clone(),
+            available: self.names().unwrap_or_default(),
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => meta,
+            _ => return Err(not_found()),
+        };
+        let fingerprint = Fingerprint { len: meta.len(), modified: meta.modified().ok() };
+        let known =
+            lock(&self.digests).get(name).filter(|(f, _)| *f == fingerprint).map(|(_, d)| *d);
+        let digest = match known {
+            Some(digest) => digest,
+            None => {
+                let bytes = tokio::fs::read(&path).await.map_err(|e| PluginError::Read {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let digest = crate::store::digest(&bytes);
+                lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
+                digest
+            }
+        };
+        self.store.get(digest, name, &path).await
+    }
+
+    pub(crate) fn count_use(&self, key: String) {
+        *lock(&self.uses).entry(key).or_default() += 1;
+    }
+
+    /// What was used at least `threshold` times.
+    pub(crate) fn hot(&self, threshold: u64) -> Vec<String> {
+        lock(&self.uses).iter().filter(|(_, n)| **n >= threshold).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Saves the use counts beside the disk cache, for the next host.
+    pub(crate) fn save_uses(&self) {
+        if let Some(disk) = self.store.disk() {
+            disk.save_uses(&lock(&self.uses));
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &crate::engine::Engine {
+        self.store.engine()
     }
 }

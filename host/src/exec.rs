@@ -12,13 +12,14 @@ use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::assets::Assets;
-use crate::catalog::{Catalog, Plugin, PluginError};
+use crate::assets::{AssetCache, Assets};
+use crate::catalog::{Catalog, PluginError};
 use crate::events::Event;
 use crate::flow::{Flow, Step};
 use crate::input::Source;
 use crate::instance::{Caller, PluginState, describe_failure};
 use crate::plan::Plan;
+use crate::store::{Plugin, Stats};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,6 +96,8 @@ pub struct RunSummary {
     pub wall_ms: f64,
     /// Every step, in the flow's order.
     pub steps: Vec<StepReport>,
+    /// The host's caches as the run ended.
+    pub store: Stats,
 }
 
 impl RunSummary {
@@ -135,13 +138,14 @@ struct Finished {
 
 pub(crate) async fn run(
     catalog: Arc<Catalog>,
+    asset_cache: Arc<AssetCache>,
     events: broadcast::Sender<Event>,
     flow: Arc<Flow>,
     input: Value,
 ) -> RunSummary {
     let ctx = Arc::new(RunContext {
         run_id: Arc::from(uuid::Uuid::new_v4().to_string()),
-        assets: Arc::new(Assets::new(catalog.clone(), flow.loaders.clone())),
+        assets: Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone())),
         catalog,
         flow,
         events,
@@ -253,6 +257,7 @@ pub(crate) async fn run(
         status,
         wall_ms,
         steps: reports,
+        store: Stats::default(),
     }
 }
 
@@ -290,7 +295,7 @@ fn prefetch_plugins(ctx: &Arc<RunContext>) {
     for name in names {
         let (catalog, name) = (ctx.catalog.clone(), name.to_owned());
         // Errors surface again, with the step named, when the step loads it.
-        tokio::spawn(async move { catalog.load(&name).await.map(drop) });
+        tokio::spawn(async move { catalog.preload(&name).await.map(drop) });
     }
 }
 
@@ -353,9 +358,20 @@ async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
 
 async fn load_step_plugin(ctx: &RunContext, step: &Step) -> Result<Arc<Plugin>, StepFailure> {
     let plugin_failed = |e: PluginError| failure(step, "plugin", None, e.to_string());
-    let plugin = ctx.catalog.load(&step.plugin.name).await.map_err(plugin_failed)?;
-    plugin.check_version(step.plugin.version.as_deref()).map_err(plugin_failed)?;
-    plugin.step().map_err(plugin_failed)?;
+    let name = &step.plugin.name;
+    let plugin = ctx.catalog.load(name).await.map_err(plugin_failed)?;
+    plugin.check_version(name, step.plugin.version.as_deref()).map_err(plugin_failed)?;
+    plugin.step(name).map_err(plugin_failed)?;
+    // The assets the plugin says it reads are its dependencies too: load
+    // them all, in parallel, before it runs.
+    let assets = plugin.described.assets.iter().map(|asset| async move {
+        ctx.assets.get(asset).await.map_err(|e| {
+            let what =
+                format!("needs the asset {asset:?}, which could not be loaded: {}", e.message);
+            failure(step, "plugin", Some(e.code), what)
+        })
+    });
+    futures::future::try_join_all(assets).await?;
     Ok(plugin)
 }
 
@@ -375,7 +391,8 @@ async fn attempt(
     plugin: &Plugin,
     input: &Value,
 ) -> Result<Value, StepFailure> {
-    let pre = plugin.step().map_err(|e| failure(step, "plugin", None, e.to_string()))?;
+    let pre =
+        plugin.step(&step.plugin.name).map_err(|e| failure(step, "plugin", None, e.to_string()))?;
 
     let caller =
         Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(step.plugin.name.as_str()) };

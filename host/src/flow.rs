@@ -60,7 +60,7 @@ pub struct LoaderSpec {
 }
 
 /// A host directory granted to a plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Mount {
     /// Where the plugin sees it.
     pub guest: String,
@@ -69,7 +69,7 @@ pub struct Mount {
 }
 
 /// A plugin by name, optionally pinned to a version: `jq` or `jq@0.1.0`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PluginRef {
     /// The plugin's name (its file's stem in the plugins directory).
     pub name: String,

@@ -25,7 +25,7 @@ enum Command {
         /// The flow file (TOML, or JSON if it ends in .json).
         flow: PathBuf,
         #[command(flatten)]
-        plugins: PluginsDir,
+        host: HostArgs,
         /// The flow's input: JSON text, or @FILE to read JSON from a file.
         #[arg(long, default_value = "null")]
         input: String,
@@ -58,18 +58,23 @@ enum PluginsCommand {
     /// List the plugins with what they say about themselves.
     List {
         #[command(flatten)]
-        plugins: PluginsDir,
+        host: HostArgs,
         /// Print JSON on stdout.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// Where a host finds its plugins and keeps their compiled code.
 #[derive(clap::Args)]
-struct PluginsDir {
+struct HostArgs {
     /// The plugins directory.
     #[arg(long = "plugins", env = "QFLOW_PLUGINS", default_value = "plugins")]
-    dir: PathBuf,
+    plugins: PathBuf,
+    /// Where precompiled components are kept between runs (default: the
+    /// platform's cache directory, such as ~/.cache/qflow).
+    #[arg(long, env = "QFLOW_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 /// Exit codes: 0 the command did what was asked, 1 a run failed, 2 it could
@@ -95,30 +100,26 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Build { path, out, debug } => {
-            let out = out.unwrap_or_else(|| PluginsDir::parse_default().dir);
+            let out = out.unwrap_or_else(default_plugins_dir);
             let options = qflow_plugin_build::Options { release: !debug, ..Default::default() };
             for built in qflow_plugin_build::build(&path, &out, &options)? {
                 eprintln!("built {} -> {}", built.name, built.path.display());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, plugins, input, json } => {
-            runtime()?.block_on(run(&flow, &plugins.dir, &input, json))
+        Command::Run { flow, host, input, json } => {
+            runtime()?.block_on(run(&flow, &host, &input, json))
         }
-        Command::Plugins { command: PluginsCommand::List { plugins, json } } => {
-            runtime()?.block_on(list(&plugins.dir, json))
+        Command::Plugins { command: PluginsCommand::List { host, json } } => {
+            runtime()?.block_on(list(&host, json))
         }
     }
 }
 
-impl PluginsDir {
-    /// The directory from `QFLOW_PLUGINS` or the default, for commands that
-    /// take it as an optional output.
-    fn parse_default() -> PluginsDir {
-        PluginsDir {
-            dir: std::env::var_os("QFLOW_PLUGINS").map_or_else(|| "plugins".into(), PathBuf::from),
-        }
-    }
+/// The plugins directory from `QFLOW_PLUGINS` or the default, for `build`,
+/// which takes it as an optional output.
+fn default_plugins_dir() -> PathBuf {
+    std::env::var_os("QFLOW_PLUGINS").map_or_else(|| "plugins".into(), PathBuf::from)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -128,7 +129,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("could not start the async runtime")
 }
 
-fn host(plugins: &Path) -> anyhow::Result<Host> {
+/// A host on the plugins directory; must be called inside the runtime, so
+/// that it can preload hot plugins in the background.
+fn host(args: &HostArgs) -> anyhow::Result<Host> {
+    let plugins = &args.plugins;
     if !plugins.is_dir() {
         bail!(
             "the plugins directory {} does not exist: build the bundled plugins with `qflow build plugins`, \
@@ -136,7 +140,11 @@ fn host(plugins: &Path) -> anyhow::Result<Host> {
             plugins.display()
         );
     }
-    Ok(Host::new(HostConfig::new(plugins))?)
+    let mut config = HostConfig::new(plugins);
+    if let Some(dir) = &args.cache_dir {
+        config.store.cache_dir = Some(dir.clone());
+    }
+    Ok(Host::new(config)?)
 }
 
 fn read_input(input: &str) -> anyhow::Result<Value> {
@@ -150,10 +158,10 @@ fn read_input(input: &str) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{origin} is not JSON"))
 }
 
-async fn run(flow: &Path, plugins: &Path, input: &str, json: bool) -> anyhow::Result<ExitCode> {
+async fn run(flow: &Path, args: &HostArgs, input: &str, json: bool) -> anyhow::Result<ExitCode> {
     let flow = Flow::load(flow)?;
     let input = read_input(input)?;
-    let host = host(plugins)?;
+    let host = host(args)?;
     let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
     let summary = tokio::select! {
         summary = host.run(&flow, input) => summary?,
@@ -228,6 +236,13 @@ fn print_summary(flow: &Flow, summary: &RunSummary) {
         "flow {} {status} in {:.1} ms (run {})",
         summary.flow, summary.wall_ms, summary.run_id
     );
+    let components = &summary.store.components;
+    if components.compiles > 0 || components.disk_hits > 0 {
+        println!(
+            "plugins: {} compiled ({:.0} ms of Cranelift), {} loaded precompiled from the cache",
+            components.compiles, components.compile_ms, components.disk_hits
+        );
+    }
     // The flow's results: the outputs of the steps nothing depends on.
     for step in flow.steps.iter().filter(|s| !flow.steps.iter().any(|o| o.needs.contains(&s.id))) {
         if let Some(output) = summary.output(&step.id) {
@@ -240,8 +255,8 @@ fn print_summary(flow: &Flow, summary: &RunSummary) {
     }
 }
 
-async fn list(plugins: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let host = host(plugins)?;
+async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let host = host(args)?;
     let described = host.catalog().describe_all().await?;
     if json {
         let entries: Vec<Value> = described

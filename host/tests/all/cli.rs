@@ -5,13 +5,16 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::support::{plugins_dir, repo};
+use crate::support::{hostile_dir, plugins_dir, repo};
 
+/// Runs `qflow` from the repository's root on the bundled plugins, with a
+/// cache directory of the tests' own.
 fn qflow(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qflow"))
         .args(args)
         .current_dir(repo())
         .env("QFLOW_PLUGINS", plugins_dir())
+        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
         .env_remove("QFLOW_LOG")
         .output()
         .expect("the qflow binary runs")
@@ -50,6 +53,10 @@ fn run_json_reports_every_step_and_exits_zero() {
         assert!(step.get("output").is_some() && step.get("error").is_none(), "{step}");
     }
     assert_eq!(steps[1]["output"]["count"], 8);
+    let components = &summary["store"]["components"];
+    let loaded =
+        components["compiles"].as_u64().unwrap() + components["disk_hits"].as_u64().unwrap();
+    assert!(loaded >= 5, "csv, jq, hash, template and file-loader were loaded: {components}");
 }
 
 #[test]
@@ -76,7 +83,8 @@ fn a_failed_run_exits_one_and_says_why() {
         "[flow]\nname = \"fails\"\n[[step]]\nid = \"boom\"\nplugin = \"hostile\"\nconfig = { mode = \"trap\" }\n",
     )
     .unwrap();
-    let out = qflow(&["run", flow.to_str().unwrap(), "--json"]);
+    let plugins = hostile_dir().to_str().unwrap();
+    let out = qflow(&["run", flow.to_str().unwrap(), "--json", "--plugins", plugins]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let summary = stdout_json(&out);
     assert_eq!(summary["status"], "failed");
@@ -129,10 +137,8 @@ fn build_places_a_component_that_the_host_can_run() {
     let out = qflow(&["build", "plugins/hash", "--out", out_dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(Path::new(&out_dir.path().join("hash.wasm")).is_file());
-    let listed = Command::new(env!("CARGO_BIN_EXE_qflow"))
-        .args(["plugins", "list", "--json", "--plugins", out_dir.path().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let listed =
+        qflow(&["plugins", "list", "--json", "--plugins", out_dir.path().to_str().unwrap()]);
     let list = stdout_json(&listed);
     assert_eq!(list[0]["name"], "hash");
     assert_eq!(list[0]["kind"], "step");

@@ -4,7 +4,7 @@
 use qflow::{Problem, RunStatus, StepStatus};
 use serde_json::json;
 
-use crate::support::{flow, host, plugins_dir, run};
+use crate::support::{config, flow, hostile_host as host, plugins_dir, run};
 
 /// `bad` runs the hostile plugin in `mode`; `sibling` is independent of it and
 /// slow enough to be running when `bad` fails; `after` needs `bad`.
@@ -204,7 +204,7 @@ async fn a_file_that_is_not_a_component_is_a_clear_plugin_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("broken.wasm"), b"this is not wasm").unwrap();
     std::fs::copy(plugins_dir().join("identity.wasm"), dir.path().join("identity.wasm")).unwrap();
-    let host = qflow::Host::new(qflow::HostConfig::new(dir.path())).unwrap();
+    let host = qflow::Host::new(config(dir.path(), None)).unwrap();
     let toml = r#"
         [flow]
         name = "broken"

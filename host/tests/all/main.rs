@@ -7,4 +7,5 @@
 mod cli;
 mod failures;
 mod flows;
+mod store;
 mod support;

@@ -1,4 +1,5 @@
-//! What every test shares: the bundled plugins, built once per process.
+//! What every test shares: the bundled plugins and the hostile ones, built
+//! once per process, and hosts on them.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -11,22 +12,58 @@ pub fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
+/// Builds a plugin workspace into `out`, emptied first so that no component
+/// of an earlier version of the repository lingers there.
+fn build(workspace: &str, out: &Path) {
+    let _ = std::fs::remove_dir_all(out);
+    let options = qflow_plugin_build::Options::default();
+    if let Err(e) = qflow_plugin_build::build(&repo().join(workspace), out, &options) {
+        panic!("building {workspace} failed: {e}");
+    }
+}
+
 /// A plugins directory holding every bundled plugin, built from `plugins/`
 /// on first use (cargo rebuilds only what changed since the last time).
 pub fn plugins_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins");
-        let options = qflow_plugin_build::Options::default();
-        if let Err(e) = qflow_plugin_build::build(&repo().join("plugins"), &out, &options) {
-            panic!("building the bundled plugins failed: {e}");
+        build("plugins", &out);
+        out
+    })
+}
+
+/// The bundled plugins plus the hostile ones from `plugins/hostile`.
+pub fn hostile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-plugins");
+        build("plugins/hostile", &out);
+        for entry in std::fs::read_dir(plugins_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
         }
         out
     })
 }
 
+/// A host's settings for tests: compiled code in memory only (unless a test
+/// gives a cache directory), nothing preloaded behind the test's back.
+pub fn config(plugins: &Path, cache_dir: Option<&Path>) -> HostConfig {
+    let mut config = HostConfig::new(plugins);
+    config.store.cache_dir = cache_dir.map(Path::to_path_buf);
+    config.preload = false;
+    config
+}
+
+/// A host on the bundled plugins.
 pub fn host() -> Host {
-    Host::new(HostConfig::new(plugins_dir())).expect("the host starts")
+    Host::new(config(plugins_dir(), None)).expect("the host starts")
+}
+
+/// A host on the bundled and the hostile plugins.
+pub fn hostile_host() -> Host {
+    Host::new(config(hostile_dir(), None)).expect("the host starts")
 }
 
 pub fn flow(toml: &str) -> Flow {

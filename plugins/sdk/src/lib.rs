@@ -190,13 +190,22 @@ pub mod __private {
     /// The instance's step, built by `init`.
     pub type Slot<S> = LocalKey<RefCell<Option<S>>>;
 
-    pub fn info(kind: PluginKind, name: &str, version: &str, description: &str) -> PluginInfo {
+    pub fn info(
+        kind: PluginKind,
+        name: &str,
+        version: &str,
+        description: &str,
+        assets: &[&str],
+        needs: &[&str],
+    ) -> PluginInfo {
+        let owned = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect();
         PluginInfo {
             name: name.to_owned(),
             version: version.to_owned(),
             description: description.to_owned(),
             kind,
-            assets: Vec::new(),
+            assets: owned(assets),
+            needs: owned(needs),
         }
     }
 
@@ -241,11 +250,13 @@ pub mod __private {
     }
 }
 
-/// Exports a [`Step`] as the plugin's `step` world, with a one-line description.
-/// The plugin's name and version are its crate's.
+/// Exports a [`Step`] as the plugin's `step` world, with a one-line
+/// description, and optionally the assets it reads and the plugins it needs
+/// (`assets = ["data/words.txt"], needs = ["other"]`), which the host loads
+/// first. The plugin's name and version are its crate's.
 #[macro_export]
 macro_rules! export_step {
-    ($step:ty, $description:expr) => {
+    ($step:ty, $description:expr $(, assets = [$($asset:expr),* $(,)?])? $(, needs = [$($need:expr),* $(,)?])? $(,)?) => {
         thread_local! {
             static __QFLOW_STEP: ::std::cell::RefCell<Option<$step>> =
                 const { ::std::cell::RefCell::new(None) };
@@ -260,6 +271,8 @@ macro_rules! export_step {
                     env!("CARGO_PKG_NAME"),
                     env!("CARGO_PKG_VERSION"),
                     $description,
+                    &[$($($asset),*)?],
+                    &[$($($need),*)?],
                 )
             }
 
@@ -276,10 +289,11 @@ macro_rules! export_step {
     };
 }
 
-/// Exports a [`Loader`] as the plugin's `loader` world, with a one-line description.
+/// Exports a [`Loader`] as the plugin's `loader` world, with a one-line
+/// description, and optionally the plugins it needs (`needs = ["other"]`).
 #[macro_export]
 macro_rules! export_loader {
-    ($loader:ty, $description:expr) => {
+    ($loader:ty, $description:expr $(, needs = [$($need:expr),* $(,)?])? $(,)?) => {
         struct __QflowLoader;
 
         impl $crate::loader_bindings::Guest for __QflowLoader {
@@ -289,6 +303,8 @@ macro_rules! export_loader {
                     env!("CARGO_PKG_NAME"),
                     env!("CARGO_PKG_VERSION"),
                     $description,
+                    &[],
+                    &[$($($need),*)?],
                 )
             }
 

@@ -19,6 +19,8 @@ impl Guest for Hostile {
             "hostile",
             env!("CARGO_PKG_VERSION"),
             "Misbehaves on purpose; for tests only",
+            &[],
+            &[],
         )
     }
 

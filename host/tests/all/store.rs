@@ -1,0 +1,222 @@
+//! The component store: the disk cache across hosts, corruption, single
+//! flight, the memory limit, dependencies, preloading, shared assets.
+
+use std::path::Path;
+
+use qflow::{Host, RunStatus};
+use serde_json::json;
+
+use crate::support::{config, hostile_host, plugins_dir, run};
+
+const TWO_PLUGINS: &str = r#"
+    [flow]
+    name = "two"
+    [[step]]
+    id = "q"
+    plugin = "jq"
+    config = { filter = ".n * 2" }
+    [[step]]
+    id = "h"
+    plugin = "hash"
+    needs = ["q"]
+"#;
+
+fn host_on(cache: &Path) -> Host {
+    Host::new(config(plugins_dir(), Some(cache))).unwrap()
+}
+
+fn artifacts(cache: &Path) -> Vec<std::path::PathBuf> {
+    let dir = cache.join("components");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_host_on_the_same_cache_compiles_nothing() {
+    let cache = tempfile::tempdir().unwrap();
+    let first = host_on(cache.path());
+    let before = run(&first, TWO_PLUGINS, json!({"n": 21})).await;
+    assert_eq!(before.status, RunStatus::Succeeded);
+    assert_eq!(before.store.components.compiles, 2);
+    assert_eq!(before.store.components.disk_hits, 0);
+    assert_eq!(artifacts(cache.path()).len(), 2);
+    drop(first);
+
+    let second = host_on(cache.path());
+    let after = run(&second, TWO_PLUGINS, json!({"n": 21})).await;
+    assert_eq!(after.output("h"), before.output("h"));
+    assert_eq!(after.store.components.compiles, 0, "{:?}", after.store);
+    assert_eq!(after.store.components.disk_hits, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_and_truncated_artifacts_are_recompiled_and_replaced() {
+    let cache = tempfile::tempdir().unwrap();
+    run(&host_on(cache.path()), TWO_PLUGINS, json!({"n": 1})).await;
+    let files = artifacts(cache.path());
+    // Flip one byte in the middle of the first, cut the second short.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&files[0], bytes).unwrap();
+    let bytes = std::fs::read(&files[1]).unwrap();
+    std::fs::write(&files[1], &bytes[..bytes.len() / 3]).unwrap();
+
+    let summary = run(&host_on(cache.path()), TWO_PLUGINS, json!({"n": 1})).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    let stats = summary.store.components;
+    assert_eq!((stats.compiles, stats.disk_rejects, stats.disk_hits), (2, 2, 0), "{stats:?}");
+
+    // The replacements are sound: the next host loads both from disk.
+    let summary = run(&host_on(cache.path()), TWO_PLUGINS, json!({"n": 1})).await;
+    let stats = summary.store.components;
+    assert_eq!((stats.compiles, stats.disk_hits), (0, 2), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unusable_cache_directory_means_memory_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"in the way").unwrap();
+    let host = host_on(&not_a_dir);
+    let summary = run(&host, TWO_PLUGINS, json!({"n": 2})).await;
+    assert_eq!(summary.status, RunStatus::Succeeded);
+    assert_eq!(summary.store.components.compiles, 2);
+    let again = run(&host, TWO_PLUGINS, json!({"n": 2})).await;
+    assert_eq!(again.store.components.compiles, 2, "memory still serves");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_first_uses_compile_once() {
+    let host = std::sync::Arc::new(Host::new(config(plugins_dir(), None)).unwrap());
+    let toml = "[flow]\nname = \"one\"\n[[step]]\nid = \"q\"\nplugin = \"jq\"\nconfig = { filter = \".\" }\n";
+    let runs = (0..50).map(|i| {
+        let host = host.clone();
+        tokio::spawn(async move { run(&host, toml, json!(i)).await })
+    });
+    for (i, summary) in futures::future::join_all(runs).await.into_iter().enumerate() {
+        assert_eq!(summary.unwrap().output("q"), Some(&json!(i)));
+    }
+    assert_eq!(host.stats().components.compiles, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_memory_cache_keeps_to_its_byte_limit() {
+    let mut settings = config(plugins_dir(), None);
+    settings.store.memory_limit = 1 << 20; // about two of these plugins
+    let host = Host::new(settings).unwrap();
+    for plugin in ["identity", "hash", "fib", "sleep", "csv", "identity"] {
+        let toml = format!("[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"{plugin}\"\n");
+        let input = if plugin == "csv" { json!("a\n1\n") } else { json!({"n": 3, "ms": 0}) };
+        let summary = run(&host, &toml, input).await;
+        assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
+        let memory = summary.store.components.memory;
+        assert!(memory.bytes <= memory.limit_bytes, "{memory:?}");
+    }
+    let stats = host.stats().components;
+    assert!(stats.memory.evictions > 0, "{stats:?}");
+    assert!(stats.memory.entries < 5, "{stats:?}");
+    // identity was evicted by the time it came back: compiled twice.
+    assert_eq!(stats.compiles, 6, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dependency_cycle_is_reported_with_its_members() {
+    let host = hostile_host();
+    let toml = "[flow]\nname = \"c\"\n[[step]]\nid = \"a\"\nplugin = \"needs-cycle-a\"\n";
+    let summary = run(&host, toml, json!(null)).await;
+    let message = &summary.step("a").unwrap().error.as_ref().unwrap().message;
+    assert!(
+        message.contains(
+            "plugins need each other in a cycle: needs-cycle-a -> needs-cycle-b -> needs-cycle-a"
+        ),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_dependency_is_named() {
+    let host = hostile_host();
+    let toml = "[flow]\nname = \"m\"\n[[step]]\nid = \"a\"\nplugin = \"needs-missing\"\n";
+    let summary = run(&host, toml, json!(null)).await;
+    let message = &summary.step("a").unwrap().error.as_ref().unwrap().message;
+    assert!(
+        message.contains(
+            "plugin `needs-missing` needs `no-such-plugin`: no plugin `no-such-plugin` in"
+        ),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hot_plugins_and_assets_are_preloaded_by_the_next_host() {
+    let cache = tempfile::tempdir().unwrap();
+    let toml = r#"
+        [flow]
+        name = "hot"
+        [[loader]]
+        id = "data"
+        plugin = "file-loader"
+        dirs = { "/data" = "examples/data" }
+        [[step]]
+        id = "rows"
+        plugin = "csv"
+        config = { asset = "data/orders.csv" }
+        [[step]]
+        id = "cold"
+        plugin = "identity"
+    "#;
+    let first = host_on(cache.path());
+    for _ in 0..3 {
+        run(&first, toml, json!(null)).await;
+    }
+    drop(first);
+    // identity was used 3 times too: make it cold again by a fresh count.
+    let second = host_on(cache.path());
+    assert!(second.preload().await >= 3, "csv, file-loader and the asset");
+    let stats = second.stats();
+    assert_eq!(stats.components.compiles, 0, "{stats:?}");
+    assert!(stats.components.memory.entries >= 2, "{stats:?}");
+    assert_eq!(stats.assets.entries, 1, "{stats:?}");
+
+    let summary = run(&second, toml, json!(null)).await;
+    assert_eq!(summary.output("rows").unwrap().as_array().unwrap().len(), 8);
+    assert_eq!(summary.store.assets.misses, 1, "only the preload missed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_asset_is_loaded_once_and_shared_by_every_step_and_run() {
+    let host = Host::new(config(plugins_dir(), None)).unwrap();
+    let toml = r#"
+        [flow]
+        name = "shared"
+        [[loader]]
+        id = "data"
+        plugin = "file-loader"
+        dirs = { "/data" = "examples/data" }
+        [[step]]
+        id = "a"
+        plugin = "csv"
+        config = { asset = "data/orders.csv" }
+        [[step]]
+        id = "b"
+        plugin = "csv"
+        config = { asset = "data/orders.csv", infer_types = true }
+    "#;
+    run(&host, toml, json!(null)).await;
+    let summary = run(&host, toml, json!(null)).await;
+    assert_eq!(summary.output("a").unwrap()[0]["amount"], "1250.00");
+    assert_eq!(summary.output("b").unwrap()[0]["amount"], 1250.0);
+    let assets = summary.store.assets;
+    assert_eq!(assets.entries, 1);
+    assert_eq!(assets.hits + assets.misses, 4);
+    assert!(assets.hits >= 2, "{assets:?}");
+    let size =
+        std::fs::metadata(crate::support::repo().join("examples/data/orders.csv")).unwrap().len();
+    assert_eq!(assets.bytes, size);
+}
