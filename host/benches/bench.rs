@@ -34,7 +34,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 2] = [("floor", floor), ("chain", chain)];
+    let scenarios: [(&str, Scenario); 4] =
+        [("floor", floor), ("chain", chain), ("load", load), ("zipf", zipf)];
     for (name, scenario) in scenarios {
         if filter.as_deref().is_none_or(|f| name.contains(f)) {
             eprintln!("running {name}...");
@@ -104,6 +105,119 @@ fn chain(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
         bare,
         per_run / STEPS as u32,
     );
+}
+
+/// Loading a component: compiling it (no cache), loading its precompiled
+/// artifact from the disk cache (a new host on a warm cache directory), and a
+/// memory hit (the same host again), for a small and a large plugin.
+fn load(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    let cache = tempfile::tempdir().unwrap();
+    for name in ["identity", "jq"] {
+        let host = |cache_dir: Option<&Path>| {
+            let mut config = HostConfig::new(plugins);
+            config.store.cache_dir = cache_dir.map(Path::to_path_buf);
+            config.preload = false;
+            Host::new(config).unwrap()
+        };
+        let time = |host: &Host| {
+            let start = Instant::now();
+            rt.block_on(host.catalog().describe(name)).unwrap();
+            start.elapsed()
+        };
+        let compile = median((0..3).map(|_| time(&host(None))).collect());
+        time(&host(Some(cache.path()))); // fills the disk cache
+        let disk = median((0..9).map(|_| time(&host(Some(cache.path())))).collect());
+        let warm = host(None);
+        time(&warm);
+        let memory = median((0..101).map(|_| time(&warm)).collect());
+        let size = std::fs::metadata(plugins.join(format!("{name}.wasm"))).unwrap().len();
+        let what = format!("load {name} ({} KiB)", size / 1024);
+        table.row(&format!("{what}: disk cache vs compile"), "compile", compile, disk);
+        table.row(&format!("{what}: memory hit vs compile"), "compile", compile, memory);
+    }
+}
+
+/// The reference scenario: 50 components (about 20 MB compiled) behind a
+/// memory limit that holds half of them, requested in a skewed (Zipf, s = 1)
+/// pattern; the hit rate and the memory used against the limit.
+fn zipf(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    const COMPONENTS: usize = 50;
+    const REQUESTS: usize = 5000;
+    let dir = tempfile::tempdir().unwrap();
+    let identity = std::fs::read(plugins.join("identity.wasm")).unwrap();
+    for i in 0..COMPONENTS {
+        // A custom section makes each a different component (another digest)
+        // with the same code.
+        std::fs::write(dir.path().join(format!("c{i}.wasm")), with_custom_section(&identity, i))
+            .unwrap();
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let host = |limit: u64| {
+        let mut config = HostConfig::new(dir.path());
+        config.store.cache_dir = Some(cache.path().to_path_buf());
+        config.store.memory_limit = limit;
+        config.preload = false;
+        Host::new(config).unwrap()
+    };
+    // Compile them all once (filling the disk cache) and weigh them.
+    let all = host(u64::MAX);
+    for i in 0..COMPONENTS {
+        rt.block_on(all.catalog().describe(&format!("c{i}"))).unwrap();
+    }
+    let total = all.stats().components.memory.bytes;
+    let host = host(total / 2);
+    let mut random = 0x2545_f491_4f6c_dd1d_u64;
+    let weights: Vec<f64> = (1..=COMPONENTS).map(|k| 1.0 / k as f64).collect();
+    let sum: f64 = weights.iter().sum();
+    let start = Instant::now();
+    for _ in 0..REQUESTS {
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        let mut pick = (random >> 11) as f64 / (1u64 << 53) as f64 * sum;
+        let k = weights.iter().position(|w| {
+            pick -= w;
+            pick <= 0.0
+        });
+        let name = format!("c{}", k.unwrap_or(COMPONENTS - 1));
+        rt.block_on(host.catalog().describe(&name)).unwrap();
+    }
+    let per_request = start.elapsed() / REQUESTS as u32;
+    let stats = host.stats().components;
+    // The best any cache of this size can do on this distribution: always
+    // hold the most popular components that fit.
+    let fits = (stats.memory.limit_bytes / (total / COMPONENTS as u64)) as usize;
+    let best = weights[..fits.min(COMPONENTS)].iter().sum::<f64>() / sum;
+    table.text_row(
+        &format!("Zipf over {COMPONENTS} components ({} MB), limit = half", total >> 20),
+        &format!("87% claimed; {:.1}% best possible", best * 100.0),
+        &format!("hit rate {:.1}%", stats.memory.hit_rate * 100.0),
+        &format!(
+            "{:.1} of {:.1} MB used, {:.0} µs/request",
+            stats.memory.bytes as f64 / 1e6,
+            stats.memory.limit_bytes as f64 / 1e6,
+            per_request.as_secs_f64() * 1e6
+        ),
+    );
+}
+
+/// `component` with a custom section `qflow-bench` holding `n` appended: the
+/// same code under another digest.
+fn with_custom_section(component: &[u8], n: usize) -> Vec<u8> {
+    let name = b"qflow-bench";
+    let payload = n.to_le_bytes();
+    let mut bytes = component.to_vec();
+    bytes.push(0); // custom section id
+    bytes.push((1 + name.len() + payload.len()) as u8); // section size (LEB128, < 128)
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
 }
 
 fn flow(toml: &str) -> Flow {
@@ -188,12 +302,27 @@ impl Table {
             baseline_name.to_owned(),
             format!("{:.1} µs", baseline.as_secs_f64() * 1e6),
             format!("{:.1} µs", qflow.as_secs_f64() * 1e6),
-            format!("{ratio:.2}x"),
+            if ratio < 1.0 {
+                format!("{ratio:.4}x ({:.0}x faster)", 1.0 / ratio)
+            } else {
+                format!("{ratio:.2}x")
+            },
+        ]);
+    }
+
+    /// A row whose figures are not a time ratio.
+    fn text_row(&mut self, scenario: &str, baseline: &str, result: &str, detail: &str) {
+        self.rows.push([
+            scenario.to_owned(),
+            baseline.to_owned(),
+            String::new(),
+            result.to_owned(),
+            detail.to_owned(),
         ]);
     }
 
     fn print(&self) {
-        let header = ["scenario", "baseline", "baseline time", "qflow", "ratio"];
+        let header = ["scenario", "baseline", "baseline time", "qflow", "ratio / detail"];
         let mut widths = header.map(str::len);
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {

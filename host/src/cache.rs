@@ -1,6 +1,14 @@
 //! A byte-bounded LRU with single-flight loading: the machinery behind the
 //! compiled-component store and the loader-asset cache.
 //!
+//! Eviction is least-recently-used, with TinyLFU-style admission: a new
+//! value that would push out entries requested more often than itself is
+//! served but not kept. A one-off sweep (`qflow plugins list` loading every
+//! plugin, a rare flow) then cannot flush the hot set, and under a skewed
+//! load the hit rate comes close to that of keeping the most popular
+//! entries (see the `zipf` benchmark). Request counts are halved now and
+//! then, so that what was hot yesterday can cool off.
+//!
 //! A load runs in its own task, so it finishes and fills the cache even when
 //! the request that started it gives up (a timeout, a cancelled run); every
 //! concurrent request for the same key awaits that one load.
@@ -65,9 +73,38 @@ struct Inner<K, V, E> {
     lru: lru::LruCache<K, (V, u64)>,
     bytes: u64,
     in_flight: HashMap<K, InFlight<V, E>>,
+    /// Recent requests per key, for admission.
+    frequency: HashMap<K, u32>,
+    /// Requests counted since the counts were last halved.
+    counted: u64,
     hits: u64,
     misses: u64,
     evictions: u64,
+}
+
+/// Counts are halved after this many requests per entry held (at least 64
+/// entries' worth), so the window follows the workload.
+const AGING_FACTOR: u64 = 10;
+
+impl<K: Hash + Eq, V, E> Inner<K, V, E> {
+    fn count_request(&mut self, key: &K)
+    where
+        K: Clone,
+    {
+        *self.frequency.entry(key.clone()).or_default() += 1;
+        self.counted += 1;
+        if self.counted > AGING_FACTOR * (self.lru.len() as u64).max(64) {
+            self.frequency.retain(|_, n| {
+                *n /= 2;
+                *n > 0
+            });
+            self.counted = 0;
+        }
+    }
+
+    fn frequency(&self, key: &K) -> u32 {
+        self.frequency.get(key).copied().unwrap_or(0)
+    }
 }
 
 /// Values by key, at most `limit` bytes of them, least recently used out first.
@@ -90,6 +127,8 @@ where
                 lru: lru::LruCache::unbounded(),
                 bytes: 0,
                 in_flight: HashMap::new(),
+                frequency: HashMap::new(),
+                counted: 0,
                 hits: 0,
                 misses: 0,
                 evictions: 0,
@@ -117,6 +156,7 @@ where
     {
         let pending = {
             let mut inner = self.lock();
+            inner.count_request(key);
             if let Some((value, _)) = inner.lru.get(key) {
                 let value = value.clone();
                 inner.hits += 1;
@@ -176,9 +216,25 @@ where
         if size > self.limit {
             return;
         }
-        if let Some((_, old)) = inner.lru.put(key, (value, size)) {
+        if let Some((_, old)) = inner.lru.pop(&key) {
             inner.bytes -= old;
         }
+        // Admission: the least recently used entries that would have to make
+        // room must not be requested more often than the newcomer.
+        let candidate = inner.frequency(&key);
+        let mut freed = 0;
+        let mut busiest_victim = 0;
+        for (victim, (_, victim_size)) in inner.lru.iter().rev() {
+            if inner.bytes - freed + size <= self.limit {
+                break;
+            }
+            freed += victim_size;
+            busiest_victim = busiest_victim.max(inner.frequency(victim));
+        }
+        if busiest_victim > candidate {
+            return;
+        }
+        inner.lru.put(key, (value, size));
         inner.bytes += size;
         while inner.bytes > self.limit {
             match inner.lru.pop_lru() {
@@ -246,6 +302,23 @@ mod tests {
         load(&cache, 4, 30).await;
         assert!(cache.contains(&1) && !cache.contains(&2));
         assert!(cache.stats().bytes <= 100);
+    }
+
+    #[tokio::test]
+    async fn a_rarely_requested_value_does_not_push_out_a_popular_one() {
+        let cache = cache(100);
+        for _ in 0..5 {
+            load(&cache, 1, 60).await;
+        }
+        // 2 would need 1's room; 1 is requested more often: 2 is served, not kept.
+        assert_eq!(&*load(&cache, 2, 60).await, "v2");
+        assert!(cache.contains(&1) && !cache.contains(&2));
+        // Once 2 is the more popular, it gets in.
+        for _ in 0..5 {
+            load(&cache, 2, 60).await;
+        }
+        assert!(cache.contains(&2) && !cache.contains(&1));
+        assert_eq!(cache.stats().evictions, 1);
     }
 
     #[tokio::test]

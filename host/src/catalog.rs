@@ -262,11 +262,15 @@ impl Catalog {
     /// Describes every plugin in the directory, loading those not yet loaded.
     pub async fn describe_all(&self) -> Result<Vec<Result<PluginInfo, PluginError>>, PluginError> {
         let names = self.names()?;
-        let loads = names.iter().map(|name| async move {
-            let plugin = self.load_with_needs(name, Vec::new()).await?;
-            Ok(self.info(name, &plugin))
-        });
+        let loads = names.iter().map(|name| self.describe(name));
         Ok(futures::future::join_all(loads).await)
+    }
+
+    /// Loads the plugin `name` (and what it needs) if it is not loaded yet,
+    /// and says what it is.
+    pub async fn describe(&self, name: &str) -> Result<PluginInfo, PluginError> {
+        let plugin = self.load_with_needs(name, Vec::new()).await?;
+        Ok(self.info(name, &plugin))
     }
 
     fn info(&self, name: &str, plugin: &Plugin) -> PluginInfo {
