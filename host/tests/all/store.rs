@@ -220,3 +220,24 @@ async fn an_asset_is_loaded_once_and_shared_by_every_step_and_run() {
         std::fs::metadata(crate::support::repo().join("examples/data/orders.csv")).unwrap().len();
     assert_eq!(assets.bytes, size);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evicting_a_component_does_not_disturb_a_step_using_it() {
+    let mut settings = config(plugins_dir(), None);
+    settings.store.memory_limit = 1 << 20; // about two of these plugins
+    let host = std::sync::Arc::new(Host::new(settings).unwrap());
+    let sleeper = {
+        let host = host.clone();
+        let toml = "[flow]\nname = \"s\"\n[[step]]\nid = \"s\"\nplugin = \"sleep\"\nconfig = { ms = 600 }\n";
+        tokio::spawn(async move { run(&host, toml, json!({"kept": true})).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for plugin in ["identity", "hash", "fib"] {
+        let toml = format!("[flow]\nname = \"o\"\n[[step]]\nid = \"o\"\nplugin = \"{plugin}\"\n");
+        run(&host, &toml, json!({"n": 1})).await;
+    }
+    assert!(host.stats().components.memory.evictions >= 2);
+    let summary = sleeper.await.unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
+    assert_eq!(summary.output("s"), Some(&json!({"kept": true})));
+}
