@@ -3,6 +3,7 @@
 //! preloaded when hot.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,6 +14,10 @@ use crate::cache::{Cache, LoadError};
 use crate::catalog::Catalog;
 use crate::flow::{LoaderSpec, Mount, PluginRef};
 use crate::instance::{Caller, PluginState, describe_failure};
+
+/// The longest one `load` call may run before it is interrupted: a request
+/// gives up sooner (the store's load timeout), but the call must end too.
+const LOADER_TIME_LIMIT: Duration = Duration::from_secs(300);
 
 /// An asset's contents, shared by every step that reads it.
 pub(crate) type Bytes = Arc<[u8]>;
@@ -138,7 +143,8 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
         name: Arc::from(format!("loader:{}", key.loader_id)),
         plugin: Arc::from(key.plugin.name.as_str()),
     };
-    let mut store = PluginState::store(catalog.engine(), caller, None, &mut wasi);
+    let deadline = Some(tokio::time::Instant::now() + LOADER_TIME_LIMIT);
+    let mut store = PluginState::store(catalog.engine(), caller, None, &mut wasi, deadline).await;
     let loaded = match pre.instantiate_async(&mut store).await {
         Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
         Err(e) => Err(e),

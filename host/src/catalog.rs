@@ -204,6 +204,9 @@ struct Fingerprint {
     modified: Option<SystemTime>,
 }
 
+/// The file, in the cache directory, of the use counts.
+const USES: &str = "uses.json";
+
 /// The plugins directory.
 pub struct Catalog {
     dir: PathBuf,
@@ -222,7 +225,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Catalog {
     pub(crate) fn new(dir: PathBuf, store: Arc<ComponentStore>) -> Catalog {
-        let uses = store.disk().map(|disk| disk.load_uses()).unwrap_or_default();
+        let uses = store.disk().map(|disk| disk.load_state(USES)).unwrap_or_default();
         Catalog { dir, store, digests: Mutex::default(), uses: Mutex::new(uses) }
     }
 
@@ -381,7 +384,7 @@ impl Catalog {
     /// Saves the use counts beside the disk cache, for the next host.
     pub(crate) fn save_uses(&self) {
         if let Some(disk) = self.store.disk() {
-            disk.save_uses(&lock(&self.uses));
+            disk.save_state(USES, &*lock(&self.uses));
         }
     }
 

@@ -8,7 +8,6 @@
 //! wasmtime maps it, so a corrupt or truncated file is a miss, never a crash.
 //! A file made by another wasmtime or with other settings has another name.
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,27 +112,25 @@ impl DiskCache {
         }
     }
 
-    fn uses_path(&self) -> PathBuf {
-        self.root.join("uses.json")
-    }
-
-    /// How often each plugin and asset was used, as saved by earlier hosts.
-    pub(crate) fn load_uses(&self) -> HashMap<String, u64> {
-        std::fs::read(self.uses_path())
+    /// A small state file beside the artifacts (use counts, step
+    /// durations), as saved by earlier hosts; empty if there is none.
+    pub(crate) fn load_state<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
+        std::fs::read(self.root.join(name))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
     }
 
-    pub(crate) fn save_uses(&self, uses: &HashMap<String, u64>) {
+    pub(crate) fn save_state<T: serde::Serialize>(&self, name: &str, state: &T) {
         if !self.writable.load(Ordering::Relaxed) {
             return;
         }
-        let saved = serde_json::to_vec(uses)
+        let path = self.root.join(name);
+        let saved = serde_json::to_vec(state)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| write_atomically(&self.uses_path(), &bytes));
+            .and_then(|bytes| write_atomically(&path, &bytes));
         if let Err(e) = saved {
-            tracing::debug!("could not save use counts to {}: {e}", self.uses_path().display());
+            tracing::debug!("could not save {}: {e}", path.display());
         }
     }
 }

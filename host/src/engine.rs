@@ -1,7 +1,10 @@
 //! The one wasmtime [`Engine`](wasmtime::Engine) every plugin runs on, and
 //! the settings Qflow narrows wasmtime to.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -15,8 +18,9 @@ pub struct EngineConfig {
     /// is too small for the pool, the engine falls back to on-demand
     /// allocation by itself.
     pub pooling: bool,
-    /// How many plugin instances may be alive at once when pooling (each
-    /// running step holds one). Every slot reserves address space, not memory.
+    /// How many plugin instances may be alive at once (each running step
+    /// holds one); a step beyond that waits for one to end. With pooling,
+    /// every slot reserves address space (not memory) up front.
     pub max_instances: u32,
     /// How often the epoch advances. A running guest yields to the scheduler
     /// once per tick, so CPU-bound steps cannot starve the others; 10 ms keeps
@@ -34,11 +38,14 @@ impl Default for EngineConfig {
     }
 }
 
-/// The wasmtime engine plus the thread that advances its epoch.
+/// The wasmtime engine, the thread that advances its epoch, and the permits
+/// that bound how many instances are alive.
 #[derive(Clone)]
 pub(crate) struct Engine {
     inner: wasmtime::Engine,
     pooling: bool,
+    instances: Arc<Semaphore>,
+    max_instances: u32,
 }
 
 impl Engine {
@@ -57,7 +64,25 @@ impl Engine {
             (wasmtime::Engine::new(&wasmtime_config(None))?, false)
         };
         spawn_epoch_ticker(&inner, config.epoch_tick)?;
-        Ok(Engine { inner, pooling })
+        let max_instances = config.max_instances.max(1);
+        let instances = Arc::new(Semaphore::new(max_instances as usize));
+        Ok(Engine { inner, pooling, instances, max_instances })
+    }
+
+    /// A permit to keep one instance alive: waits while `max_instances` are.
+    /// The store holds it and gives it back when dropped, so the pooling
+    /// allocator never runs out of slots and a step waits instead of failing.
+    pub(crate) async fn instance_permit(&self) -> OwnedSemaphorePermit {
+        match self.instances.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the instance semaphore is never closed"),
+        }
+    }
+
+    /// How many instances are alive now.
+    pub(crate) fn instances_in_use(&self) -> usize {
+        self.max_instances as usize - self.instances.available_permits()
     }
 
     pub(crate) fn wasmtime(&self) -> &wasmtime::Engine {

@@ -32,6 +32,20 @@ pub enum Event {
         /// The step's id.
         step: Arc<str>,
     },
+    /// A step's attempt failed and it will be tried again after a delay.
+    #[serde(rename = "q.qflow.step.retrying.v1")]
+    StepRetrying {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+        /// The attempt about to be made (2 for the first retry).
+        attempt: u32,
+        /// How long until then, in ms.
+        delay_ms: u64,
+        /// Why the last attempt failed.
+        error: String,
+    },
     /// A step ended: succeeded, failed, or was cancelled or skipped.
     #[serde(rename = "q.qflow.step.finished.v1")]
     StepFinished {

@@ -1,21 +1,28 @@
-//! The scheduler: runs a flow's steps as soon as their dependencies are
-//! done, each in its own instance, concurrently on tokio (a waiting step
-//! holds no thread), and reports what happened.
+//! The scheduler: starts each step as soon as the steps it needs are done,
+//! longest remaining critical path first, at most `max_parallel` at once,
+//! never two holding the same resource; runs each attempt in its own
+//! instance under a deadline; applies the failure strategies; reports.
+//!
+//! Every step is a task on tokio: a waiting step (a WASI sleep, a backoff)
+//! holds no thread, and a CPU-bound guest yields at every epoch tick.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::assets::{AssetCache, Assets};
 use crate::catalog::{Catalog, PluginError};
 use crate::events::Event;
-use crate::flow::{Flow, Step};
+use crate::flow::{Flow, Step, Strategy};
 use crate::input::Source;
 use crate::instance::{Caller, PluginState, describe_failure};
 use crate::plan::Plan;
@@ -27,8 +34,10 @@ use crate::store::{Plugin, Stats};
 pub enum RunStatus {
     /// Every step succeeded.
     Succeeded,
-    /// A step failed; the others were cancelled or skipped.
+    /// A step failed (after its retries).
     Failed,
+    /// The run was cancelled before it ended.
+    Cancelled,
 }
 
 /// How a step ended.
@@ -39,7 +48,7 @@ pub enum StepStatus {
     Succeeded,
     /// It failed: see its error.
     Failed,
-    /// It was running when another step's failure stopped the run.
+    /// It was running when the run stopped (a failure elsewhere, or a cancel).
     Cancelled,
     /// It never started: a dependency failed or the run stopped first.
     Skipped,
@@ -48,16 +57,20 @@ pub enum StepStatus {
 /// Why a step failed.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepFailure {
-    /// What kind of failure: `plugin` (could not be loaded), `input` (its
-    /// input mapping did not resolve), `config` (`init` rejected the config),
-    /// `step-error` (`run` returned an error), `trap`, `timeout`, or
-    /// `invalid-output` (`run` returned something that is not JSON).
+    /// What kind of failure: `plugin` (could not be loaded, or what it needs
+    /// could not), `input` (its input mapping did not resolve), `config`
+    /// (`init` rejected the config), `step-error` (`run` returned an error),
+    /// `trap`, `timeout`, `invalid-output` (not JSON), `output-too-large`, or
+    /// `internal` (a bug in the host).
     pub kind: &'static str,
     /// The plugin's error code, for `config` and `step-error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// What went wrong, naming the step and its plugin.
     pub message: String,
+    /// Whether another attempt may succeed: a `step-error` that says so, or
+    /// a `timeout`. Only these are retried.
+    pub retryable: bool,
 }
 
 /// What happened to one step.
@@ -71,9 +84,9 @@ pub struct StepReport {
     pub status: StepStatus,
     /// How many attempts it made (0 if it never started).
     pub attempts: u32,
-    /// When it started, in ms since the run began.
+    /// When its first attempt started, in ms since the run began.
     pub start_ms: Option<f64>,
-    /// When it ended, in ms since the run began.
+    /// When its last attempt ended, in ms since the run began.
     pub end_ms: Option<f64>,
     /// Its output, if it succeeded.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -81,6 +94,26 @@ pub struct StepReport {
     /// Why it failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<StepFailure>,
+}
+
+impl StepReport {
+    /// How long it ran, first attempt to last, in ms.
+    pub fn duration_ms(&self) -> Option<f64> {
+        Some(self.end_ms? - self.start_ms?)
+    }
+}
+
+/// The plan's figures, as the run's summary reports them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PlanFigures {
+    /// The critical path the scheduler followed.
+    pub critical_path: Vec<String>,
+    /// Its estimated duration, in ms (from past runs, else 1 ms a step).
+    pub critical_path_ms: f64,
+    /// How many parallel groups the flow has.
+    pub groups: usize,
+    /// The plan's parallelization ratio.
+    pub parallelization: f64,
 }
 
 /// What happened in a run.
@@ -94,6 +127,17 @@ pub struct RunSummary {
     pub status: RunStatus,
     /// Wall time, in ms.
     pub wall_ms: f64,
+    /// The sum of the steps' times, in ms.
+    pub step_ms: f64,
+    /// How close the run came to the fastest schedule its limits allow:
+    /// the larger of its critical path (as the steps really took) and its
+    /// step time spread over `max_parallel`, divided by the wall time.
+    /// 1.0 is perfect.
+    pub efficiency: f64,
+    /// At most this many steps ran at once.
+    pub max_parallel: usize,
+    /// The plan the run followed.
+    pub plan: PlanFigures,
     /// Every step, in the flow's order.
     pub steps: Vec<StepReport>,
     /// The host's caches as the run ended.
@@ -112,6 +156,16 @@ impl RunSummary {
     }
 }
 
+/// How to run a flow, beyond what the flow itself says.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// At most this many steps at once; overrides the flow's `max_parallel`.
+    pub max_parallel: Option<usize>,
+    /// Cancelling this token stops the run: running steps are cut, the rest
+    /// skipped, and the summary says which.
+    pub cancel: CancellationToken,
+}
+
 /// What every step task of one run shares.
 struct RunContext {
     run_id: Arc<str>,
@@ -119,12 +173,18 @@ struct RunContext {
     catalog: Arc<Catalog>,
     assets: Arc<Assets>,
     events: broadcast::Sender<Event>,
+    max_output_bytes: u64,
     started: Instant,
 }
 
 impl RunContext {
     fn ms_since_start(&self, at: Instant) -> f64 {
         at.duration_since(self.started).as_secs_f64() * 1e3
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscriber is fine: nobody is watching.
+        let _ = self.events.send(event);
     }
 }
 
@@ -133,139 +193,303 @@ struct Finished {
     index: usize,
     start: Instant,
     end: Instant,
+    attempts: u32,
     result: Result<Value, StepFailure>,
 }
 
+/// What the host hands the scheduler for one run.
+pub(crate) struct RunInputs {
+    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) asset_cache: Arc<AssetCache>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) max_output_bytes: u64,
+}
+
+/// A ready step, ordered by its remaining critical path (then flow order).
+#[derive(PartialEq)]
+struct Ready {
+    priority: f64,
+    index: usize,
+}
+
+impl Eq for Ready {}
+
+impl PartialOrd for Ready {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ready {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.priority.total_cmp(&other.priority).then(other.index.cmp(&self.index))
+    }
+}
+
 pub(crate) async fn run(
-    catalog: Arc<Catalog>,
-    asset_cache: Arc<AssetCache>,
-    events: broadcast::Sender<Event>,
+    inputs: RunInputs,
     flow: Arc<Flow>,
+    plan: &Plan,
     input: Value,
+    options: RunOptions,
 ) -> RunSummary {
+    let RunInputs { catalog, asset_cache, events, max_output_bytes } = inputs;
     let ctx = Arc::new(RunContext {
         run_id: Arc::from(uuid::Uuid::new_v4().to_string()),
         assets: Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone())),
+        max_output_bytes: flow.max_output_bytes.unwrap_or(max_output_bytes),
         catalog,
         flow,
         events,
         started: Instant::now(),
     });
-    let flow = &ctx.flow;
-    let _ = ctx.events.send(Event::RunStarted {
+    let n = ctx.flow.steps.len();
+    let limit = options.max_parallel.or(ctx.flow.max_parallel).unwrap_or(n).clamp(1, n.max(1));
+    ctx.emit(Event::RunStarted {
         run_id: ctx.run_id.clone(),
-        flow: Arc::from(flow.name.as_str()),
-        steps: flow.steps.len(),
+        flow: Arc::from(ctx.flow.name.as_str()),
+        steps: n,
     });
     prefetch_plugins(&ctx);
 
-    let plan = Plan::new(flow);
-    let mut reports: Vec<StepReport> = flow
-        .steps
-        .iter()
-        .map(|s| StepReport {
-            id: s.id.clone(),
-            plugin: s.plugin.to_string(),
-            status: StepStatus::Skipped,
-            attempts: 0,
-            start_ms: None,
-            end_ms: None,
-            output: None,
-            error: None,
-        })
-        .collect();
-    let mut unmet: Vec<usize> = flow.steps.iter().map(|s| s.deps.len()).collect();
-    let mut running = JoinSet::new();
-    let mut tasks = HashMap::new();
-    let mut failed = false;
+    let mut scheduler = Scheduler {
+        reports: ctx
+            .flow
+            .steps
+            .iter()
+            .map(|s| StepReport {
+                id: s.id.clone(),
+                plugin: s.plugin.to_string(),
+                status: StepStatus::Skipped,
+                attempts: 0,
+                start_ms: None,
+                end_ms: None,
+                output: None,
+                error: None,
+            })
+            .collect(),
+        unmet: ctx.flow.steps.iter().map(|s| s.deps.len()).collect(),
+        ready: (0..n)
+            .filter(|&i| ctx.flow.steps[i].deps.is_empty())
+            .map(|index| Ready { priority: plan.priority[index], index })
+            .collect(),
+        held: HashSet::new(),
+        running: JoinSet::new(),
+        tasks: HashMap::new(),
+        failed: false,
+        stopping: false,
+        ctx: ctx.clone(),
+        plan,
+        input,
+        limit,
+    };
+    let cancelled = scheduler.run(&options.cancel).await;
+    let Scheduler { reports, failed, .. } = scheduler;
+    summarize(&ctx, plan, reports, failed, cancelled, limit)
+}
 
-    let mut ready: Vec<usize> = plan.order.iter().copied().filter(|&i| unmet[i] == 0).collect();
-    loop {
-        // Start everything that is ready, in plan order.
-        for index in ready.drain(..) {
-            let output_of = |i: usize| reports[i].output.as_ref();
-            match resolve_input(&ctx.flow, index, &input, &output_of) {
-                Ok(step_input) => {
-                    reports[index].attempts += 1;
-                    let task = running.spawn(execute(ctx.clone(), index, step_input));
-                    tasks.insert(task.id(), index);
-                }
-                Err(failure) => {
-                    let now = Instant::now();
-                    finish(
-                        &ctx,
-                        &mut reports[index],
-                        Finished { index, start: now, end: now, result: Err(failure) },
-                    );
-                    failed = true;
-                }
+struct Scheduler<'p> {
+    ctx: Arc<RunContext>,
+    plan: &'p Plan,
+    input: Value,
+    limit: usize,
+    reports: Vec<StepReport>,
+    /// For each step, how many of its dependencies have not succeeded yet.
+    unmet: Vec<usize>,
+    ready: BinaryHeap<Ready>,
+    /// The exclusive resources held by running steps.
+    held: HashSet<String>,
+    running: JoinSet<Finished>,
+    tasks: HashMap<tokio::task::Id, usize>,
+    failed: bool,
+    /// No new step starts: a fail-fast failure, or a cancel.
+    stopping: bool,
+}
+
+impl Scheduler<'_> {
+    /// Runs until nothing is running and nothing more can start; returns
+    /// whether the run was cancelled.
+    async fn run(&mut self, cancel: &CancellationToken) -> bool {
+        let mut cancelled = false;
+        loop {
+            if !self.stopping {
+                self.start_ready();
             }
-        }
-        if failed {
-            // Fail fast: stop whatever is still running.
-            running.abort_all();
-        }
-        let Some(joined) = running.join_next_with_id().await else {
-            break;
-        };
-        let done = match joined {
-            Ok((_, done)) => done,
-            // Aborted by fail-fast: marked cancelled below.
-            Err(e) if e.is_cancelled() => continue,
-            // A bug in the host, not in the plugin: fail the step, keep going.
-            Err(e) => {
-                let Some(&index) = tasks.get(&e.id()) else { continue };
-                let now = Instant::now();
-                let what = format!("the host failed while running it: {e}");
-                let result = Err(failure(&ctx.flow.steps[index], "internal", None, what));
-                Finished { index, start: now, end: now, result }
+            if self.running.is_empty() {
+                return cancelled;
             }
-        };
-        let index = done.index;
-        let succeeded = done.result.is_ok();
-        finish(&ctx, &mut reports[index], done);
-        if succeeded && !failed {
-            for &next in &plan.dependents[index] {
-                unmet[next] -= 1;
-                if unmet[next] == 0 {
-                    ready.push(next);
+            tokio::select! {
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    self.stop();
                 }
+                Some(joined) = self.running.join_next_with_id() => self.joined(joined),
             }
-        } else if !succeeded {
-            failed = true;
         }
     }
 
+    /// Starts ready steps, most critical first, while there is room and
+    /// their resources are free.
+    fn start_ready(&mut self) {
+        let mut blocked = Vec::new();
+        while self.running.len() < self.limit {
+            let Some(next) = self.ready.pop() else { break };
+            let step = &self.ctx.flow.steps[next.index];
+            if step.resources.iter().any(|r| self.held.contains(r)) {
+                blocked.push(next);
+                continue;
+            }
+            self.start(next.index);
+            if self.stopping {
+                break;
+            }
+        }
+        self.ready.extend(blocked);
+    }
+
+    fn start(&mut self, index: usize) {
+        let step = &self.ctx.flow.steps[index];
+        let output_of = |i: usize| self.reports[i].output.as_ref();
+        match resolve_input(&self.ctx.flow, index, &self.input, &output_of) {
+            Ok(input) => {
+                self.held.extend(step.resources.iter().cloned());
+                let task = self.running.spawn(execute(self.ctx.clone(), index, input));
+                self.tasks.insert(task.id(), index);
+                // Until it reports back, it counts as started.
+                self.reports[index].attempts = 1;
+            }
+            Err(failure) => {
+                let now = Instant::now();
+                self.finished(Finished {
+                    index,
+                    start: now,
+                    end: now,
+                    attempts: 0,
+                    result: Err(failure),
+                });
+            }
+        }
+    }
+
+    fn joined(&mut self, joined: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
+        match joined {
+            Ok((_, done)) => self.finished(done),
+            // Aborted when the run stopped: reported as cancelled at the end.
+            Err(e) if e.is_cancelled() => {}
+            // A bug in the host, not in the plugin: fail the step, keep going.
+            Err(e) => {
+                let Some(&index) = self.tasks.get(&e.id()) else { return };
+                let now = Instant::now();
+                let what = format!("the host failed while running it: {e}");
+                let failure = failure(&self.ctx.flow.steps[index], "internal", None, what);
+                self.finished(Finished {
+                    index,
+                    start: now,
+                    end: now,
+                    attempts: 1,
+                    result: Err(failure),
+                });
+            }
+        }
+    }
+
+    fn finished(&mut self, done: Finished) {
+        let index = done.index;
+        let step = &self.ctx.flow.steps[index];
+        for resource in &step.resources {
+            self.held.remove(resource);
+        }
+        let succeeded = done.result.is_ok();
+        record(&self.ctx, &mut self.reports[index], done);
+        if succeeded {
+            for &next in &self.plan.dependents[index] {
+                self.unmet[next] -= 1;
+                if self.unmet[next] == 0 {
+                    self.ready.push(Ready { priority: self.plan.priority[next], index: next });
+                }
+            }
+        } else {
+            self.failed = true;
+            // Continue-on-error: its dependents never become ready and are
+            // reported skipped; everything else goes on.
+            if step.strategy != Strategy::ContinueOnError {
+                self.stop();
+            }
+        }
+    }
+
+    /// No new step starts; running ones are cut.
+    fn stop(&mut self) {
+        self.stopping = true;
+        self.running.abort_all();
+    }
+}
+
+fn summarize(
+    ctx: &RunContext,
+    plan: &Plan,
+    mut reports: Vec<StepReport>,
+    failed: bool,
+    cancelled: bool,
+    limit: usize,
+) -> RunSummary {
     for report in reports.iter_mut().filter(|r| r.attempts > 0 && r.end_ms.is_none()) {
         report.status = StepStatus::Cancelled;
     }
     for report in &reports {
         if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) {
-            let _ = ctx.events.send(Event::StepFinished {
+            ctx.emit(Event::StepFinished {
                 run_id: ctx.run_id.clone(),
                 step: Arc::from(report.id.as_str()),
                 status: report.status,
             });
         }
     }
-    let status = if failed { RunStatus::Failed } else { RunStatus::Succeeded };
+    let status = if cancelled {
+        RunStatus::Cancelled
+    } else if failed {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
     let wall_ms = ctx.ms_since_start(Instant::now());
-    let _ = ctx.events.send(Event::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
+    let step_ms: f64 = reports.iter().filter_map(StepReport::duration_ms).sum();
+    // The critical path as the steps really took: the longest chain of
+    // dependent durations.
+    let mut longest = vec![0.0f64; reports.len()];
+    let order = plan.order.iter().filter_map(|id| ctx.flow.step_index(id));
+    for i in order {
+        let before = ctx.flow.steps[i].deps.iter().map(|&d| longest[d]).fold(0.0, f64::max);
+        longest[i] = before + reports[i].duration_ms().unwrap_or(0.0);
+    }
+    let best = longest.iter().copied().fold(step_ms / limit as f64, f64::max);
+    let efficiency = if wall_ms > 0.0 { (best / wall_ms).min(1.0) } else { 1.0 };
+    ctx.emit(Event::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
     RunSummary {
         run_id: ctx.run_id.to_string(),
         flow: ctx.flow.name.clone(),
         status,
         wall_ms,
+        step_ms,
+        efficiency,
+        max_parallel: limit,
+        plan: PlanFigures {
+            critical_path: plan.critical_path.clone(),
+            critical_path_ms: plan.critical_path_ms,
+            groups: plan.groups.len(),
+            parallelization: plan.parallelization,
+        },
         steps: reports,
         store: Stats::default(),
     }
 }
 
-/// Records a finished attempt in its report (which keeps the output for the
+/// Records a finished step in its report (which keeps the output for the
 /// dependents) and announces it.
-fn finish(ctx: &RunContext, report: &mut StepReport, done: Finished) {
+fn record(ctx: &RunContext, report: &mut StepReport, done: Finished) {
     report.start_ms = Some(ctx.ms_since_start(done.start));
     report.end_ms = Some(ctx.ms_since_start(done.end));
+    report.attempts = done.attempts;
     match done.result {
         Ok(output) => {
             report.status = StepStatus::Succeeded;
@@ -276,14 +500,14 @@ fn finish(ctx: &RunContext, report: &mut StepReport, done: Finished) {
             report.error = Some(failure);
         }
     }
-    let _ = ctx.events.send(Event::StepFinished {
+    ctx.emit(Event::StepFinished {
         run_id: ctx.run_id.clone(),
         step: Arc::from(report.id.as_str()),
         status: report.status,
     });
 }
 
-/// Starts compiling every plugin the flow uses, so that compiles overlap
+/// Starts loading every plugin the flow uses, so that compiles overlap
 /// each other and the first steps instead of each waiting for its turn.
 fn prefetch_plugins(ctx: &Arc<RunContext>) {
     let mut names: Vec<&str> = ctx.flow.steps.iter().map(|s| s.plugin.name.as_str()).collect();
@@ -333,27 +557,48 @@ fn failure(step: &Step, kind: &'static str, code: Option<String>, what: String) 
         kind,
         code,
         message: format!("step `{}` (plugin {}): {what}", step.id, step.plugin),
+        retryable: false,
     }
 }
 
-/// One attempt at a step: load its plugin, then run it under the step's timeout.
+/// A step to the end: load its plugin (and what it needs), then attempts
+/// under its timeout, retried with backoff as its strategy says.
 async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
     let start = Instant::now();
     let step = &ctx.flow.steps[index];
-    let _ = ctx
-        .events
-        .send(Event::StepStarted { run_id: ctx.run_id.clone(), step: Arc::from(step.id.as_str()) });
-    let result = match load_step_plugin(&ctx, step).await {
-        // The timeout bounds the plugin's own work, not compiling it.
-        Ok(plugin) => match step.timeout {
-            Some(limit) => tokio::time::timeout(limit, attempt(&ctx, step, &plugin, &input))
-                .await
-                .unwrap_or_else(|_| Err(timed_out(step, limit))),
-            None => attempt(&ctx, step, &plugin, &input).await,
-        },
-        Err(failure) => Err(failure),
+    ctx.emit(Event::StepStarted { run_id: ctx.run_id.clone(), step: Arc::from(step.id.as_str()) });
+    let plugin = match load_step_plugin(&ctx, step).await {
+        Ok(plugin) => plugin,
+        Err(failure) => {
+            return Finished {
+                index,
+                start,
+                end: Instant::now(),
+                attempts: 1,
+                result: Err(failure),
+            };
+        }
     };
-    Finished { index, start, end: Instant::now(), result }
+    let retries = step.strategy == Strategy::RetryFailed;
+    let mut attempts = 1;
+    loop {
+        let result = attempt(&ctx, step, &plugin, &input).await;
+        match result {
+            Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
+                let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
+                ctx.emit(Event::StepRetrying {
+                    run_id: ctx.run_id.clone(),
+                    step: Arc::from(step.id.as_str()),
+                    attempt: attempts + 1,
+                    delay_ms: delay.as_millis() as u64,
+                    error: failure.message,
+                });
+                tokio::time::sleep(delay).await;
+                attempts += 1;
+            }
+            result => return Finished { index, start, end: Instant::now(), attempts, result },
+        }
+    }
 }
 
 async fn load_step_plugin(ctx: &RunContext, step: &Step) -> Result<Arc<Plugin>, StepFailure> {
@@ -376,32 +621,48 @@ async fn load_step_plugin(ctx: &RunContext, step: &Step) -> Result<Arc<Plugin>, 
 }
 
 fn timed_out(step: &Step, limit: Duration) -> StepFailure {
-    failure(
-        step,
-        "timeout",
-        None,
-        format!("did not finish within its timeout of {} ms", limit.as_millis()),
-    )
+    let what = format!("did not finish within its timeout of {} ms", limit.as_millis());
+    StepFailure { retryable: true, ..failure(step, "timeout", None, what) }
 }
 
-/// Instantiate, `init`, `run`: one attempt on a loaded step plugin.
+/// One attempt under the step's timeout: the guest is interrupted at its
+/// deadline (an epoch check), and the whole attempt, host calls included,
+/// is bounded by the same time.
 async fn attempt(
     ctx: &RunContext,
     step: &Step,
     plugin: &Plugin,
     input: &Value,
 ) -> Result<Value, StepFailure> {
+    let Some(limit) = step.timeout else {
+        return call(ctx, step, plugin, input, None).await;
+    };
+    let deadline = Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, call(ctx, step, plugin, input, Some(deadline))).await {
+        Ok(Err(failure)) if failure.kind == "trap" && Instant::now() >= deadline => {
+            Err(timed_out(step, limit))
+        }
+        Ok(result) => result,
+        Err(_) => Err(timed_out(step, limit)),
+    }
+}
+
+/// Instantiate, `init`, `run`.
+async fn call(
+    ctx: &RunContext,
+    step: &Step,
+    plugin: &Plugin,
+    input: &Value,
+    deadline: Option<Instant>,
+) -> Result<Value, StepFailure> {
     let pre =
         plugin.step(&step.plugin.name).map_err(|e| failure(step, "plugin", None, e.to_string()))?;
-
     let caller =
         Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(step.plugin.name.as_str()) };
-    let mut store = PluginState::store(
-        ctx.catalog.engine(),
-        caller,
-        Some(ctx.assets.clone()),
-        &mut WasiCtxBuilder::new(),
-    );
+    let mut wasi = WasiCtxBuilder::new();
+    let engine = ctx.catalog.engine();
+    let mut store =
+        PluginState::store(engine, caller, Some(ctx.assets.clone()), &mut wasi, deadline).await;
     let trapped = |phase: &str, e: wasmtime::Error, store: &wasmtime::Store<PluginState>| {
         failure(step, "trap", None, format!("trapped in {phase}: {}", describe_failure(&e, store)))
     };
@@ -414,12 +675,8 @@ async fn attempt(
     match instance.call_init(&mut store, &config).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            return Err(failure(
-                step,
-                "config",
-                Some(e.code),
-                format!("rejected its config: {}", e.message),
-            ));
+            let what = format!("rejected its config: {}", e.message);
+            return Err(failure(step, "config", Some(e.code), what));
         }
         Err(e) => return Err(trapped("init", e, &store)),
     }
@@ -428,10 +685,19 @@ async fn attempt(
         Ok(Ok(output)) => output,
         Ok(Err(e)) => {
             let what = format!("failed: {}: {}", e.code, e.message);
-            return Err(failure(step, "step-error", Some(e.code), what));
+            let failure = failure(step, "step-error", Some(e.code), what);
+            return Err(StepFailure { retryable: e.retryable, ..failure });
         }
         Err(e) => return Err(trapped("run", e, &store)),
     };
+    if output.len() as u64 > ctx.max_output_bytes {
+        let what = format!(
+            "returned {} bytes of output, over the limit of {}",
+            output.len(),
+            ctx.max_output_bytes
+        );
+        return Err(failure(step, "output-too-large", None, what));
+    }
     serde_json::from_str(&output).map_err(|e| {
         let preview: String = output.chars().take(80).collect();
         failure(step, "invalid-output", None, format!("returned invalid JSON ({e}): {preview:?}"))
@@ -488,8 +754,8 @@ mod tests {
     fn the_plan_orders_dependencies_first() {
         let flow = flow();
         let plan = Plan::new(&flow);
-        let pos = |i: usize| plan.order.iter().position(|&x| x == i).unwrap();
-        assert!(pos(0) < pos(1) && pos(1) < pos(2) && pos(1) < pos(3));
+        let pos = |id: &str| plan.order.iter().position(|x| x == id).unwrap();
+        assert!(pos("a") < pos("b") && pos("b") < pos("c") && pos("b") < pos("d"));
         assert_eq!(plan.dependents[0], vec![1, 2]);
         assert_eq!(plan.dependents[1], vec![2, 3]);
     }

@@ -23,8 +23,56 @@ pub struct Flow {
     pub steps: Vec<Step>,
     /// Its loaders.
     pub loaders: Vec<LoaderSpec>,
+    /// How many steps may run at once (`None`: as many as are ready).
+    pub max_parallel: Option<usize>,
+    /// The largest output a step may return, in bytes (`None`: the host's limit).
+    pub max_output_bytes: Option<u64>,
     /// Where it came from: a file path, or `<inline>`.
     pub origin: String,
+}
+
+/// What happens when a step fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Cancel the rest of the run (the default).
+    #[default]
+    FailFast,
+    /// Run every step whose dependencies succeeded; skip the dependents of
+    /// the failed step.
+    ContinueOnError,
+    /// Retry the step (see [`RetryPolicy`]); if it still fails, fail fast.
+    RetryFailed,
+}
+
+/// How a failing step is retried: exponential backoff with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// The delay before the first retry, in ms; it doubles for each one after.
+    pub backoff_ms: u64,
+    /// The longest delay between two attempts, in ms.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 3, backoff_ms: 100, max_backoff_ms: 10_000 }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1` (attempt counts from 1): half
+    /// of the exponential backoff fixed, half random ("equal jitter"), so
+    /// that retries of many steps spread out but never come too early.
+    pub fn delay(&self, attempt: u32, random: u64) -> Duration {
+        let exponential = self.backoff_ms.saturating_mul(1 << attempt.saturating_sub(1).min(32));
+        let full = exponential.min(self.max_backoff_ms);
+        let half = full / 2;
+        Duration::from_millis(half + random % (full - half + 1))
+    }
 }
 
 /// One step of a flow.
@@ -40,6 +88,13 @@ pub struct Step {
     pub needs: Vec<String>,
     /// How long one attempt may take.
     pub timeout: Option<Duration>,
+    /// What happens when it fails.
+    pub strategy: Strategy,
+    /// How it is retried, when its strategy retries.
+    pub retry: RetryPolicy,
+    /// Exclusive resources it holds while it runs: steps that name the same
+    /// resource never run at once.
+    pub resources: Vec<String>,
     /// The indices (in `Flow::steps`) of `needs`.
     pub(crate) deps: Vec<usize>,
     /// The `input` mapping, if the file gives one.
@@ -188,6 +243,15 @@ pub enum Problem {
         /// What is wrong.
         reason: String,
     },
+    /// `max_attempts` is 0.
+    #[error("step `{step}`: retry.max_attempts must be at least 1")]
+    BadRetry {
+        /// The step.
+        step: String,
+    },
+    /// `max_parallel` is 0.
+    #[error("flow.max_parallel must be at least 1")]
+    BadMaxParallel,
     /// A loader's directory grant is unusable.
     #[error("loader `{loader}`: dir {guest:?} = {host:?}: {reason}")]
     BadMount {
@@ -295,6 +359,13 @@ struct RawFlow {
 struct RawHeader {
     name: String,
     description: Option<String>,
+    max_parallel: Option<usize>,
+    #[serde(default)]
+    strategy: Strategy,
+    retry: Option<RetryPolicy>,
+    /// The default per-step timeout.
+    timeout_ms: Option<u64>,
+    max_output_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -307,6 +378,10 @@ struct RawStep {
     needs: Vec<String>,
     input: Option<Value>,
     timeout_ms: Option<u64>,
+    strategy: Option<Strategy>,
+    retry: Option<RetryPolicy>,
+    #[serde(default)]
+    resources: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -355,12 +430,26 @@ impl RawFlow {
                         None
                     }
                 });
+                // A step's own `retry` implies retrying it; otherwise its
+                // strategy (or the flow's) decides.
+                let strategy = match (raw.strategy, raw.retry) {
+                    (Some(strategy), _) => strategy,
+                    (None, Some(_)) => Strategy::RetryFailed,
+                    (None, None) => self.flow.strategy,
+                };
+                let retry = raw.retry.or(self.flow.retry).unwrap_or_default();
+                if retry.max_attempts == 0 {
+                    problems.push(Problem::BadRetry { step: raw.id.clone() });
+                }
                 Step {
                     id: raw.id.clone(),
                     plugin: plugin_ref(&owner, &raw.plugin, problems),
                     config: table(&owner, "config", raw.config.clone(), problems),
                     needs: raw.needs.clone(),
-                    timeout: raw.timeout_ms.map(Duration::from_millis),
+                    timeout: raw.timeout_ms.or(self.flow.timeout_ms).map(Duration::from_millis),
+                    strategy,
+                    retry,
+                    resources: raw.resources.clone(),
                     deps,
                     input,
                 }
@@ -411,11 +500,16 @@ impl RawFlow {
             })
             .collect();
 
+        if self.flow.max_parallel == Some(0) {
+            problems.push(Problem::BadMaxParallel);
+        }
         Flow {
             name: self.flow.name,
             description: self.flow.description,
             steps,
             loaders,
+            max_parallel: self.flow.max_parallel,
+            max_output_bytes: self.flow.max_output_bytes,
             origin: origin.to_owned(),
         }
     }

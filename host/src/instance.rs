@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
-use wasmtime::Store;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use wasmtime::component::ResourceTable;
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -32,24 +34,42 @@ pub(crate) struct PluginState {
     /// Where `host.asset` is served from; `None` for loaders, which do not
     /// read assets themselves.
     assets: Option<Arc<Assets>>,
+    /// This instance's place among the engine's `max_instances`.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl PluginState {
     /// A store for one instance of a plugin: no environment, no files, no
-    /// network, stdout discarded, stderr captured for error reports.
-    pub(crate) fn store(
+    /// network, stdout discarded, stderr captured for error reports. Waits
+    /// while the engine has `max_instances` alive. Past `deadline`, the
+    /// guest is interrupted at its next epoch tick.
+    pub(crate) async fn store(
         engine: &Engine,
         caller: Caller,
         assets: Option<Arc<Assets>>,
         wasi: &mut wasmtime_wasi::WasiCtxBuilder,
+        deadline: Option<Instant>,
     ) -> Store<PluginState> {
+        let permit = engine.instance_permit().await;
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = wasi.stderr(stderr.clone()).build();
-        let state = PluginState { wasi, table: ResourceTable::new(), stderr, caller, assets };
+        let state = PluginState {
+            wasi,
+            table: ResourceTable::new(),
+            stderr,
+            caller,
+            assets,
+            _permit: permit,
+        };
         let mut store = Store::new(engine.wasmtime(), state);
-        // Yield to the async scheduler at every epoch tick: a CPU-bound guest
-        // shares its worker thread instead of holding it.
-        store.epoch_deadline_async_yield_and_update(1);
+        // At every epoch tick: past the deadline, interrupt the guest (a
+        // trap); before it, yield to the async scheduler, so that a CPU-bound
+        // guest shares its worker thread instead of holding it.
+        store.epoch_deadline_callback(move |_| match deadline {
+            Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
+            _ => Ok(UpdateDeadline::Yield(1)),
+        });
+        store.set_epoch_deadline(1);
         store
     }
 

@@ -25,8 +25,9 @@ mod instance;
 mod plan;
 mod store;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
@@ -34,10 +35,15 @@ pub use self::cache::CacheStats;
 pub use self::catalog::{Catalog, Kind, PluginError, PluginInfo};
 pub use self::engine::EngineConfig;
 pub use self::events::Event;
-pub use self::exec::{RunStatus, RunSummary, StepFailure, StepReport, StepStatus};
-pub use self::flow::{Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, Step};
-pub use self::plan::Plan;
+pub use self::exec::{
+    PlanFigures, RunOptions, RunStatus, RunSummary, StepFailure, StepReport, StepStatus,
+};
+pub use self::flow::{
+    Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
+};
+pub use self::plan::{Conflict, Plan, Redundant};
 pub use self::store::{ComponentStats, Stats, StoreConfig};
+pub use tokio_util::sync::CancellationToken;
 
 /// How a [`Host`] is set up.
 #[derive(Debug, Clone)]
@@ -52,6 +58,10 @@ pub struct HostConfig {
     /// [`StoreConfig::preload_threshold`]) in the background when the host
     /// starts; on by default.
     pub preload: bool,
+    /// The largest output a step may return, in bytes (a flow may set its
+    /// own): 16 MiB, far above what a step should pass on, far below what
+    /// would hurt the host.
+    pub max_output_bytes: u64,
 }
 
 impl HostConfig {
@@ -62,6 +72,7 @@ impl HostConfig {
             engine: EngineConfig::default(),
             store: StoreConfig::default(),
             preload: true,
+            max_output_bytes: 16 << 20,
         }
     }
 }
@@ -82,6 +93,20 @@ pub struct Host {
     assets: Arc<assets::AssetCache>,
     events: broadcast::Sender<Event>,
     preload_threshold: u64,
+    max_output_bytes: u64,
+    /// How long each step took lately (`flow/step` → ms, a moving average),
+    /// for the critical path; kept beside the disk cache between hosts.
+    history: Mutex<HashMap<String, f64>>,
+}
+
+/// The file, in the cache directory, of the step durations.
+const HISTORY: &str = "history.json";
+
+/// How much the latest duration of a step counts in its moving average.
+const HISTORY_WEIGHT: f64 = 0.3;
+
+fn history_key(flow: &Flow, step: &Step) -> String {
+    format!("{}/{}", flow.name, step.id)
 }
 
 /// How many events a slow subscriber may fall behind before it misses some.
@@ -102,8 +127,16 @@ impl Host {
         let assets =
             Arc::new(cache::Cache::new(config.store.asset_memory_limit, config.store.load_timeout));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let host =
-            Host { catalog, assets, events, preload_threshold: config.store.preload_threshold };
+        let history =
+            catalog.store().disk().map(|disk| disk.load_state(HISTORY)).unwrap_or_default();
+        let host = Host {
+            catalog,
+            assets,
+            events,
+            preload_threshold: config.store.preload_threshold,
+            max_output_bytes: config.max_output_bytes,
+            history: Mutex::new(history),
+        };
         if config.preload
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -145,20 +178,67 @@ impl Host {
         flow: &Flow,
         input: serde_json::Value,
     ) -> Result<RunSummary, FlowError> {
+        self.run_with(flow, input, RunOptions::default()).await
+    }
+
+    /// [`Host::run`] with a parallelism limit and a cancellation token.
+    pub async fn run_with(
+        &self,
+        flow: &Flow,
+        input: serde_json::Value,
+        options: RunOptions,
+    ) -> Result<RunSummary, FlowError> {
         flow.check_plugins(&self.catalog)?;
-        let flow = Arc::new(flow.clone());
-        let mut summary =
-            exec::run(self.catalog.clone(), self.assets.clone(), self.events.clone(), flow, input)
-                .await;
+        let plan = self.plan(flow);
+        let inputs = exec::RunInputs {
+            catalog: self.catalog.clone(),
+            asset_cache: self.assets.clone(),
+            events: self.events.clone(),
+            max_output_bytes: self.max_output_bytes,
+        };
+        let mut summary = exec::run(inputs, Arc::new(flow.clone()), &plan, input, options).await;
         summary.store = self.stats();
+        self.remember_durations(flow, &summary);
         Ok(summary)
+    }
+
+    /// The flow's dependency analysis, with step durations estimated from
+    /// this host's (and earlier hosts') runs of it.
+    pub fn plan(&self, flow: &Flow) -> Plan {
+        let history = lock(&self.history);
+        Plan::with_estimates(flow, |step| history.get(&history_key(flow, step)).copied())
+    }
+
+    fn remember_durations(&self, flow: &Flow, summary: &RunSummary) {
+        let mut history = lock(&self.history);
+        for (step, report) in flow.steps.iter().zip(&summary.steps) {
+            if let (StepStatus::Succeeded, Some(ms)) = (report.status, report.duration_ms()) {
+                let average = history.entry(history_key(flow, step)).or_insert(ms);
+                *average += HISTORY_WEIGHT * (ms - *average);
+            }
+        }
+    }
+
+    /// How many plugin instances are alive right now (running steps,
+    /// loaders, `describe` calls).
+    pub fn instances_in_use(&self) -> usize {
+        self.catalog.engine().instances_in_use()
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding the lock; recover the data if it ever did.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Drop for Host {
-    /// Saves the use counts, so the next host preloads what this one used most.
+    /// Saves the use counts and step durations, so that the next host
+    /// preloads what this one used most and plans with what it learnt.
     fn drop(&mut self) {
         self.catalog.save_uses();
+        if let Some(disk) = self.catalog.store().disk() {
+            disk.save_state(HISTORY, &*lock(&self.history));
+        }
     }
 }
 

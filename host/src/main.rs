@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use qflow::{Event, Flow, Host, HostConfig, RunStatus, RunSummary, StepStatus};
+use qflow::{Event, Flow, Host, HostConfig, RunOptions, RunStatus, RunSummary, StepStatus};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -29,7 +29,21 @@ enum Command {
         /// The flow's input: JSON text, or @FILE to read JSON from a file.
         #[arg(long, default_value = "null")]
         input: String,
+        /// At most this many steps at once (overrides the flow's `max_parallel`).
+        #[arg(long)]
+        max_parallel: Option<usize>,
         /// Print a machine-readable summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a flow's dependency analysis: order, parallel groups, critical
+    /// path, resource conflicts, redundant dependencies.
+    Plan {
+        /// The flow file.
+        flow: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+        /// Print JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -107,9 +121,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, host, input, json } => {
-            runtime()?.block_on(run(&flow, &host, &input, json))
+        Command::Run { flow, host, input, max_parallel, json } => {
+            let options = RunOptions { max_parallel, ..Default::default() };
+            runtime()?.block_on(run(&flow, &host, &input, options, json))
         }
+        Command::Plan { flow, host, json } => runtime()?.block_on(plan(&flow, &host, json)),
         Command::Plugins { command: PluginsCommand::List { host, json } } => {
             runtime()?.block_on(list(&host, json))
         }
@@ -158,19 +174,27 @@ fn read_input(input: &str) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{origin} is not JSON"))
 }
 
-async fn run(flow: &Path, args: &HostArgs, input: &str, json: bool) -> anyhow::Result<ExitCode> {
+async fn run(
+    flow: &Path,
+    args: &HostArgs,
+    input: &str,
+    options: RunOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let flow = Flow::load(flow)?;
     let input = read_input(input)?;
     let host = host(args)?;
     let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
-    let summary = tokio::select! {
-        summary = host.run(&flow, input) => summary?,
-        _ = tokio::signal::ctrl_c() => {
-            // Dropping the run aborts its steps' tasks and their instances.
-            eprintln!("interrupted: the run was stopped");
-            return Ok(ExitCode::from(130));
+    // Ctrl-C cancels the run: running steps are cut, and the summary still
+    // says what finished, what was cut and what never started.
+    let cancel = options.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping the run");
+            cancel.cancel();
         }
-    };
+    });
+    let summary = host.run_with(&flow, input, options).await?;
     if let Some(progress) = progress {
         progress.finish_and_clear();
     }
@@ -179,7 +203,44 @@ async fn run(flow: &Path, args: &HostArgs, input: &str, json: bool) -> anyhow::R
     } else {
         print_summary(&flow, &summary);
     }
-    Ok(if summary.status == RunStatus::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(match summary.status {
+        RunStatus::Succeeded => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::from(1),
+        RunStatus::Cancelled => ExitCode::from(130),
+    })
+}
+
+async fn plan(flow: &Path, args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let flow = Flow::load(flow)?;
+    let host = host(args)?;
+    flow.check_plugins(host.catalog())?;
+    let plan = host.plan(&flow);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let unit = if plan.estimated { "ms, from past runs" } else { "steps; no runs yet" };
+    println!("order: {}", plan.order.join(", "));
+    for (k, group) in plan.groups.iter().enumerate() {
+        println!("group {k}: {}", group.join(", "));
+    }
+    println!(
+        "critical path: {} ({:.1} {unit}); parallelization {:.2}",
+        plan.critical_path.join(" -> "),
+        plan.critical_path_ms,
+        plan.parallelization
+    );
+    for conflict in &plan.conflicts {
+        println!(
+            "resource {:?}: {} never run at once",
+            conflict.resource,
+            conflict.steps.join(", ")
+        );
+    }
+    for r in &plan.redundant {
+        println!("step {}: needs {} is implied by {}", r.step, r.needs, r.implied_by);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A progress bar on stderr, fed by the host's events.
@@ -231,6 +292,7 @@ fn print_summary(flow: &Flow, summary: &RunSummary) {
     let status = match summary.status {
         RunStatus::Succeeded => "succeeded",
         RunStatus::Failed => "failed",
+        RunStatus::Cancelled => "was cancelled",
     };
     println!(
         "flow {} {status} in {:.1} ms (run {})",

@@ -71,6 +71,9 @@ pub struct ComponentStats {
     pub disk_rejects: u64,
 }
 
+/// `describe()` only returns constants: a plugin that takes longer is broken.
+const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
+
 /// The host's caches: compiled components and loader assets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Stats {
@@ -292,7 +295,10 @@ impl ComponentStore {
             }
         };
         let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
-        let mut store = PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new());
+        let deadline = Some(tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT);
+        let mut store =
+            PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new(), deadline)
+                .await;
         let info = match world.describe(&mut store).await {
             Ok(info) => info,
             Err(e) => {
