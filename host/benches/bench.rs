@@ -34,8 +34,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 4] =
-        [("floor", floor), ("chain", chain), ("load", load), ("zipf", zipf)];
+    let scenarios: [(&str, Scenario); 5] =
+        [("floor", floor), ("chain", chain), ("load", load), ("zipf", zipf), ("waits", waits)];
     for (name, scenario) in scenarios {
         if filter.as_deref().is_none_or(|f| name.contains(f)) {
             eprintln!("running {name}...");
@@ -201,6 +201,68 @@ fn zipf(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     );
 }
 
+/// The reference scenario: N independent steps that each wait 1 s, run one
+/// at a time and all at once; N = 10 and N = 1000. The threads the process
+/// has while they wait show that a waiting step holds none.
+fn waits(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    let mut config = HostConfig::new(plugins);
+    config.store.cache_dir = None;
+    config.preload = false;
+    config.engine.max_instances = 1100; // 1000 waiting steps, each holding one
+    let host = Host::new(config).unwrap();
+    rt.block_on(host.catalog().describe("sleep")).unwrap();
+    let flow_of = |n: usize| {
+        let mut toml = format!("[flow]\nname = \"wait-{n}\"\n");
+        for i in 0..n {
+            toml +=
+                &format!("[[step]]\nid = \"w{i}\"\nplugin = \"sleep\"\nconfig = {{ ms = 1000 }}\n");
+        }
+        flow(&toml)
+    };
+    let run = |flow: &Flow, max_parallel: Option<usize>| {
+        let options = qflow::RunOptions { max_parallel, ..Default::default() };
+        let threads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sampler = {
+            let threads = threads.clone();
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                threads.store(thread_count(), std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        let summary = rt.block_on(host.run_with(flow, json!({}), options)).unwrap();
+        rt.block_on(sampler).unwrap();
+        assert_eq!(summary.status, RunStatus::Succeeded);
+        (summary, threads.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let ten = flow_of(10);
+    let (sequential, _) = run(&ten, Some(1));
+    let (parallel, threads) = run(&ten, None);
+    table.row_ms(
+        &format!("10 x 1 s waits: efficiency {:.3}, {threads} threads", parallel.efficiency),
+        "max_parallel 1",
+        sequential.wall_ms,
+        parallel.wall_ms,
+    );
+    let (thousand, threads) = run(&flow_of(1000), None);
+    table.row_ms(
+        &format!("1000 x 1 s waits: efficiency {:.3}, {threads} threads", thousand.efficiency),
+        "1 s wait",
+        1000.0,
+        thousand.wall_ms,
+    );
+}
+
+/// The process's threads now (Linux); 0 where /proc does not say.
+fn thread_count() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse().ok()))
+        })
+        .flatten()
+        .unwrap_or(0)
+}
+
 /// `component` with a custom section `qflow-bench` holding `n` appended: the
 /// same code under another digest.
 fn with_custom_section(component: &[u8], n: usize) -> Vec<u8> {
@@ -288,6 +350,18 @@ async fn bare_calls(component: &Path, calls: u32) -> Duration {
     .await
 }
 
+/// A duration in the unit that suits it.
+fn human(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1e3 {
+        format!("{us:.1} µs")
+    } else if us < 1e6 {
+        format!("{:.1} ms", us / 1e3)
+    } else {
+        format!("{:.3} s", us / 1e6)
+    }
+}
+
 /// The printed result: one row per measurement.
 #[derive(Default)]
 struct Table {
@@ -300,14 +374,20 @@ impl Table {
         self.rows.push([
             scenario.to_owned(),
             baseline_name.to_owned(),
-            format!("{:.1} µs", baseline.as_secs_f64() * 1e6),
-            format!("{:.1} µs", qflow.as_secs_f64() * 1e6),
+            human(baseline),
+            human(qflow),
             if ratio < 1.0 {
                 format!("{ratio:.4}x ({:.0}x faster)", 1.0 / ratio)
             } else {
                 format!("{ratio:.2}x")
             },
         ]);
+    }
+
+    /// A row of two wall times in ms.
+    fn row_ms(&mut self, scenario: &str, baseline_name: &str, baseline_ms: f64, qflow_ms: f64) {
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+        self.row(scenario, baseline_name, ms(baseline_ms), ms(qflow_ms));
     }
 
     /// A row whose figures are not a time ratio.

@@ -64,10 +64,13 @@ impl PluginState {
         let mut store = Store::new(engine.wasmtime(), state);
         // At every epoch tick: past the deadline, interrupt the guest (a
         // trap); before it, yield to the async scheduler, so that a CPU-bound
-        // guest shares its worker thread instead of holding it.
+        // guest shares its worker thread instead of holding it. tokio's own
+        // yield lets the timer and I/O drivers run first; a plain wake-up
+        // would leave timers waiting up to 61 scheduler ticks on a busy
+        // thread (610 ms at our 10 ms tick).
         store.epoch_deadline_callback(move |_| match deadline {
             Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
-            _ => Ok(UpdateDeadline::Yield(1)),
+            _ => Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))),
         });
         store.set_epoch_deadline(1);
         store

@@ -151,3 +151,19 @@ fn build_of_a_directory_without_a_crate_says_so() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("no Cargo.toml here"), "{}", stderr(&out));
 }
+
+#[test]
+fn plan_shows_groups_and_the_critical_path() {
+    let out = qflow(&["plan", "examples/orders-report.toml", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let plan = stdout_json(&out);
+    assert_eq!(plan["groups"], serde_json::json!([["orders"], ["totals", "checksum"], ["report"]]));
+    let critical: Vec<&str> =
+        plan["critical_path"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!((critical[0], critical[2]), ("orders", "report"));
+    assert!(plan["parallelization"].as_f64().unwrap() > 1.0);
+
+    let text = qflow(&["plan", "examples/orders-report.toml"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("group 1: totals, checksum"), "{text}");
+}

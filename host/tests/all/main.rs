@@ -7,5 +7,6 @@
 mod cli;
 mod failures;
 mod flows;
+mod scheduler;
 mod store;
 mod support;

@@ -10,6 +10,7 @@ struct Hostile;
 
 thread_local! {
     static MODE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static CONFIG: std::cell::RefCell<Value> = const { std::cell::RefCell::new(Value::Null) };
 }
 
 impl Guest for Hostile {
@@ -31,6 +32,7 @@ impl Guest for Hostile {
             panic!("hostile: trapping in init");
         }
         MODE.with(|m| *m.borrow_mut() = mode);
+        CONFIG.with(|c| *c.borrow_mut() = config);
         Ok(())
     }
 
@@ -43,7 +45,18 @@ impl Guest for Hostile {
                 message: "failing on purpose".to_owned(),
                 retryable: false,
             }),
+            "error-retryable" => Err(StepError {
+                code: "busy".to_owned(),
+                message: "failing on purpose, worth a retry".to_owned(),
+                retryable: true,
+            }),
             "invalid-json" => Ok("{this is not json".to_owned()),
+            // A JSON string of `bytes` bytes, quotes included.
+            "big-output" => {
+                let bytes = CONFIG.with(|c| c.borrow().get("bytes").and_then(Value::as_u64));
+                let len = bytes.unwrap_or(1 << 20).saturating_sub(2) as usize;
+                Ok(format!("\"{}\"", "x".repeat(len)))
+            }
             "loop" => loop {
                 std::hint::black_box(());
             },
