@@ -23,6 +23,7 @@ mod flow;
 mod input;
 mod instance;
 mod plan;
+mod pool;
 mod store;
 
 use std::collections::HashMap;
@@ -42,6 +43,7 @@ pub use self::flow::{
     Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
 };
 pub use self::plan::{Conflict, Plan, Redundant};
+pub use self::pool::{Manager, Pool, PoolConfig, PoolError, PoolStats, Pooled};
 pub use self::store::{ComponentStats, Stats, StoreConfig};
 pub use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,671 @@
+//! A generic async pool of resources: plugin instances now, connections
+//! later.
+//!
+//! Built on tokio primitives rather than deadpool: deadpool has neither a
+//! minimum size kept warm in the background nor idle reaping, and Qflow's
+//! instance pools need both (a spare instance must be instantiated and
+//! initialised before a step asks, and dropped when nobody has asked for a
+//! while). What it needs beyond a mutex is small: a FIFO queue of waiters,
+//! a timeout on each wait, and one maintenance task per pool.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+/// Makes (and checks) the resources of a pool.
+pub trait Manager: Send + Sync + 'static {
+    /// What the pool holds.
+    type Resource: Send + 'static;
+    /// Why making one failed.
+    type Error: fmt::Display + Send + 'static;
+
+    /// Makes a new resource.
+    fn create(&self) -> impl Future<Output = Result<Self::Resource, Self::Error>> + Send;
+
+    /// Whether an idle resource is still good; an unhealthy one is dropped.
+    fn healthy(&self, _resource: &mut Self::Resource) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
+}
+
+/// A pool's limits and timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Resources kept ready (idle) at all times, made in the background.
+    pub min: usize,
+    /// Resources alive at most, idle and in use together.
+    pub max: usize,
+    /// An idle resource above `min` is dropped after this long unused (ms).
+    pub idle_timeout_ms: u64,
+    /// How often idle resources are checked (ms).
+    pub health_check_ms: u64,
+    /// How long making one resource may take (ms).
+    pub create_timeout_ms: u64,
+    /// How long `acquire` may wait when `max` are in use (ms).
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min: 1,
+            max: 1000,
+            idle_timeout_ms: 60_000,
+            health_check_ms: 30_000,
+            create_timeout_ms: 10_000,
+            acquire_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Why `acquire` failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// All `max` resources stayed in use for the whole acquisition timeout.
+    #[error(
+        "no instance came free within {waited_ms} ms: all {max} are in use (raise the pool's max or acquire_timeout_ms)"
+    )]
+    Timeout {
+        /// How long the request waited, in ms.
+        waited_ms: u64,
+        /// The pool's `max`.
+        max: usize,
+    },
+    /// Making a resource failed.
+    #[error("{0}")]
+    Create(String),
+    /// Making a resource took longer than `create_timeout_ms`.
+    #[error("making one took longer than {0} ms")]
+    CreateTimeout(u64),
+    /// The pool is being drained.
+    #[error("the pool is being drained")]
+    Draining,
+}
+
+/// A pool's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PoolStats {
+    /// Resources alive (idle, in use, being made).
+    pub total: usize,
+    /// Idle resources, ready to hand out.
+    pub available: usize,
+    /// Resources handed out.
+    pub in_use: usize,
+    /// Requests waiting for one.
+    pub waiters: usize,
+    /// Successful acquisitions.
+    pub acquisitions: u64,
+    /// Resources made.
+    pub creations: u64,
+    /// Failed creations and acquisition timeouts.
+    pub failures: u64,
+    /// Acquisition time, mean over the recent samples, in µs.
+    pub acquire_mean_us: f64,
+    /// Acquisition time, median, in µs.
+    pub acquire_p50_us: f64,
+    /// Acquisition time, 99th percentile, in µs.
+    pub acquire_p99_us: f64,
+}
+
+struct Idle<R> {
+    resource: R,
+    since: Instant,
+}
+
+struct State<R> {
+    idle: VecDeque<Idle<R>>,
+    /// First come, first served.
+    waiters: VecDeque<oneshot::Sender<R>>,
+    /// Resources alive: idle, in use and being made.
+    live: usize,
+    in_use: usize,
+}
+
+/// How many acquisition times are kept for the percentiles.
+const SAMPLES: usize = 4096;
+
+struct Inner<M: Manager> {
+    manager: M,
+    config: PoolConfig,
+    state: Mutex<State<M::Resource>>,
+    /// Wakes the maintenance task: something was taken or dropped. Shared,
+    /// so the task can wait on it without keeping the pool alive.
+    refill: Arc<Notify>,
+    /// Wakes `drain`: a resource was dropped.
+    dropped: Notify,
+    draining: AtomicBool,
+    acquisitions: AtomicU64,
+    creations: AtomicU64,
+    failures: AtomicU64,
+    samples: Mutex<VecDeque<u32>>,
+}
+
+/// A pool of resources made by `M`. Cheap to clone.
+pub struct Pool<M: Manager> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: Manager> Clone for Pool<M> {
+    fn clone(&self) -> Self {
+        Pool { inner: self.inner.clone() }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; recover the data if it ever did.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<M: Manager> Pool<M> {
+    /// A pool that keeps `config.min` resources ready, made by a
+    /// maintenance task that lives as long as the pool. Must be called
+    /// inside a tokio runtime.
+    pub fn new(manager: M, config: PoolConfig) -> Pool<M> {
+        let config = PoolConfig { max: config.max.max(1), ..config };
+        let inner = Arc::new(Inner {
+            manager,
+            config,
+            state: Mutex::new(State {
+                idle: VecDeque::new(),
+                waiters: VecDeque::new(),
+                live: 0,
+                in_use: 0,
+            }),
+            refill: Arc::new(Notify::new()),
+            dropped: Notify::new(),
+            draining: AtomicBool::new(false),
+            acquisitions: AtomicU64::new(0),
+            creations: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
+        });
+        tokio::spawn(maintain(Arc::downgrade(&inner)));
+        Pool { inner }
+    }
+
+    /// The pool's settings.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// A resource: an idle one, else a new one if fewer than `max` are
+    /// alive, else the next one released (waiters are served in arrival
+    /// order), for at most `acquire_timeout_ms`.
+    pub async fn acquire(&self) -> Result<Pooled<M>, PoolError> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::Acquire) {
+            return Err(PoolError::Draining);
+        }
+        enum Next<R> {
+            Ready(R),
+            Create,
+            Wait(oneshot::Receiver<R>),
+        }
+        let next = {
+            let mut state = lock(&inner.state);
+            if let Some(idle) = state.idle.pop_back() {
+                state.in_use += 1;
+                Next::Ready(idle.resource)
+            } else if state.live < inner.config.max {
+                state.live += 1;
+                state.in_use += 1;
+                Next::Create
+            } else {
+                let (tx, rx) = oneshot::channel();
+                state.waiters.push_back(tx);
+                Next::Wait(rx)
+            }
+        };
+        inner.refill.notify_one();
+        let resource = match next {
+            Next::Ready(resource) => resource,
+            Next::Create => match inner.create().await {
+                Ok(resource) => resource,
+                Err(e) => {
+                    let mut state = lock(&inner.state);
+                    state.live -= 1;
+                    state.in_use -= 1;
+                    return Err(e);
+                }
+            },
+            Next::Wait(rx) => {
+                let limit = Duration::from_millis(inner.config.acquire_timeout_ms);
+                match tokio::time::timeout(limit, rx).await {
+                    // A releaser counted it in use for us.
+                    Ok(Ok(resource)) => resource,
+                    // The pool dropped our sender: it is draining.
+                    Ok(Err(_)) => return Err(PoolError::Draining),
+                    Err(_) => {
+                        inner.failures.fetch_add(1, Ordering::Relaxed);
+                        let waited_ms = started.elapsed().as_millis() as u64;
+                        return Err(PoolError::Timeout { waited_ms, max: inner.config.max });
+                    }
+                }
+            }
+        };
+        inner.acquisitions.fetch_add(1, Ordering::Relaxed);
+        inner.sample(started.elapsed());
+        Ok(Pooled { resource: Some(resource), pool: self.inner.clone() })
+    }
+
+    /// Stops handing out resources, drops the idle ones, and waits until
+    /// every resource in use has come back (and is dropped too).
+    pub async fn drain(&self) {
+        let inner = &self.inner;
+        inner.draining.store(true, Ordering::Release);
+        loop {
+            let dropped = inner.dropped.notified();
+            {
+                let mut state = lock(&inner.state);
+                let idle = state.idle.len();
+                state.idle.clear();
+                state.live -= idle;
+                // Waiters see their senders dropped: `Draining`.
+                state.waiters.clear();
+                if state.live == 0 {
+                    return;
+                }
+            }
+            dropped.await;
+        }
+    }
+
+    /// The pool's figures now.
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        let (total, available, in_use, waiters) = {
+            let state = lock(&inner.state);
+            let waiting = state.waiters.iter().filter(|w| !w.is_closed()).count();
+            (state.live, state.idle.len(), state.in_use, waiting)
+        };
+        let mut samples: Vec<u32> = lock(&inner.samples).iter().copied().collect();
+        samples.sort_unstable();
+        let percentile = |p: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let rank = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len());
+            samples[rank - 1] as f64
+        };
+        let mean = if samples.is_empty() {
+            0.0
+        } else {
+            samples.iter().map(|&s| s as f64).sum::<f64>() / samples.len() as f64
+        };
+        PoolStats {
+            total,
+            available,
+            in_use,
+            waiters,
+            acquisitions: inner.acquisitions.load(Ordering::Relaxed),
+            creations: inner.creations.load(Ordering::Relaxed),
+            failures: inner.failures.load(Ordering::Relaxed),
+            acquire_mean_us: mean,
+            acquire_p50_us: percentile(0.50),
+            acquire_p99_us: percentile(0.99),
+        }
+    }
+}
+
+impl<M: Manager> Inner<M> {
+    async fn create(&self) -> Result<M::Resource, PoolError> {
+        let limit = Duration::from_millis(self.config.create_timeout_ms);
+        let result = match tokio::time::timeout(limit, self.manager.create()).await {
+            Ok(Ok(resource)) => Ok(resource),
+            Ok(Err(e)) => Err(PoolError::Create(e.to_string())),
+            Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout_ms)),
+        };
+        match &result {
+            Ok(_) => self.creations.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    fn sample(&self, took: Duration) {
+        let mut samples = lock(&self.samples);
+        if samples.len() == SAMPLES {
+            samples.pop_front();
+        }
+        samples.push_back(took.as_micros().min(u32::MAX as u128) as u32);
+    }
+
+    /// A resource comes back: to the first waiter, else to the idle list.
+    fn give_back(&self, mut resource: M::Resource) {
+        let mut state = lock(&self.state);
+        if !self.draining.load(Ordering::Acquire) {
+            while let Some(waiter) = state.waiters.pop_front() {
+                match waiter.send(resource) {
+                    // Still counted in use, now by the waiter.
+                    Ok(()) => return,
+                    // That waiter gave up: try the next.
+                    Err(back) => resource = back,
+                }
+            }
+            state.in_use -= 1;
+            state.idle.push_back(Idle { resource, since: Instant::now() });
+            return;
+        }
+        state.in_use -= 1;
+        state.live -= 1;
+        drop(state);
+        drop(resource);
+        self.dropped.notify_waiters();
+    }
+
+    /// A resource in use is gone (discarded, or its holder dropped it).
+    fn forget(&self) {
+        {
+            let mut state = lock(&self.state);
+            state.in_use -= 1;
+            state.live -= 1;
+        }
+        self.dropped.notify_waiters();
+        // A waiter may now be served by a new one.
+        self.refill.notify_one();
+    }
+}
+
+/// The pool's background work: keep `min` idle (and serve waiters when a
+/// resource was discarded), reap idle resources above `min`, check health.
+async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
+    let mut last_check = Instant::now();
+    loop {
+        let Some(inner) = pool.upgrade() else { return };
+        if inner.draining.load(Ordering::Acquire) {
+            return;
+        }
+        let config = inner.config;
+        // Make what is missing, one at a time.
+        let make = {
+            let mut state = lock(&inner.state);
+            let wanted = state.idle.len() < config.min || !state.waiters.is_empty();
+            if wanted && state.live < config.max {
+                state.live += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if make {
+            match inner.create().await {
+                Ok(resource) => {
+                    lock(&inner.state).in_use += 1;
+                    inner.give_back(resource);
+                }
+                Err(e) => {
+                    lock(&inner.state).live -= 1;
+                    tracing::warn!("a pool could not make a resource: {e}");
+                    // Do not spin on a failing manager.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            continue;
+        }
+        // Reap idle resources above `min`.
+        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
+        let reaped: Vec<Idle<M::Resource>> = {
+            let mut state = lock(&inner.state);
+            let mut reaped = Vec::new();
+            while state.idle.len() > config.min
+                && state.idle.front().is_some_and(|i| i.since.elapsed() >= idle_timeout)
+            {
+                reaped.extend(state.idle.pop_front());
+            }
+            state.live -= reaped.len();
+            reaped
+        };
+        if !reaped.is_empty() {
+            drop(reaped);
+            inner.dropped.notify_waiters();
+        }
+        if last_check.elapsed() >= Duration::from_millis(config.health_check_ms) {
+            check_health(&inner).await;
+            last_check = Instant::now();
+        }
+        let refill = inner.refill.clone();
+        let next_check = Duration::from_millis(config.health_check_ms.min(config.idle_timeout_ms));
+        drop(inner);
+        // Wake on demand, or when something may have aged or need a check.
+        let wake = refill.notified();
+        let _ = tokio::time::timeout(next_check.max(Duration::from_millis(10)), wake).await;
+    }
+}
+
+/// Takes each idle resource out, checks it, and puts back the healthy ones.
+async fn check_health<M: Manager>(inner: &Inner<M>) {
+    let idle: Vec<Idle<M::Resource>> = lock(&inner.state).idle.drain(..).collect();
+    let mut healthy = Vec::new();
+    let mut unhealthy = 0;
+    for mut entry in idle {
+        if inner.manager.healthy(&mut entry.resource).await {
+            healthy.push(entry);
+        } else {
+            unhealthy += 1;
+        }
+    }
+    let mut state = lock(&inner.state);
+    state.live -= unhealthy;
+    // Those taken meanwhile were newer: keep the checked ones behind them.
+    for entry in healthy.into_iter().rev() {
+        state.idle.push_front(entry);
+    }
+}
+
+/// A resource out of the pool. Dropping it discards it (it may be broken:
+/// a trapped instance, a timed-out call); [`Pooled::release`] gives it back.
+pub struct Pooled<M: Manager> {
+    resource: Option<M::Resource>,
+    pool: Arc<Inner<M>>,
+}
+
+impl<M: Manager> Pooled<M> {
+    /// The resource.
+    pub fn get(&mut self) -> &mut M::Resource {
+        match self.resource.as_mut() {
+            Some(resource) => resource,
+            // `resource` is only taken by `release` and `drop`, which consume self.
+            None => unreachable!("a pooled resource is present until released or dropped"),
+        }
+    }
+
+    /// Gives the resource back for the next request.
+    pub fn release(mut self) {
+        if let Some(resource) = self.resource.take() {
+            self.pool.give_back(resource);
+        }
+    }
+}
+
+impl<M: Manager> Drop for Pooled<M> {
+    fn drop(&mut self) {
+        if let Some(resource) = self.resource.take() {
+            drop(resource);
+            self.pool.forget();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// Makes numbered resources; `fail` makes creation fail.
+    #[derive(Default)]
+    struct Counter {
+        made: AtomicUsize,
+        fail: AtomicBool,
+        unhealthy: AtomicBool,
+    }
+
+    impl Manager for Arc<Counter> {
+        type Resource = usize;
+        type Error = String;
+
+        async fn create(&self) -> Result<usize, String> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err("cannot".into());
+            }
+            Ok(self.made.fetch_add(1, Ordering::SeqCst))
+        }
+
+        async fn healthy(&self, _: &mut usize) -> bool {
+            !self.unhealthy.load(Ordering::SeqCst)
+        }
+    }
+
+    fn config(min: usize, max: usize) -> PoolConfig {
+        PoolConfig { min, max, acquire_timeout_ms: 200, ..PoolConfig::default() }
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_min_ready_in_the_background() {
+        let counter = Arc::new(Counter::default());
+        let pool = Pool::new(counter.clone(), config(3, 10));
+        settle().await;
+        let stats = pool.stats();
+        assert_eq!((stats.total, stats.available, stats.creations), (3, 3, 3));
+        let taken = pool.acquire().await.unwrap();
+        settle().await;
+        // One taken, and the pool made another to stay at three ready.
+        assert_eq!((pool.stats().available, pool.stats().in_use), (3, 1));
+        drop(taken);
+        settle().await;
+        assert_eq!(pool.stats().total, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_acquisition_timeout_fires_with_a_clear_error() {
+        let pool = Pool::new(Arc::new(Counter::default()), config(0, 1));
+        let held = pool.acquire().await.unwrap();
+        let err = pool.acquire().await.err().unwrap();
+        assert_eq!(err, PoolError::Timeout { waited_ms: 200, max: 1 });
+        assert!(err.to_string().contains("all 1 are in use"), "{err}");
+        assert_eq!(pool.stats().failures, 1);
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_in_arrival_order() {
+        let pool = Pool::new(
+            Arc::new(Counter::default()),
+            PoolConfig { acquire_timeout_ms: 5000, ..config(0, 1) },
+        );
+        let held = pool.acquire().await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for i in 0..5 {
+            let (pool, order) = (pool.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let resource = pool.acquire().await.unwrap();
+                lock(&order).push(i);
+                resource.release();
+            }));
+            // Let it queue before the next arrives.
+            settle().await;
+        }
+        assert_eq!(pool.stats().waiters, 5);
+        held.release();
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(*lock(&order), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_discarded_resource_is_never_handed_out_again() {
+        let pool = Pool::new(Arc::new(Counter::default()), config(0, 4));
+        let mut first = pool.acquire().await.unwrap();
+        let id = *first.get();
+        drop(first); // discarded, as a trapped instance is
+        let mut second = pool.acquire().await.unwrap();
+        assert_ne!(*second.get(), id);
+        second.release();
+        let mut third = pool.acquire().await.unwrap();
+        assert_ne!(*third.get(), id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_resources_above_min_are_reaped() {
+        let pool = Pool::new(
+            Arc::new(Counter::default()),
+            PoolConfig { idle_timeout_ms: 1000, health_check_ms: 600_000, ..config(1, 10) },
+        );
+        let taken: Vec<_> = futures::future::join_all((0..4).map(|_| pool.acquire())).await;
+        for resource in taken {
+            resource.unwrap().release();
+        }
+        assert_eq!(pool.stats().available, 4);
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        settle().await;
+        let stats = pool.stats();
+        assert_eq!((stats.available, stats.total), (1, 1), "{stats:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unhealthy_idle_resources_are_dropped_and_replaced() {
+        let counter = Arc::new(Counter::default());
+        let pool = Pool::new(counter.clone(), PoolConfig { health_check_ms: 100, ..config(2, 10) });
+        settle().await;
+        counter.unhealthy.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        settle().await;
+        counter.unhealthy.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        settle().await;
+        let stats = pool.stats();
+        assert_eq!(stats.available, 2);
+        assert!(stats.creations >= 4, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn drain_waits_for_resources_in_use() {
+        let pool = Pool::new(Arc::new(Counter::default()), config(2, 4));
+        settle().await;
+        let held = pool.acquire().await.unwrap();
+        let drained = Arc::new(AtomicBool::new(false));
+        let draining = {
+            let (pool, drained) = (pool.clone(), drained.clone());
+            tokio::spawn(async move {
+                pool.drain().await;
+                drained.store(true, Ordering::SeqCst);
+            })
+        };
+        settle().await;
+        assert!(!drained.load(Ordering::SeqCst), "drain returned with a resource in use");
+        assert_eq!(pool.acquire().await.err(), Some(PoolError::Draining));
+        held.release();
+        draining.await.unwrap();
+        assert!(drained.load(Ordering::SeqCst));
+        assert_eq!(pool.stats().total, 0);
+    }
+
+    #[tokio::test]
+    async fn creation_failures_are_reported_and_counted() {
+        let counter = Arc::new(Counter::default());
+        counter.fail.store(true, Ordering::SeqCst);
+        let pool = Pool::new(counter, config(0, 2));
+        let err = pool.acquire().await.err().unwrap();
+        assert_eq!(err, PoolError::Create("cannot".into()));
+        assert_eq!(pool.stats().total, 0);
+        assert!(pool.stats().failures >= 1);
+    }
+}
