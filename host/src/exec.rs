@@ -17,16 +17,17 @@ use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::assets::{AssetCache, Assets};
 use crate::catalog::{Catalog, PluginError};
 use crate::events::Event;
 use crate::flow::{Flow, Step, Strategy};
 use crate::input::Source;
-use crate::instance::{Caller, PluginState, describe_failure};
+use crate::instance::{Caller, describe_failure};
 use crate::plan::Plan;
+use crate::pool::PoolError;
 use crate::store::{Plugin, Stats};
+use crate::warm::{InitError, PoolKey, PoolSource, Pools};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -174,6 +175,9 @@ struct RunContext {
     assets: Arc<Assets>,
     events: broadcast::Sender<Event>,
     max_output_bytes: u64,
+    pools: Arc<Pools>,
+    /// The flow's loaders, as part of its steps' pool keys.
+    loaders_key: Arc<str>,
     started: Instant,
 }
 
@@ -203,6 +207,7 @@ pub(crate) struct RunInputs {
     pub(crate) asset_cache: Arc<AssetCache>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) max_output_bytes: u64,
+    pub(crate) pools: Arc<Pools>,
 }
 
 /// A ready step, ordered by its remaining critical path (then flow order).
@@ -233,8 +238,10 @@ pub(crate) async fn run(
     input: Value,
     options: RunOptions,
 ) -> RunSummary {
-    let RunInputs { catalog, asset_cache, events, max_output_bytes } = inputs;
+    let RunInputs { catalog, asset_cache, events, max_output_bytes, pools } = inputs;
     let ctx = Arc::new(RunContext {
+        loaders_key: Arc::from(format!("{:?}", flow.loaders)),
+        pools,
         run_id: Arc::from(uuid::Uuid::new_v4().to_string()),
         assets: Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone())),
         max_output_bytes: flow.max_output_bytes.unwrap_or(max_output_bytes),
@@ -647,7 +654,9 @@ async fn attempt(
     }
 }
 
-/// Instantiate, `init`, `run`.
+/// One call of `run` on an initialised instance from the step's pool. An
+/// instance that trapped or ran out of time is discarded; one that returned
+/// goes back to the pool while it has reuses left.
 async fn call(
     ctx: &RunContext,
     step: &Step,
@@ -655,40 +664,59 @@ async fn call(
     input: &Value,
     deadline: Option<Instant>,
 ) -> Result<Value, StepFailure> {
-    let pre =
-        plugin.step(&step.plugin.name).map_err(|e| failure(step, "plugin", None, e.to_string()))?;
-    let caller =
-        Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(step.plugin.name.as_str()) };
-    let mut wasi = WasiCtxBuilder::new();
-    let engine = ctx.catalog.engine();
-    let mut store =
-        PluginState::store(engine, caller, Some(ctx.assets.clone()), &mut wasi, deadline).await;
-    let trapped = |phase: &str, e: wasmtime::Error, store: &wasmtime::Store<PluginState>| {
-        failure(step, "trap", None, format!("trapped in {phase}: {}", describe_failure(&e, store)))
+    let name = &step.plugin.name;
+    let pre = plugin.step(name).map_err(|e| failure(step, "plugin", None, e.to_string()))?;
+    let key = PoolKey {
+        digest: plugin.digest,
+        config: serde_json::to_string(&step.config).unwrap_or_else(|_| "{}".to_owned()),
+        loaders: ctx.loaders_key.clone(),
+        settings: step.pool,
     };
-
-    let instance = match pre.instantiate_async(&mut store).await {
-        Ok(instance) => instance,
-        Err(e) => return Err(trapped("instantiation", e, &store)),
+    let source = PoolSource {
+        engine: ctx.catalog.engine(),
+        pre,
+        plugin: name,
+        plugins_dir: ctx.catalog.dir(),
+        assets: &ctx.assets,
     };
-    let config = serde_json::to_string(&step.config).unwrap_or_else(|_| "{}".to_owned());
-    match instance.call_init(&mut store, &config).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            let what = format!("rejected its config: {}", e.message);
-            return Err(failure(step, "config", Some(e.code), what));
+    let pool = ctx.pools.get(&key, source).map_err(|e| failure(step, "plugin", None, e))?;
+    let mut pooled = pool.pool.acquire().await.map_err(|e| match e {
+        PoolError::Create(InitError::Config { code, message }) => {
+            failure(step, "config", Some(code), format!("rejected its config: {message}"))
         }
-        Err(e) => return Err(trapped("init", e, &store)),
-    }
-    let input = input.to_string();
-    let output = match instance.call_run(&mut store, &input).await {
-        Ok(Ok(output)) => output,
-        Ok(Err(e)) => {
-            let what = format!("failed: {}: {}", e.code, e.message);
-            let failure = failure(step, "step-error", Some(e.code), what);
-            return Err(StepFailure { retryable: e.retryable, ..failure });
+        PoolError::Create(trap @ InitError::Trap { .. }) => {
+            failure(step, "trap", None, trap.to_string())
         }
-        Err(e) => return Err(trapped("run", e, &store)),
+        PoolError::Timeout { .. } => StepFailure {
+            retryable: true,
+            ..failure(step, "pool", None, format!("waited for an instance: {e}"))
+        },
+        other => failure(step, "pool", None, format!("no instance: {other}")),
+    })?;
+    let warm = pooled.get();
+    let caller = Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(name.as_str()) };
+    warm.store.data_mut().prepare(caller, deadline);
+    let ran = warm.instance.call_run(&mut warm.store, &input.to_string()).await;
+    let output = match ran {
+        Err(e) => {
+            let what = format!("trapped in run: {}", describe_failure(&e, &warm.store));
+            // Dropping `pooled` discards the instance: it is never reused.
+            return Err(failure(step, "trap", None, what));
+        }
+        Ok(returned) => {
+            warm.calls += 1;
+            if warm.calls < pool.reuse {
+                pooled.release();
+            }
+            match returned {
+                Ok(output) => output,
+                Err(e) => {
+                    let what = format!("failed: {}: {}", e.code, e.message);
+                    let failure = failure(step, "step-error", Some(e.code), what);
+                    return Err(StepFailure { retryable: e.retryable, ..failure });
+                }
+            }
+        }
     };
     if output.len() as u64 > ctx.max_output_bytes {
         let what = format!(

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::input::{Source, Template};
 use crate::plan;
+use crate::warm::PoolSettings;
 
 /// A validated flow: a DAG of steps, and the loaders that serve its assets.
 #[derive(Debug, Clone)]
@@ -95,6 +96,8 @@ pub struct Step {
     /// Exclusive resources it holds while it runs: steps that name the same
     /// resource never run at once.
     pub resources: Vec<String>,
+    /// Its instance pool's settings (over its plugin's and the host's).
+    pub pool: PoolSettings,
     /// The indices (in `Flow::steps`) of `needs`.
     pub(crate) deps: Vec<usize>,
     /// The `input` mapping, if the file gives one.
@@ -382,6 +385,8 @@ struct RawStep {
     retry: Option<RetryPolicy>,
     #[serde(default)]
     resources: Vec<String>,
+    #[serde(default)]
+    pool: PoolSettings,
 }
 
 #[derive(Deserialize)]
@@ -450,6 +455,7 @@ impl RawFlow {
                     strategy,
                     retry,
                     resources: raw.resources.clone(),
+                    pool: raw.pool,
                     deps,
                     input,
                 }

@@ -36,6 +36,8 @@ pub(crate) struct PluginState {
     assets: Option<Arc<Assets>>,
     /// This instance's place among the engine's `max_instances`.
     _permit: OwnedSemaphorePermit,
+    /// When the current call must end; checked at every epoch tick.
+    deadline: Option<Instant>,
 }
 
 impl PluginState {
@@ -60,6 +62,7 @@ impl PluginState {
             caller,
             assets,
             _permit: permit,
+            deadline,
         };
         let mut store = Store::new(engine.wasmtime(), state);
         // At every epoch tick: past the deadline, interrupt the guest (a
@@ -68,12 +71,18 @@ impl PluginState {
         // yield lets the timer and I/O drivers run first; a plain wake-up
         // would leave timers waiting up to 61 scheduler ticks on a busy
         // thread (610 ms at our 10 ms tick).
-        store.epoch_deadline_callback(move |_| match deadline {
+        store.epoch_deadline_callback(|store| match store.data().deadline {
             Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
             _ => Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))),
         });
         store.set_epoch_deadline(1);
         store
+    }
+
+    /// Readies a (pooled) instance for a call: whom it serves now, and until when.
+    pub(crate) fn prepare(&mut self, caller: Caller, deadline: Option<Instant>) {
+        self.caller = caller;
+        self.deadline = deadline;
     }
 
     /// The last lines the guest wrote to stderr (a Rust panic message lands

@@ -25,6 +25,7 @@ mod instance;
 mod plan;
 mod pool;
 mod store;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,6 +46,7 @@ pub use self::flow::{
 pub use self::plan::{Conflict, Plan, Redundant};
 pub use self::pool::{Manager, Pool, PoolConfig, PoolError, PoolStats, Pooled};
 pub use self::store::{ComponentStats, Stats, StoreConfig};
+pub use self::warm::PoolSettings;
 pub use tokio_util::sync::CancellationToken;
 
 /// How a [`Host`] is set up.
@@ -64,6 +66,9 @@ pub struct HostConfig {
     /// own): 16 MiB, far above what a step should pass on, far below what
     /// would hurt the host.
     pub max_output_bytes: u64,
+    /// Instance pool settings for every step (a plugin's `NAME.toml` and a
+    /// step's `pool` table override them).
+    pub pool: PoolSettings,
 }
 
 impl HostConfig {
@@ -75,6 +80,7 @@ impl HostConfig {
             store: StoreConfig::default(),
             preload: true,
             max_output_bytes: 16 << 20,
+            pool: PoolSettings::default(),
         }
     }
 }
@@ -96,6 +102,7 @@ pub struct Host {
     events: broadcast::Sender<Event>,
     preload_threshold: u64,
     max_output_bytes: u64,
+    pools: Arc<warm::Pools>,
     /// How long each step took lately (`flow/step` → ms, a moving average),
     /// for the critical path; kept beside the disk cache between hosts.
     history: Mutex<HashMap<String, f64>>,
@@ -137,6 +144,7 @@ impl Host {
             events,
             preload_threshold: config.store.preload_threshold,
             max_output_bytes: config.max_output_bytes,
+            pools: Arc::new(warm::Pools::new(config.pool, config.engine.max_instances as usize)),
             history: Mutex::new(history),
         };
         if config.preload
@@ -197,6 +205,7 @@ impl Host {
             asset_cache: self.assets.clone(),
             events: self.events.clone(),
             max_output_bytes: self.max_output_bytes,
+            pools: self.pools.clone(),
         };
         let mut summary = exec::run(inputs, Arc::new(flow.clone()), &plan, input, options).await;
         summary.store = self.stats();
@@ -219,6 +228,11 @@ impl Host {
                 *average += HISTORY_WEIGHT * (ms - *average);
             }
         }
+    }
+
+    /// Each instance pool's figures, by plugin name.
+    pub fn pool_stats(&self) -> Vec<(String, PoolStats)> {
+        self.pools.stats()
     }
 
     /// How many plugin instances are alive right now (running steps,

@@ -66,10 +66,10 @@ impl Default for PoolConfig {
     }
 }
 
-/// Why `acquire` failed.
+/// Why `acquire` failed; `E` is the manager's error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum PoolError {
+pub enum PoolError<E> {
     /// All `max` resources stayed in use for the whole acquisition timeout.
     #[error(
         "no instance came free within {waited_ms} ms: all {max} are in use (raise the pool's max or acquire_timeout_ms)"
@@ -82,7 +82,7 @@ pub enum PoolError {
     },
     /// Making a resource failed.
     #[error("{0}")]
-    Create(String),
+    Create(E),
     /// Making a resource took longer than `create_timeout_ms`.
     #[error("making one took longer than {0} ms")]
     CreateTimeout(u64),
@@ -143,6 +143,14 @@ struct Inner<M: Manager> {
     /// Wakes `drain`: a resource was dropped.
     dropped: Notify,
     draining: AtomicBool,
+    /// Whether the maintenance task keeps `min` ready: cleared when a
+    /// background creation fails (a plugin whose `init` rejects its config
+    /// would otherwise be retried forever), set again by a creation that
+    /// succeeds.
+    filling: AtomicBool,
+    /// When a resource was last asked for: `min` is kept ready only while
+    /// the pool is in use, so an abandoned pool shrinks to nothing.
+    last_acquire: Mutex<Instant>,
     acquisitions: AtomicU64,
     creations: AtomicU64,
     failures: AtomicU64,
@@ -183,6 +191,8 @@ impl<M: Manager> Pool<M> {
             refill: Arc::new(Notify::new()),
             dropped: Notify::new(),
             draining: AtomicBool::new(false),
+            filling: AtomicBool::new(true),
+            last_acquire: Mutex::new(Instant::now()),
             acquisitions: AtomicU64::new(0),
             creations: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -200,12 +210,13 @@ impl<M: Manager> Pool<M> {
     /// A resource: an idle one, else a new one if fewer than `max` are
     /// alive, else the next one released (waiters are served in arrival
     /// order), for at most `acquire_timeout_ms`.
-    pub async fn acquire(&self) -> Result<Pooled<M>, PoolError> {
+    pub async fn acquire(&self) -> Result<Pooled<M>, PoolError<M::Error>> {
         let started = Instant::now();
         let inner = &self.inner;
         if inner.draining.load(Ordering::Acquire) {
             return Err(PoolError::Draining);
         }
+        *lock(&inner.last_acquire) = started;
         enum Next<R> {
             Ready(R),
             Create,
@@ -318,17 +329,22 @@ impl<M: Manager> Pool<M> {
 }
 
 impl<M: Manager> Inner<M> {
-    async fn create(&self) -> Result<M::Resource, PoolError> {
+    async fn create(&self) -> Result<M::Resource, PoolError<M::Error>> {
         let limit = Duration::from_millis(self.config.create_timeout_ms);
         let result = match tokio::time::timeout(limit, self.manager.create()).await {
             Ok(Ok(resource)) => Ok(resource),
-            Ok(Err(e)) => Err(PoolError::Create(e.to_string())),
+            Ok(Err(e)) => Err(PoolError::Create(e)),
             Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout_ms)),
         };
         match &result {
-            Ok(_) => self.creations.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.failures.fetch_add(1, Ordering::Relaxed),
-        };
+            Ok(_) => {
+                self.creations.fetch_add(1, Ordering::Relaxed);
+                self.filling.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         result
     }
 
@@ -386,10 +402,13 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
             return;
         }
         let config = inner.config;
+        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
+        let in_use = lock(&inner.last_acquire).elapsed() < idle_timeout;
+        let min = if in_use && inner.filling.load(Ordering::Relaxed) { config.min } else { 0 };
         // Make what is missing, one at a time.
         let make = {
             let mut state = lock(&inner.state);
-            let wanted = state.idle.len() < config.min || !state.waiters.is_empty();
+            let wanted = state.idle.len() < min || state.waiters.iter().any(|w| !w.is_closed());
             if wanted && state.live < config.max {
                 state.live += 1;
                 true
@@ -405,7 +424,8 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
                 }
                 Err(e) => {
                     lock(&inner.state).live -= 1;
-                    tracing::warn!("a pool could not make a resource: {e}");
+                    inner.filling.store(false, Ordering::Relaxed);
+                    tracing::debug!("a pool could not make a resource in the background: {e}");
                     // Do not spin on a failing manager.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -413,11 +433,10 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
             continue;
         }
         // Reap idle resources above `min`.
-        let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let reaped: Vec<Idle<M::Resource>> = {
             let mut state = lock(&inner.state);
             let mut reaped = Vec::new();
-            while state.idle.len() > config.min
+            while state.idle.len() > min
                 && state.idle.front().is_some_and(|i| i.since.elapsed() >= idle_timeout)
             {
                 reaped.extend(state.idle.pop_front());
@@ -604,7 +623,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_resources_above_min_are_reaped() {
+    async fn idle_resources_above_min_are_reaped_and_an_unused_pool_empties() {
         let pool = Pool::new(
             Arc::new(Counter::default()),
             PoolConfig { idle_timeout_ms: 1000, health_check_ms: 600_000, ..config(1, 10) },
@@ -614,10 +633,18 @@ mod tests {
             resource.unwrap().release();
         }
         assert_eq!(pool.stats().available, 4);
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        // Keep using one: the three others age past the idle timeout.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pool.acquire().await.unwrap().release();
+        }
         settle().await;
         let stats = pool.stats();
         assert_eq!((stats.available, stats.total), (1, 1), "{stats:?}");
+        // Nobody asks any more: after the idle timeout even `min` goes.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        settle().await;
+        assert_eq!(pool.stats().total, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -214,7 +214,8 @@ async fn an_asset_is_loaded_once_and_shared_by_every_step_and_run() {
     assert_eq!(summary.output("b").unwrap()[0]["amount"], 1250.0);
     let assets = summary.store.assets;
     assert_eq!(assets.entries, 1);
-    assert_eq!(assets.hits + assets.misses, 4);
+    // Four inits read it (two steps, two runs; warm spares may read it too).
+    assert!(assets.hits + assets.misses >= 4, "{assets:?}");
     assert!(assets.hits >= 2, "{assets:?}");
     let size =
         std::fs::metadata(crate::support::repo().join("examples/data/orders.csv")).unwrap().len();
