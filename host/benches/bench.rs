@@ -34,8 +34,14 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 5] =
-        [("floor", floor), ("chain", chain), ("load", load), ("zipf", zipf), ("waits", waits)];
+    let scenarios: [(&str, Scenario); 6] = [
+        ("floor", floor),
+        ("chain", chain),
+        ("pools", pools),
+        ("load", load),
+        ("zipf", zipf),
+        ("waits", waits),
+    ];
     for (name, scenario) in scenarios {
         if filter.as_deref().is_none_or(|f| name.contains(f)) {
             eprintln!("running {name}...");
@@ -63,17 +69,115 @@ fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const CALLS: u32 = 2000;
     let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), CALLS));
 
-    let host = Host::new(HostConfig::new(plugins)).unwrap();
-    let flow = flow("[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"identity\"\n");
-    let qflow = rt.block_on(async {
-        host.run(&flow, json!({})).await.unwrap(); // compile and warm up
-        per_call(CALLS, || async {
-            let summary = host.run(&flow, json!({})).await.unwrap();
-            assert_eq!(summary.status, RunStatus::Succeeded);
+    for (what, pool) in
+        [("fresh instance", ""), ("reused instance", "pool = { reuse = 1000000 }\n")]
+    {
+        let host = Host::new(HostConfig::new(plugins)).unwrap();
+        let toml =
+            format!("[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"identity\"\n{pool}");
+        let flow = flow(&toml);
+        let qflow = rt.block_on(async {
+            host.run(&flow, json!({})).await.unwrap(); // compile and warm up
+            per_call(CALLS, || async {
+                let summary = host.run(&flow, json!({})).await.unwrap();
+                assert_eq!(summary.status, RunStatus::Succeeded);
+            })
+            .await
+        });
+        table.row(
+            &format!("trivial step, per call (1-step flow, {what})"),
+            "bare wasmtime",
+            bare,
+            qflow,
+        );
+    }
+}
+
+/// Instance pools: how fast a warm pool hands out an instance, and 100
+/// concurrent executions of a step whose `init` works for 5 ms, pooled and
+/// not.
+fn pools(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/hostile");
+    qflow_plugin_build::build(&hostile, dir.path(), &Default::default()).unwrap();
+    let host = |pool: qflow::PoolSettings| {
+        let mut config = HostConfig::new(dir.path());
+        config.store.cache_dir = None;
+        config.preload = false;
+        config.pool = pool;
+        Host::new(config).unwrap()
+    };
+    let settings = |min: usize, reuse: u32| qflow::PoolSettings {
+        min: Some(min),
+        reuse: Some(reuse),
+        ..Default::default()
+    };
+    let _ = plugins;
+
+    // (a) Acquisition from a warm pool, against making the instance anew.
+    let one = flow(
+        "[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"hostile\"\nconfig = { mode = \"ok\" }\n",
+    );
+    let acquire = |pool| {
+        let host = host(pool);
+        rt.block_on(async {
+            for _ in 0..2000 {
+                host.run(&one, json!({})).await.unwrap();
+            }
+        });
+        let (_, stats) = host.pool_stats().into_iter().next().unwrap();
+        stats
+    };
+    let cold = acquire(settings(0, 1));
+    let warm = acquire(settings(1, 1_000_000));
+    let us = |v: f64| Duration::from_secs_f64(v / 1e6);
+    table.row(
+        "pool acquisition p50 (warm vs instantiate + init)",
+        "unpooled p50",
+        us(cold.acquire_p50_us),
+        us(warm.acquire_p50_us),
+    );
+    table.row(
+        "pool acquisition p99 (warm vs instantiate + init)",
+        "unpooled p99",
+        us(cold.acquire_p99_us),
+        us(warm.acquire_p99_us),
+    );
+    table.text_row(
+        "pool acquisition p99, warm",
+        "12 ms average reported",
+        &format!("{:.1} µs", warm.acquire_p99_us),
+        &format!("target < 50 µs; mean {:.1} µs", warm.acquire_mean_us),
+    );
+
+    // (b) 100 concurrent executions, init doing 5 ms of real work.
+    let mut toml = String::from("[flow]\nname = \"hundred\"\n");
+    for i in 0..100 {
+        toml += &format!(
+            "[[step]]\nid = \"s{i}\"\nplugin = \"hostile\"\nconfig = {{ mode = \"ok\", init_spin_ms = 5 }}\n"
+        );
+    }
+    let hundred = flow(&toml);
+    let wall = |pool, settle: Duration| {
+        let host = host(pool);
+        rt.block_on(async {
+            host.run(&hundred, json!({})).await.unwrap(); // compile, fill the pool
+            let mut walls = Vec::new();
+            for _ in 0..5 {
+                tokio::time::sleep(settle).await;
+                let summary = host.run(&hundred, json!({})).await.unwrap();
+                assert_eq!(summary.status, RunStatus::Succeeded);
+                walls.push(Duration::from_secs_f64(summary.wall_ms / 1e3));
+            }
+            median(walls)
         })
-        .await
-    });
-    table.row("trivial step, per call (1-step flow)", "bare wasmtime", bare, qflow);
+    };
+    let unpooled = wall(settings(0, 1), Duration::ZERO);
+    let reused = wall(settings(0, 1_000_000), Duration::ZERO);
+    // Fresh instances, 100 kept warm: the pool re-makes them between runs.
+    let spares = wall(settings(100, 1), Duration::from_millis(1500));
+    table.row("100 concurrent steps, 5 ms init: reused instances", "unpooled", unpooled, reused);
+    table.row("100 concurrent steps, 5 ms init: 100 fresh spares", "unpooled", unpooled, spares);
 }
 
 /// 40 sequential trivial steps (the shape of Windmill's "40 light tasks"):

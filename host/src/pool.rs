@@ -154,7 +154,8 @@ struct Inner<M: Manager> {
     acquisitions: AtomicU64,
     creations: AtomicU64,
     failures: AtomicU64,
-    samples: Mutex<VecDeque<u32>>,
+    /// Recent acquisition times, in ns.
+    samples: Mutex<VecDeque<u64>>,
 }
 
 /// A pool of resources made by `M`. Cheap to clone.
@@ -299,19 +300,19 @@ impl<M: Manager> Pool<M> {
             let waiting = state.waiters.iter().filter(|w| !w.is_closed()).count();
             (state.live, state.idle.len(), state.in_use, waiting)
         };
-        let mut samples: Vec<u32> = lock(&inner.samples).iter().copied().collect();
+        let mut samples: Vec<u64> = lock(&inner.samples).iter().copied().collect();
         samples.sort_unstable();
         let percentile = |p: f64| -> f64 {
             if samples.is_empty() {
                 return 0.0;
             }
             let rank = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len());
-            samples[rank - 1] as f64
+            samples[rank - 1] as f64 / 1e3
         };
         let mean = if samples.is_empty() {
             0.0
         } else {
-            samples.iter().map(|&s| s as f64).sum::<f64>() / samples.len() as f64
+            samples.iter().map(|&s| s as f64).sum::<f64>() / samples.len() as f64 / 1e3
         };
         PoolStats {
             total,
@@ -353,7 +354,7 @@ impl<M: Manager> Inner<M> {
         if samples.len() == SAMPLES {
             samples.pop_front();
         }
-        samples.push_back(took.as_micros().min(u32::MAX as u128) as u32);
+        samples.push_back(took.as_nanos().min(u64::MAX as u128) as u64);
     }
 
     /// A resource comes back: to the first waiter, else to the idle list.

@@ -7,6 +7,7 @@
 mod cli;
 mod failures;
 mod flows;
+mod pools;
 mod scheduler;
 mod store;
 mod support;

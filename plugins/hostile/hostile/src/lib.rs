@@ -11,6 +11,7 @@ struct Hostile;
 thread_local! {
     static MODE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     static CONFIG: std::cell::RefCell<Value> = const { std::cell::RefCell::new(Value::Null) };
+    static CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 impl Guest for Hostile {
@@ -31,6 +32,13 @@ impl Guest for Hostile {
         if mode == "trap-in-init" {
             panic!("hostile: trapping in init");
         }
+        // Real work in init, as a plugin that parses or loads something does.
+        if let Some(ms) = config.get("init_spin_ms").and_then(Value::as_u64) {
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            while std::time::Instant::now() < until {
+                std::hint::black_box(());
+            }
+        }
         MODE.with(|m| *m.borrow_mut() = mode);
         CONFIG.with(|c| *c.borrow_mut() = config);
         Ok(())
@@ -39,6 +47,18 @@ impl Guest for Hostile {
     fn run(input: String) -> Result<String, StepError> {
         match MODE.with(|m| m.borrow().clone()).as_str() {
             "ok" => Ok(input),
+            // How many calls this instance has served, itself included; traps
+            // when the input says `"trap": true`.
+            "counter" => {
+                let calls = CALLS.with(|c| {
+                    c.set(c.get() + 1);
+                    c.get()
+                });
+                if input.contains("\"trap\":true") {
+                    panic!("hostile: trapping on request after {calls} calls");
+                }
+                Ok(format!("{{\"calls\":{calls}}}"))
+            }
             "trap" => panic!("hostile: trapping on purpose"),
             "error" => Err(StepError {
                 code: "hostile".to_owned(),
