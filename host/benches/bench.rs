@@ -69,9 +69,11 @@ fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const CALLS: u32 = 2000;
     let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), CALLS));
 
-    for (what, pool) in
-        [("fresh instance", ""), ("reused instance", "pool = { reuse = 1000000 }\n")]
-    {
+    for (what, pool) in [
+        ("fresh instance", ""),
+        ("fresh, no spare", "pool = { min = 0 }\n"),
+        ("reused instance", "pool = { reuse = 1000000 }\n"),
+    ] {
         let host = Host::new(HostConfig::new(plugins)).unwrap();
         let toml =
             format!("[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"identity\"\n{pool}");
