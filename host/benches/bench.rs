@@ -64,10 +64,16 @@ fn build_plugins() -> PathBuf {
 
 /// The floor: per-call cost of a trivial step through Qflow (a one-step
 /// flow, run to the end) against bare wasmtime's pooled `InstancePre`
-/// instantiate + call of the same component.
+/// instantiate + call of the same component. Bare wasmtime is measured on
+/// the calling thread and in a spawned task: a step runs in a task on the
+/// multi-threaded runtime, where an instance's first writes (copy-on-write
+/// faults) and its slot's reset cost TLB shootdowns across cores that the
+/// calling thread, with the other cores idle, does not pay.
 fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const CALLS: u32 = 2000;
-    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), CALLS));
+    let component = plugins.join("identity.wasm");
+    let bare = rt.block_on(bare_calls(&component, CALLS, false));
+    let bare_in_task = rt.block_on(bare_calls(&component, CALLS, true));
 
     for (what, pool) in [
         ("fresh instance", ""),
@@ -86,12 +92,9 @@ fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
             })
             .await
         });
-        table.row(
-            &format!("trivial step, per call (1-step flow, {what})"),
-            "bare wasmtime",
-            bare,
-            qflow,
-        );
+        let scenario = format!("trivial step, per call (1-step flow, {what})");
+        table.row(&scenario, "bare wasmtime", bare, qflow);
+        table.row(&scenario, "bare wasmtime, in a task", bare_in_task, qflow);
     }
 }
 
@@ -187,7 +190,7 @@ fn pools(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
 fn chain(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const STEPS: usize = 40;
     const RUNS: u32 = 50;
-    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), 1000));
+    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), 1000, true));
     let mut toml = String::from("[flow]\nname = \"chain\"\n");
     for i in 0..STEPS {
         toml += &format!("[[step]]\nid = \"s{i}\"\nplugin = \"identity\"\n");
@@ -207,7 +210,7 @@ fn chain(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     });
     table.row(
         "40 sequential trivial steps, per step",
-        "bare wasmtime",
+        "bare wasmtime, in a task",
         bare,
         per_run / STEPS as u32,
     );
@@ -430,8 +433,9 @@ impl bare::qflow::plugin::host::Host for BareState {
 }
 
 /// Bare wasmtime: pooling allocator, one `InstancePre`, then per call a new
-/// store, an instantiation and one call of `run`.
-async fn bare_calls(component: &Path, calls: u32) -> Duration {
+/// store, an instantiation and one call of `run` — on the calling thread, or
+/// (`spawned`) in a task on the multi-threaded runtime, as a step runs.
+async fn bare_calls(component: &Path, calls: u32, spawned: bool) -> Duration {
     use wasmtime::component::{Component, HasSelf, Linker};
     use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
@@ -443,7 +447,7 @@ async fn bare_calls(component: &Path, calls: u32) -> Duration {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
     bare::qflow::plugin::host::add_to_linker::<_, HasSelf<BareState>>(&mut linker, |s| s).unwrap();
     let pre = bare::StepPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
-    per_call(calls, || async {
+    let call = move |pre: bare::StepPre<BareState>, engine: Engine| async move {
         let state = BareState {
             wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
             table: wasmtime::component::ResourceTable::new(),
@@ -452,6 +456,16 @@ async fn bare_calls(component: &Path, calls: u32) -> Duration {
         let step = pre.instantiate_async(&mut store).await.unwrap();
         let out = step.call_run(&mut store, "{}").await.unwrap().unwrap();
         assert_eq!(out, "{}");
+    };
+    per_call(calls, || {
+        let (pre, engine) = (pre.clone(), engine.clone());
+        async move {
+            if spawned {
+                tokio::spawn(call(pre, engine)).await.unwrap();
+            } else {
+                call(pre, engine).await;
+            }
+        }
     })
     .await
 }
