@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -88,6 +89,9 @@ pub enum PluginError {
     /// Plugins need each other in a circle.
     #[error("plugins need each other in a cycle: {}", .0.join(" -> "))]
     Cycle(Vec<String>),
+    /// The host failed while loading it: a bug in the host, not the plugin.
+    #[error("the host failed while loading a plugin: {0}")]
+    Host(String),
     /// A step names a loader plugin, or a loader names a step plugin.
     #[error("plugin `{name}` is a {found}, not a {wanted}")]
     WrongKind {
@@ -207,12 +211,33 @@ struct Fingerprint {
 /// The file, in the cache directory, of the use counts.
 const USES: &str = "uses.json";
 
+/// The fingerprint of the file at `path`, if it is one.
+fn fingerprint(path: &Path) -> Option<Fingerprint> {
+    let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+    Some(Fingerprint { len: meta.len(), modified: meta.modified().ok() })
+}
+
+/// What a reload found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reload {
+    /// The same bytes as before (or still no file).
+    Unchanged,
+    /// A new plugin.
+    Added { new: Digest, version: String },
+    /// New bytes for a known plugin, validated and swapped in.
+    Replaced { old: Digest, new: Digest, version: String },
+    /// The file is gone.
+    Removed { old: Digest },
+}
+
 /// The plugins directory.
 pub struct Catalog {
     dir: PathBuf,
     store: Arc<ComponentStore>,
-    /// The digest of each plugin file as last read.
+    /// The digest each name stands for, and the file it was read from.
     digests: Mutex<HashMap<String, (Fingerprint, Digest)>>,
+    /// Whether a watcher keeps `digests` current (see [`Catalog::resolve`]).
+    watched: AtomicBool,
     /// How often each plugin and asset was used (`plugin:NAME`,
     /// `asset:KEY`), including by earlier hosts on the same cache.
     uses: Mutex<HashMap<String, u64>>,
@@ -226,7 +251,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Catalog {
     pub(crate) fn new(dir: PathBuf, store: Arc<ComponentStore>) -> Catalog {
         let uses = store.disk().map(|disk| disk.load_state(USES)).unwrap_or_default();
-        Catalog { dir, store, digests: Mutex::default(), uses: Mutex::new(uses) }
+        Catalog {
+            dir,
+            store,
+            digests: Mutex::default(),
+            watched: AtomicBool::new(false),
+            uses: Mutex::new(uses),
+        }
     }
 
     /// The plugins directory.
@@ -341,35 +372,77 @@ impl Catalog {
         .boxed()
     }
 
-    /// One plugin, without its needs: the file's digest (re-read only when
-    /// the file changed), then the component store.
+    /// One plugin, without its needs: the digest its name stands for, then
+    /// the component store.
     async fn load_one(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        let digest = self.resolve(name).await?;
+        self.store.get(digest, name, &self.path_of(name)).await
+    }
+
+    /// The digest the name `name` stands for now. A watched catalog keeps
+    /// what the last reload validated (a broken or half-written file never
+    /// replaces a working version); otherwise the file is checked on every
+    /// use and re-read only when it changed.
+    async fn resolve(&self, name: &str) -> Result<Digest, PluginError> {
+        if self.watched.load(Ordering::Acquire)
+            && let Some((_, digest)) = lock(&self.digests).get(name)
+        {
+            return Ok(*digest);
+        }
         let path = self.path_of(name);
-        let not_found = || PluginError::NotFound {
-            name: name.to_owned(),
-            dir: self.dir.clone(),
-            available: self.names().unwrap_or_default(),
+        let Some(fingerprint) = fingerprint(&path) else {
+            return Err(PluginError::NotFound {
+                name: name.to_owned(),
+                dir: self.dir.clone(),
+                available: self.names().unwrap_or_default(),
+            });
         };
-        let meta = match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => meta,
-            _ => return Err(not_found()),
-        };
-        let fingerprint = Fingerprint { len: meta.len(), modified: meta.modified().ok() };
         let known =
             lock(&self.digests).get(name).filter(|(f, _)| *f == fingerprint).map(|(_, d)| *d);
-        let digest = match known {
-            Some(digest) => digest,
-            None => {
-                let bytes = tokio::fs::read(&path).await.map_err(|e| PluginError::Read {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                let digest = crate::store::digest(&bytes);
-                lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
-                digest
-            }
+        if let Some(digest) = known {
+            return Ok(digest);
+        }
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
+        let digest = crate::store::digest(&bytes);
+        lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
+        Ok(digest)
+    }
+
+    /// From now on, a name changes its digest only through [`Catalog::reload`].
+    pub(crate) fn set_watched(&self) {
+        self.watched.store(true, Ordering::Release);
+    }
+
+    /// Looks at `NAME.wasm` again: a new or changed file is compiled,
+    /// linked and described, and only if all of that works does the name
+    /// stand for it; a removed file retires the name.
+    pub(crate) async fn reload(&self, name: &str) -> Result<Reload, PluginError> {
+        let path = self.path_of(name);
+        let Some(fingerprint) = fingerprint(&path) else {
+            let old = lock(&self.digests).remove(name);
+            return Ok(match old {
+                Some((_, digest)) => Reload::Removed { old: digest },
+                None => Reload::Unchanged,
+            });
         };
-        self.store.get(digest, name, &path).await
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
+        let digest = crate::store::digest(&bytes);
+        let old = lock(&self.digests).get(name).map(|(_, d)| *d);
+        if old == Some(digest) {
+            lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
+            return Ok(Reload::Unchanged);
+        }
+        let plugin = self.store.get(digest, name, &path).await?;
+        lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
+        let version = plugin.described.version.clone();
+        Ok(match old {
+            Some(old) => Reload::Replaced { old, new: digest, version },
+            None => Reload::Added { new: digest, version },
+        })
     }
 
     pub(crate) fn count_use(&self, key: String) {

@@ -56,6 +56,37 @@ pub enum Event {
         /// How it ended.
         status: StepStatus,
     },
+    /// A new plugin appeared in the plugins directory and was loaded.
+    #[serde(rename = "q.qflow.plugin.added.v1")]
+    PluginAdded {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// The version it reports.
+        version: String,
+    },
+    /// A plugin's file changed; the new version was validated and now serves.
+    #[serde(rename = "q.qflow.plugin.reloaded.v1")]
+    PluginReloaded {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// The version it reports now.
+        version: String,
+    },
+    /// A plugin's file changed but the new version is unusable; the old one
+    /// goes on serving.
+    #[serde(rename = "q.qflow.plugin.reload-failed.v1")]
+    PluginReloadFailed {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// Why, naming the file.
+        error: String,
+    },
+    /// A plugin's file was removed; new runs that name it fail.
+    #[serde(rename = "q.qflow.plugin.removed.v1")]
+    PluginRemoved {
+        /// The plugin's name.
+        plugin: Arc<str>,
+    },
     /// A run ended.
     #[serde(rename = "q.qflow.run.finished.v1")]
     RunFinished {

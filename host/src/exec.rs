@@ -11,6 +11,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -178,8 +180,14 @@ struct RunContext {
     pools: Arc<Pools>,
     /// The flow's loaders, as part of its steps' pool keys.
     loaders_key: Arc<str>,
+    /// Every plugin the flow's steps use, loaded when the run starts: the
+    /// whole run uses those versions, whatever is reloaded meanwhile.
+    plugins: HashMap<String, PluginLoad>,
     started: Instant,
 }
+
+/// A plugin being loaded for a run; every step that uses it awaits the same load.
+type PluginLoad = Shared<BoxFuture<'static, Result<Arc<Plugin>, PluginError>>>;
 
 impl RunContext {
     fn ms_since_start(&self, at: Instant) -> f64 {
@@ -241,6 +249,7 @@ pub(crate) async fn run(
     let RunInputs { catalog, asset_cache, events, max_output_bytes, pools } = inputs;
     let ctx = Arc::new(RunContext {
         loaders_key: Arc::from(format!("{:?}", flow.loaders)),
+        plugins: load_plugins(&catalog, &flow),
         pools,
         run_id: Arc::from(uuid::Uuid::new_v4().to_string()),
         assets: Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone())),
@@ -257,7 +266,6 @@ pub(crate) async fn run(
         flow: Arc::from(ctx.flow.name.as_str()),
         steps: n,
     });
-    prefetch_plugins(&ctx);
 
     let mut scheduler = Scheduler {
         reports: ctx
@@ -514,20 +522,22 @@ fn record(ctx: &RunContext, report: &mut StepReport, done: Finished) {
     });
 }
 
-/// Starts loading every plugin the flow uses, so that compiles overlap
-/// each other and the first steps instead of each waiting for its turn.
-fn prefetch_plugins(ctx: &Arc<RunContext>) {
-    let mut names: Vec<&str> = ctx.flow.steps.iter().map(|s| s.plugin.name.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    if names.len() < 2 {
-        return;
+/// Starts loading every plugin the flow uses, at once: compiles overlap
+/// each other and the first steps, and the run is pinned to the versions
+/// it started with.
+fn load_plugins(catalog: &Arc<Catalog>, flow: &Flow) -> HashMap<String, PluginLoad> {
+    let mut loads = HashMap::new();
+    for step in &flow.steps {
+        let name = &step.plugin.name;
+        if !loads.contains_key(name) {
+            let (catalog, owned) = (catalog.clone(), name.clone());
+            let task = tokio::spawn(async move { catalog.load(&owned).await });
+            let load =
+                async move { task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string()))) };
+            loads.insert(name.clone(), load.boxed().shared());
+        }
     }
-    for name in names {
-        let (catalog, name) = (ctx.catalog.clone(), name.to_owned());
-        // Errors surface again, with the step named, when the step loads it.
-        tokio::spawn(async move { catalog.preload(&name).await.map(drop) });
-    }
+    loads
 }
 
 /// The step's input: its `input` mapping resolved, or by default the flow's
@@ -611,7 +621,11 @@ async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
 async fn load_step_plugin(ctx: &RunContext, step: &Step) -> Result<Arc<Plugin>, StepFailure> {
     let plugin_failed = |e: PluginError| failure(step, "plugin", None, e.to_string());
     let name = &step.plugin.name;
-    let plugin = ctx.catalog.load(name).await.map_err(plugin_failed)?;
+    let plugin = match ctx.plugins.get(name) {
+        Some(load) => load.clone().await,
+        None => ctx.catalog.load(name).await,
+    };
+    let plugin = plugin.map_err(plugin_failed)?;
     plugin.check_version(name, step.plugin.version.as_deref()).map_err(plugin_failed)?;
     plugin.step(name).map_err(plugin_failed)?;
     // The assets the plugin says it reads are its dependencies too: load

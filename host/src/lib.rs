@@ -26,6 +26,7 @@ mod plan;
 mod pool;
 mod store;
 mod warm;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ pub use self::plan::{Conflict, Plan, Redundant};
 pub use self::pool::{Manager, Pool, PoolConfig, PoolError, PoolStats, Pooled};
 pub use self::store::{ComponentStats, Stats, StoreConfig};
 pub use self::warm::PoolSettings;
+pub use self::watch::Watch;
 pub use tokio_util::sync::CancellationToken;
 
 /// How a [`Host`] is set up.
@@ -92,6 +94,9 @@ pub enum HostError {
     /// The wasmtime engine could not be created.
     #[error("could not create the WebAssembly engine: {0}")]
     Engine(String),
+    /// The plugins directory could not be watched.
+    #[error("cannot watch the plugins directory {0}")]
+    Watch(String),
 }
 
 /// A Qflow host: the engine, the plugins directory, and the runs on them.
@@ -227,6 +232,30 @@ impl Host {
                 let average = history.entry(history_key(flow, step)).or_insert(ms);
                 *average += HISTORY_WEIGHT * (ms - *average);
             }
+        }
+    }
+
+    /// Reloads the plugin `name` now: a new or changed `NAME.wasm` is
+    /// validated and swapped in, a removed one retired, and events say so
+    /// ([`Event::PluginAdded`] and the like). On failure the old version
+    /// goes on serving.
+    pub async fn reload(&self, name: &str) -> Result<(), PluginError> {
+        self.reloader().reload(name).await
+    }
+
+    /// Watches the plugins directory and reloads what changes there, until
+    /// the returned [`Watch`] is dropped. Must be called inside a tokio
+    /// runtime.
+    pub fn watch(&self) -> Result<Watch, HostError> {
+        watch::start(self.catalog.dir(), self.reloader())
+            .map_err(|e| HostError::Watch(format!("{}: {e}", self.catalog.dir().display())))
+    }
+
+    fn reloader(&self) -> watch::Reloader {
+        watch::Reloader {
+            catalog: self.catalog.clone(),
+            pools: self.pools.clone(),
+            events: self.events.clone(),
         }
     }
 

@@ -218,6 +218,19 @@ impl Pools {
         Ok(pool)
     }
 
+    /// Drops the pools of a component that was replaced or removed: no new
+    /// step gets them; their idle instances go now, busy ones when their
+    /// call ends. (A run still pinned to that version gets a new pool.)
+    pub(crate) fn retire(&self, digest: &Digest) {
+        let mut pools = self.pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let retired: Vec<Arc<StepPool>> =
+            pools.extract_if(|key, _| key.digest == *digest).map(|(_, pool)| pool).collect();
+        drop(pools);
+        for retired in retired {
+            tokio::spawn(async move { retired.pool.drain().await });
+        }
+    }
+
     /// Each pool's figures, by plugin.
     pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
         let pools = self.pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

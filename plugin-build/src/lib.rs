@@ -5,7 +5,6 @@
 //! script. It runs cargo for `wasm32-wasip2`, whose linker emits a component
 //! directly, and copies every `cdylib` it produced to `OUT/<package>.wasm`.
 
-use std::ffi::OsStr;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -200,37 +199,6 @@ fn ensure_target() -> Result<(), Error> {
         Ok(status) => Err(Error::Target(status.to_string())),
         Err(e) => Err(Error::Target(e.to_string())),
     }
-}
-
-/// The files a build of the plugin workspace at `dir` depends on: every
-/// member's `Cargo.toml` and `src/`, the workspace's manifest and lock file.
-/// A build script prints them as `rerun-if-changed` so that it re-runs only
-/// when a plugin's sources change (not when `target/` does).
-pub fn sources(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for name in ["Cargo.toml", "Cargo.lock", "src"] {
-            let path = dir.join(name);
-            if path.exists() {
-                out.push(path);
-            }
-        }
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let skip =
-                matches!(path.file_name().and_then(OsStr::to_str), Some("target" | "src") | None)
-                    || path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
-            if path.is_dir() && !skip {
-                stack.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[cfg(test)]

@@ -167,3 +167,35 @@ fn plan_shows_groups_and_the_critical_path() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("group 1: totals, checksum"), "{text}");
 }
+
+#[test]
+fn ctrl_c_cancels_the_run_and_still_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("long.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"long\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\nconfig = { ms = 30000 }\n\
+         [[step]]\nid = \"after\"\nplugin = \"identity\"\nneeds = [\"nap\"]\n",
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_qflow"))
+        .args(["run", flow.to_str().unwrap(), "--json"])
+        .current_dir(repo())
+        .env("QFLOW_PLUGINS", plugins_dir())
+        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let summary = stdout_json(&out);
+    assert_eq!(summary["status"], "cancelled");
+    assert_eq!(summary["steps"][0]["status"], "cancelled");
+    assert_eq!(summary["steps"][1]["status"], "skipped");
+    assert!(summary["wall_ms"].as_f64().unwrap() < 20000.0);
+}

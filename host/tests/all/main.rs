@@ -8,6 +8,7 @@ mod cli;
 mod failures;
 mod flows;
 mod pools;
+mod reload;
 mod scheduler;
 mod store;
 mod support;

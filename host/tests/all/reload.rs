@@ -1,0 +1,174 @@
+//! Hot reload of the plugins directory, with a real watcher on real files.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qflow::{Event, Host, Problem, RunStatus};
+use serde_json::json;
+use tokio::sync::broadcast::Receiver;
+
+use crate::support::{config, flow, plugins_dir, run};
+
+/// A plugins directory with `sleep` and a plugin `swap` that starts out as
+/// `identity` and becomes `hash` when replaced.
+fn plugins() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sleep", "identity", "fib"] {
+        std::fs::copy(
+            plugins_dir().join(format!("{name}.wasm")),
+            dir.path().join(format!("{name}.wasm")),
+        )
+        .unwrap();
+    }
+    std::fs::copy(plugins_dir().join("identity.wasm"), dir.path().join("swap.wasm")).unwrap();
+    dir
+}
+
+/// Replaces a file the way a build tool does: write aside, then rename.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn hash_bytes() -> Vec<u8> {
+    std::fs::read(plugins_dir().join("hash.wasm")).unwrap()
+}
+
+const SWAP: &str = "[flow]\nname = \"swap\"\n[[step]]\nid = \"s\"\nplugin = \"swap\"\n";
+
+/// The next plugin event (added, reloaded, failed, removed), waiting up to 10 s.
+async fn plugin_event(events: &mut Receiver<Event>) -> Event {
+    let next = async {
+        loop {
+            match events.recv().await {
+                Ok(
+                    event @ (Event::PluginAdded { .. }
+                    | Event::PluginReloaded { .. }
+                    | Event::PluginReloadFailed { .. }
+                    | Event::PluginRemoved { .. }),
+                ) => return event,
+                Ok(_) => continue,
+                Err(e) => panic!("events: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), next).await.expect("a plugin event within 10 s")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_plugin_serves_the_next_run_while_the_run_in_flight_keeps_the_old() {
+    let dir = plugins();
+    let host = std::sync::Arc::new(Host::new(config(dir.path(), None)).unwrap());
+    let _watch = host.watch().unwrap();
+    let mut events = host.subscribe();
+    assert_eq!(run(&host, SWAP, json!("abc")).await.output("s"), Some(&json!("abc")));
+
+    let in_flight = {
+        let host = host.clone();
+        let toml = "[flow]\nname = \"slow\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\n\
+                    config = { ms = 1500 }\n[[step]]\nid = \"s\"\nplugin = \"swap\"\nneeds = [\"nap\"]\n";
+        tokio::spawn(async move { run(&host, toml, json!("abc")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replace(&dir.path().join("swap.wasm"), &hash_bytes());
+    match plugin_event(&mut events).await {
+        Event::PluginReloaded { plugin, version } => {
+            assert_eq!((&*plugin, version.as_str()), ("swap", "0.1.0"))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let next = run(&host, SWAP, json!("abc")).await;
+    assert_eq!(next.output("s").unwrap()["bytes"], 3, "the new version (hash) serves");
+    let old = in_flight.await.unwrap();
+    assert_eq!(old.status, RunStatus::Succeeded);
+    assert_eq!(old.output("s"), Some(&json!("abc")), "the run in flight finished on identity");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_replacement_leaves_the_old_version_serving() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let _watch = host.watch().unwrap();
+    let mut events = host.subscribe();
+    assert_eq!(run(&host, SWAP, json!(1)).await.output("s"), Some(&json!(1)));
+
+    replace(&dir.path().join("swap.wasm"), b"\0asm garbage, not a component");
+    match plugin_event(&mut events).await {
+        Event::PluginReloadFailed { plugin, error } => {
+            assert_eq!(&*plugin, "swap");
+            assert!(error.contains("swap.wasm is not a valid WebAssembly component"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let summary = run(&host, SWAP, json!(2)).await;
+    assert_eq!(summary.output("s"), Some(&json!(2)), "{summary:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_plugin_fails_new_runs_with_a_clear_error() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let _watch = host.watch().unwrap();
+    let mut events = host.subscribe();
+    run(&host, SWAP, json!(1)).await;
+    std::fs::remove_file(dir.path().join("swap.wasm")).unwrap();
+    assert!(
+        matches!(plugin_event(&mut events).await, Event::PluginRemoved { plugin } if &*plugin == "swap")
+    );
+    let err = host.run(&flow(SWAP), json!(1)).await.unwrap_err();
+    assert!(
+        matches!(&err.problems[..], [Problem::UnknownPlugin { plugin, .. }] if plugin == "swap"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_plugin_becomes_available() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let _watch = host.watch().unwrap();
+    let mut events = host.subscribe();
+    replace(&dir.path().join("digest.wasm"), &hash_bytes());
+    assert!(
+        matches!(plugin_event(&mut events).await, Event::PluginAdded { plugin, .. } if &*plugin == "digest")
+    );
+    let toml = "[flow]\nname = \"d\"\n[[step]]\nid = \"s\"\nplugin = \"digest\"\n";
+    assert_eq!(run(&host, toml, json!("abc")).await.output("s").unwrap()["bytes"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_writes_is_one_reload() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let _watch = host.watch().unwrap();
+    let mut events = host.subscribe();
+    run(&host, SWAP, json!(1)).await;
+    // Five writes in quick succession, in place, the way a slow copy looks.
+    let path = dir.path().join("swap.wasm");
+    let hash = hash_bytes();
+    for part in 1..=5 {
+        std::fs::write(&path, &hash[..hash.len() * part / 5]).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(plugin_event(&mut events).await, Event::PluginReloaded { .. }));
+    // Nothing else comes: no reload of a partial file, no second reload.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(events.try_recv().is_err(), "a second plugin event");
+    assert_eq!(run(&host, SWAP, json!("abc")).await.output("s").unwrap()["bytes"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedder_can_reload_by_hand() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let mut events = host.subscribe();
+    run(&host, SWAP, json!(1)).await;
+    replace(&dir.path().join("swap.wasm"), &hash_bytes());
+    host.reload("swap").await.unwrap();
+    assert!(matches!(plugin_event(&mut events).await, Event::PluginReloaded { .. }));
+    std::fs::write(dir.path().join("swap.wasm"), b"broken").unwrap();
+    let err = host.reload("swap").await.unwrap_err();
+    assert!(err.to_string().contains("swap.wasm"), "{err}");
+}
