@@ -68,7 +68,7 @@ pub struct HostConfig {
     /// own): 16 MiB, far above what a step should pass on, far below what
     /// would hurt the host.
     pub max_output_bytes: u64,
-    /// Instance pool settings for every step (a plugin's `NAME.toml` and a
+    /// Instance pool settings for every step (a plugin's `NAME.plugin.toml` and a
     /// step's `pool` table override them).
     pub pool: PoolSettings,
 }

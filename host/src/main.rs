@@ -47,6 +47,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watch the plugins directory and reload plugins as they change,
+    /// printing what happens; with a flow, run it at the start and again
+    /// whenever a plugin it uses is reloaded. Stops on Ctrl-C.
+    Watch {
+        /// A flow to re-run on every reload of a plugin it uses.
+        flow: Option<PathBuf>,
+        #[command(flatten)]
+        host: HostArgs,
+        /// The flow's input: JSON text, or @FILE to read JSON from a file.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// Print events and run summaries as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with the plugins directory.
     Plugins {
         #[command(subcommand)]
@@ -126,6 +141,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(run(&flow, &host, &input, options, json))
         }
         Command::Plan { flow, host, json } => runtime()?.block_on(plan(&flow, &host, json)),
+        Command::Watch { flow, host, input, json } => {
+            runtime()?.block_on(watch(flow.as_deref(), &host, &input, json))
+        }
         Command::Plugins { command: PluginsCommand::List { host, json } } => {
             runtime()?.block_on(list(&host, json))
         }
@@ -208,6 +226,69 @@ async fn run(
         RunStatus::Failed => ExitCode::from(1),
         RunStatus::Cancelled => ExitCode::from(130),
     })
+}
+
+async fn watch(
+    flow: Option<&Path>,
+    args: &HostArgs,
+    input: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let flow = flow.map(Flow::load).transpose()?;
+    let input = read_input(input)?;
+    let host = host(args)?;
+    let _watch = host.watch()?;
+    let mut events = host.subscribe();
+    eprintln!("watching {} (Ctrl-C to stop)", args.plugins.display());
+    if let Some(flow) = &flow {
+        run_once(&host, flow, &input, json).await?;
+    }
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(ExitCode::SUCCESS),
+        };
+        let changed = match &event {
+            Event::PluginAdded { plugin, version } => {
+                Some((plugin.clone(), format!("added {plugin} {version}")))
+            }
+            Event::PluginReloaded { plugin, version } => {
+                Some((plugin.clone(), format!("reloaded {plugin}: now {version}")))
+            }
+            Event::PluginReloadFailed { plugin, error } => {
+                Some((plugin.clone(), format!("kept the old {plugin}: {error}")))
+            }
+            Event::PluginRemoved { plugin } => Some((plugin.clone(), format!("removed {plugin}"))),
+            _ => None,
+        };
+        let Some((plugin, line)) = changed else { continue };
+        if json {
+            println!("{}", serde_json::to_string(&event)?);
+        } else {
+            println!("{line}");
+        }
+        let rerun = matches!(event, Event::PluginReloaded { .. } | Event::PluginAdded { .. });
+        if let Some(flow) =
+            flow.as_ref().filter(|f| rerun && f.steps.iter().any(|s| *s.plugin.name == *plugin))
+        {
+            run_once(&host, flow, &input, json).await?;
+        }
+    }
+}
+
+/// One run for `watch`: its summary on stdout, an invalid flow on stderr.
+async fn run_once(host: &Host, flow: &Flow, input: &Value, json: bool) -> anyhow::Result<()> {
+    match host.run(flow, input.clone()).await {
+        Ok(summary) if json => println!("{}", serde_json::to_string(&summary)?),
+        Ok(summary) => print_summary(flow, &summary),
+        Err(e) => eprintln!("error: {e}"),
+    }
+    Ok(())
 }
 
 async fn plan(flow: &Path, args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {

@@ -72,11 +72,11 @@ impl Default for PoolConfig {
 pub enum PoolError<E> {
     /// All `max` resources stayed in use for the whole acquisition timeout.
     #[error(
-        "no instance came free within {waited_ms} ms: all {max} are in use (raise the pool's max or acquire_timeout_ms)"
+        "no instance came free within {timeout_ms} ms: all {max} are in use (raise the pool's max or acquire_timeout_ms)"
     )]
     Timeout {
-        /// How long the request waited, in ms.
-        waited_ms: u64,
+        /// The acquisition timeout, in ms.
+        timeout_ms: u64,
         /// The pool's `max`.
         max: usize,
     },
@@ -259,8 +259,8 @@ impl<M: Manager> Pool<M> {
                     Ok(Err(_)) => return Err(PoolError::Draining),
                     Err(_) => {
                         inner.failures.fetch_add(1, Ordering::Relaxed);
-                        let waited_ms = started.elapsed().as_millis() as u64;
-                        return Err(PoolError::Timeout { waited_ms, max: inner.config.max });
+                        let timeout_ms = inner.config.acquire_timeout_ms;
+                        return Err(PoolError::Timeout { timeout_ms, max: inner.config.max });
                     }
                 }
             }
@@ -577,7 +577,7 @@ mod tests {
         let pool = Pool::new(Arc::new(Counter::default()), config(0, 1));
         let held = pool.acquire().await.unwrap();
         let err = pool.acquire().await.err().unwrap();
-        assert_eq!(err, PoolError::Timeout { waited_ms: 200, max: 1 });
+        assert_eq!(err, PoolError::Timeout { timeout_ms: 200, max: 1 });
         assert!(err.to_string().contains("all 1 are in use"), "{err}");
         assert_eq!(pool.stats().failures, 1);
         drop(held);

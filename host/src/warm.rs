@@ -20,7 +20,7 @@ use crate::instance::{Caller, PluginState, describe_failure};
 use crate::pool::{Manager, Pool, PoolConfig, PoolStats};
 
 /// Pool settings, any of them: a step's (`pool = { … }` in the flow) over
-/// its plugin's (`[pool]` in `NAME.toml` beside `NAME.wasm`) over the host's.
+/// its plugin's (`[pool]` in `NAME.plugin.toml` beside `NAME.wasm`) over the host's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSettings {
@@ -71,7 +71,8 @@ impl PoolSettings {
     }
 }
 
-/// A plugin's own settings file, `NAME.toml` beside `NAME.wasm`.
+/// A plugin's own settings file, `NAME.plugin.toml` beside `NAME.wasm`
+/// (not `NAME.toml`, which is what a flow kept beside it may be called).
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct PluginFile {
@@ -79,9 +80,9 @@ struct PluginFile {
     pool: PoolSettings,
 }
 
-/// Reads `NAME.toml` beside the component, if there is one.
+/// Reads `NAME.plugin.toml` beside the component, if there is one.
 pub(crate) fn plugin_settings(dir: &Path, name: &str) -> Result<PoolSettings, String> {
-    let path = dir.join(format!("{name}.toml"));
+    let path = dir.join(format!("{name}.plugin.toml"));
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str::<PluginFile>(&text)
             .map(|file| file.pool)

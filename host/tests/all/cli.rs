@@ -199,3 +199,44 @@ fn ctrl_c_cancels_the_run_and_still_reports_it() {
     assert_eq!(summary["steps"][1]["status"], "skipped");
     assert!(summary["wall_ms"].as_f64().unwrap() < 20000.0);
 }
+
+#[test]
+fn watch_reruns_the_flow_when_its_plugin_is_replaced() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugins_dir().join("identity.wasm"), dir.path().join("swap.wasm")).unwrap();
+    let flow = dir.path().join("swap.toml");
+    std::fs::write(&flow, "[flow]\nname = \"swap\"\n[[step]]\nid = \"s\"\nplugin = \"swap\"\n")
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qflow"))
+        .args(["watch", flow.to_str().unwrap(), "--json", "--input", "\"abc\""])
+        .args(["--plugins", dir.path().to_str().unwrap()])
+        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> Value {
+        let line =
+            rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a line from qflow watch");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    assert_eq!(next()["steps"][0]["output"], "abc", "the first run, on identity");
+    let tmp = dir.path().join("swap.tmp");
+    std::fs::copy(plugins_dir().join("hash.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.path().join("swap.wasm")).unwrap();
+    assert_eq!(next()["type"], "q.qflow.plugin.reloaded.v1");
+    assert_eq!(next()["steps"][0]["output"]["bytes"], 3, "the re-run, on hash");
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -98,7 +98,7 @@ async fn the_acquisition_timeout_fires_with_a_clear_error_when_the_pool_is_exhau
 async fn a_plugin_settings_file_sets_its_pools() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(hostile_dir().join("hostile.wasm"), dir.path().join("hostile.wasm")).unwrap();
-    std::fs::write(dir.path().join("hostile.toml"), "[pool]\nreuse = 3\nmin = 0\n").unwrap();
+    std::fs::write(dir.path().join("hostile.plugin.toml"), "[pool]\nreuse = 3\nmin = 0\n").unwrap();
     let host = Host::new(config(dir.path(), None)).unwrap();
     let toml = counter_flow("");
     let mut seen = Vec::new();
@@ -116,12 +116,15 @@ async fn a_plugin_settings_file_sets_its_pools() {
 async fn a_broken_plugin_settings_file_is_named_in_the_error() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(hostile_dir().join("hostile.wasm"), dir.path().join("hostile.wasm")).unwrap();
-    std::fs::write(dir.path().join("hostile.toml"), "[pool]\nreuse = \"often\"\n").unwrap();
+    std::fs::write(dir.path().join("hostile.plugin.toml"), "[pool]\nreuse = \"often\"\n").unwrap();
     let host = Host::new(config(dir.path(), None)).unwrap();
     let summary = run(&host, &counter_flow(""), json!({})).await;
     assert_eq!(summary.status, RunStatus::Failed);
     let message = &summary.step("c").unwrap().error.as_ref().unwrap().message;
-    assert!(message.contains(&format!("{}", Path::new("hostile.toml").display())), "{message}");
+    assert!(
+        message.contains(&format!("{}", Path::new("hostile.plugin.toml").display())),
+        "{message}"
+    );
     assert!(message.contains("reuse"), "{message}");
 }
 
