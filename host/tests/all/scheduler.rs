@@ -224,7 +224,8 @@ async fn max_parallel_bounds_how_many_steps_run_at_once() {
         .await
         .unwrap();
     assert_eq!(one.max_parallel, 6);
-    assert!(one.wall_ms < 300.0, "{}", one.wall_ms);
+    let all: Vec<(f64, f64)> = (0..6).map(|i| span(&one, &format!("s{i}"))).collect();
+    assert!(all.iter().all(|&a| all.iter().all(|&b| overlap(a, b))), "all six ran at once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,10 +314,11 @@ async fn a_cpu_bound_guest_does_not_starve_the_other_steps() {
         strategy = "continue-on-error"
     "#;
     let summary = run(&host, toml, json!(null)).await;
-    let (start, end) = span(&summary, "nap");
     assert_eq!(summary.step("nap").unwrap().status, StepStatus::Succeeded);
-    assert!(end - start < 600.0, "the nap took {} ms next to a busy guest", end - start);
     assert_eq!(summary.step("spin").unwrap().error.as_ref().unwrap().kind, "timeout");
+    // Starved, the nap could only end once the spinning guest was stopped.
+    let (nap, spin) = (span(&summary, "nap"), span(&summary, "spin"));
+    assert!(nap.1 < spin.1, "the nap ended at {} ms, the busy guest at {} ms", nap.1, spin.1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -356,7 +358,11 @@ async fn the_summary_reports_step_time_and_efficiency() {
     }
     let summary = run(&host, &toml, json!(null)).await;
     assert!(summary.step_ms >= 1200.0, "{}", summary.step_ms);
-    assert!(summary.efficiency > 0.5 && summary.efficiency <= 1.0, "{}", summary.efficiency);
+    assert!(summary.efficiency > 0.0 && summary.efficiency <= 1.0, "{}", summary.efficiency);
+    // Four steps at once: the best schedule is the longest one.
+    let longest = summary.steps.iter().filter_map(|s| s.duration_ms()).fold(0.0, f64::max);
+    let expected = (longest / summary.wall_ms).min(1.0);
+    assert!((summary.efficiency - expected).abs() < 1e-9, "{} vs {expected}", summary.efficiency);
     assert_eq!(summary.plan.groups, 1);
     assert!((summary.plan.parallelization - 4.0).abs() < 1e-9);
     // The next plan estimates from this run.
