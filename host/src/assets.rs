@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::bindings::StepError;
 use crate::cache::{Cache, LoadError};
 use crate::catalog::Catalog;
 use crate::flow::{LoaderSpec, Mount, PluginRef};
-use crate::instance::{Caller, PluginState, describe_failure};
+use crate::instance::{Caller, Limits, PluginState, describe_failure};
+use crate::sandbox::Grants;
 
 /// The longest one `load` call may run before it is interrupted: a request
 /// gives up sooner (the store's load timeout), but the call must end too.
@@ -130,21 +130,16 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
     plugin.check_version(&key.plugin.name, key.plugin.version.as_deref()).map_err(failed)?;
     let pre = plugin.loader(&key.plugin.name).map_err(failed)?;
 
-    let mut wasi = WasiCtxBuilder::new();
-    for mount in &key.dirs {
-        wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly).map_err(|e| {
-            error(
-                "io",
-                format!("{owner}: cannot open {} for {}: {e}", mount.host.display(), mount.guest),
-            )
-        })?;
-    }
     let caller = Caller {
         name: Arc::from(format!("loader:{}", key.loader_id)),
         plugin: Arc::from(key.plugin.name.as_str()),
     };
     let deadline = Some(tokio::time::Instant::now() + LOADER_TIME_LIMIT);
-    let mut store = PluginState::store(catalog.engine(), caller, None, &mut wasi, deadline).await;
+    let grants = Grants { dirs: key.dirs.clone(), env: Vec::new() };
+    let mut store =
+        PluginState::store(catalog.engine(), caller, None, &grants, Limits::default(), deadline)
+            .await
+            .map_err(|e| error("io", format!("{owner}: {e}")))?;
     let loaded = match pre.instantiate_async(&mut store).await {
         Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
         Err(e) => Err(e),

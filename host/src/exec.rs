@@ -25,9 +25,10 @@ use crate::catalog::{Catalog, PluginError};
 use crate::events::Event;
 use crate::flow::{Flow, Step, Strategy};
 use crate::input::Source;
-use crate::instance::{Caller, describe_failure};
+use crate::instance::{Caller, Limits, describe_failure};
 use crate::plan::Plan;
 use crate::pool::PoolError;
+use crate::sandbox::{Captured, Grants};
 use crate::store::{Plugin, Stats};
 use crate::warm::{InitError, PoolKey, PoolSource, Pools};
 
@@ -97,6 +98,17 @@ pub struct StepReport {
     /// Why it failed, if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<StepFailure>,
+    /// What its last attempt printed and logged, line by line, each marked
+    /// `stdout:`, `stderr:` or with its `host.log` level.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+    /// Log bytes over the limit, dropped.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub log_dropped_bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl StepReport {
@@ -177,6 +189,10 @@ struct RunContext {
     assets: Arc<Assets>,
     events: broadcast::Sender<Event>,
     max_output_bytes: u64,
+    /// The host's default memory limit per step, in bytes.
+    max_memory_bytes: u64,
+    /// The most log bytes kept per step call.
+    max_log_bytes: u64,
     pools: Arc<Pools>,
     /// The flow's loaders, as part of its steps' pool keys.
     loaders_key: Arc<str>,
@@ -207,6 +223,7 @@ struct Finished {
     end: Instant,
     attempts: u32,
     result: Result<Value, StepFailure>,
+    log: Captured,
 }
 
 /// What the host hands the scheduler for one run.
@@ -215,6 +232,8 @@ pub(crate) struct RunInputs {
     pub(crate) asset_cache: Arc<AssetCache>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) max_output_bytes: u64,
+    pub(crate) max_memory_bytes: u64,
+    pub(crate) max_log_bytes: u64,
     pub(crate) pools: Arc<Pools>,
 }
 
@@ -246,8 +265,18 @@ pub(crate) async fn run(
     input: Value,
     options: RunOptions,
 ) -> RunSummary {
-    let RunInputs { catalog, asset_cache, events, max_output_bytes, pools } = inputs;
+    let RunInputs {
+        catalog,
+        asset_cache,
+        events,
+        max_output_bytes,
+        max_memory_bytes,
+        max_log_bytes,
+        pools,
+    } = inputs;
     let ctx = Arc::new(RunContext {
+        max_memory_bytes,
+        max_log_bytes: flow.max_log_bytes.unwrap_or(max_log_bytes),
         loaders_key: Arc::from(format!("{:?}", flow.loaders)),
         plugins: load_plugins(&catalog, &flow),
         pools,
@@ -281,6 +310,8 @@ pub(crate) async fn run(
                 end_ms: None,
                 output: None,
                 error: None,
+                log: Vec::new(),
+                log_dropped_bytes: 0,
             })
             .collect(),
         unmet: ctx.flow.steps.iter().map(|s| s.deps.len()).collect(),
@@ -381,6 +412,7 @@ impl Scheduler<'_> {
                     end: now,
                     attempts: 0,
                     result: Err(failure),
+                    log: Captured::default(),
                 });
             }
         }
@@ -403,6 +435,7 @@ impl Scheduler<'_> {
                     end: now,
                     attempts: 1,
                     result: Err(failure),
+                    log: Captured::default(),
                 });
             }
         }
@@ -505,6 +538,8 @@ fn record(ctx: &RunContext, report: &mut StepReport, done: Finished) {
     report.start_ms = Some(ctx.ms_since_start(done.start));
     report.end_ms = Some(ctx.ms_since_start(done.end));
     report.attempts = done.attempts;
+    report.log = done.log.lines;
+    report.log_dropped_bytes = done.log.dropped;
     match done.result {
         Ok(output) => {
             report.status = StepStatus::Succeeded;
@@ -593,13 +628,14 @@ async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
                 end: Instant::now(),
                 attempts: 1,
                 result: Err(failure),
+                log: Captured::default(),
             };
         }
     };
     let retries = step.strategy == Strategy::RetryFailed;
     let mut attempts = 1;
     loop {
-        let result = attempt(&ctx, step, &plugin, &input).await;
+        let (result, log) = attempt(&ctx, step, &plugin, &input).await;
         match result {
             Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
                 let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
@@ -613,7 +649,9 @@ async fn execute(ctx: Arc<RunContext>, index: usize, input: Value) -> Finished {
                 tokio::time::sleep(delay).await;
                 attempts += 1;
             }
-            result => return Finished { index, start, end: Instant::now(), attempts, result },
+            result => {
+                return Finished { index, start, end: Instant::now(), attempts, result, log };
+            }
         }
     }
 }
@@ -654,17 +692,17 @@ async fn attempt(
     step: &Step,
     plugin: &Plugin,
     input: &Value,
-) -> Result<Value, StepFailure> {
+) -> (Result<Value, StepFailure>, Captured) {
     let Some(limit) = step.timeout else {
         return call(ctx, step, plugin, input, None).await;
     };
     let deadline = Instant::now() + limit;
     match tokio::time::timeout_at(deadline, call(ctx, step, plugin, input, Some(deadline))).await {
-        Ok(Err(failure)) if failure.kind == "trap" && Instant::now() >= deadline => {
-            Err(timed_out(step, limit))
+        Ok((Err(failure), log)) if failure.kind == "trap" && Instant::now() >= deadline => {
+            (Err(timed_out(step, limit)), log)
         }
         Ok(result) => result,
-        Err(_) => Err(timed_out(step, limit)),
+        Err(_) => (Err(timed_out(step, limit)), Captured::default()),
     }
 }
 
@@ -677,13 +715,22 @@ async fn call(
     plugin: &Plugin,
     input: &Value,
     deadline: Option<Instant>,
-) -> Result<Value, StepFailure> {
+) -> (Result<Value, StepFailure>, Captured) {
     let name = &step.plugin.name;
-    let pre = plugin.step(name).map_err(|e| failure(step, "plugin", None, e.to_string()))?;
+    let pre = match plugin.step(name) {
+        Ok(pre) => pre,
+        Err(e) => return (Err(failure(step, "plugin", None, e.to_string())), Captured::default()),
+    };
+    let limits = Limits {
+        memory: step.max_memory_bytes.unwrap_or(ctx.max_memory_bytes) as usize,
+        log: ctx.max_log_bytes as usize,
+    };
     let key = PoolKey {
         digest: plugin.digest,
         config: serde_json::to_string(&step.config).unwrap_or_else(|_| "{}".to_owned()),
         loaders: ctx.loaders_key.clone(),
+        grants: Grants { dirs: step.dirs.clone(), env: step.env.clone() },
+        limits,
         settings: step.pool,
     };
     let source = PoolSource {
@@ -693,43 +740,64 @@ async fn call(
         plugins_dir: ctx.catalog.dir(),
         assets: &ctx.assets,
     };
-    let pool = ctx.pools.get(&key, source).map_err(|e| failure(step, "plugin", None, e))?;
-    let mut pooled = pool.pool.acquire().await.map_err(|e| match e {
+    let pool = match ctx.pools.get(&key, source) {
+        Ok(pool) => pool,
+        Err(e) => return (Err(failure(step, "plugin", None, e)), Captured::default()),
+    };
+    let mut pooled = match pool.pool.acquire().await {
+        Ok(pooled) => pooled,
+        Err(e) => return (Err(acquire_failed(step, e)), Captured::default()),
+    };
+    let warm = pooled.get();
+    let caller = Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(name.as_str()) };
+    warm.store.data_mut().prepare(caller, deadline);
+    let ran = warm.instance.call_run(&mut warm.store, &input.to_string()).await;
+    let returned = match ran {
+        Err(e) => {
+            let what = format!("trapped in run: {}", describe_failure(&e, &warm.store));
+            let log = warm.store.data().log().take();
+            // Dropping `pooled` discards the instance: it is never reused.
+            return (Err(failure(step, "trap", None, what)), log);
+        }
+        Ok(returned) => returned,
+    };
+    let log = warm.store.data().log().take();
+    warm.calls += 1;
+    if warm.calls < pool.reuse {
+        pooled.release();
+    }
+    (returned_value(ctx, step, returned), log)
+}
+
+fn acquire_failed(step: &Step, e: PoolError<InitError>) -> StepFailure {
+    match e {
         PoolError::Create(InitError::Config { code, message }) => {
             failure(step, "config", Some(code), format!("rejected its config: {message}"))
         }
         PoolError::Create(trap @ InitError::Trap { .. }) => {
             failure(step, "trap", None, trap.to_string())
         }
+        PoolError::Create(InitError::Grant(message)) => failure(step, "sandbox", None, message),
         PoolError::Timeout { .. } => StepFailure {
             retryable: true,
             ..failure(step, "pool", None, format!("waited for an instance: {e}"))
         },
         other => failure(step, "pool", None, format!("no instance: {other}")),
-    })?;
-    let warm = pooled.get();
-    let caller = Caller { name: Arc::from(step.id.as_str()), plugin: Arc::from(name.as_str()) };
-    warm.store.data_mut().prepare(caller, deadline);
-    let ran = warm.instance.call_run(&mut warm.store, &input.to_string()).await;
-    let output = match ran {
+    }
+}
+
+/// What `run` returned, checked: an error, or JSON within the size limit.
+fn returned_value(
+    ctx: &RunContext,
+    step: &Step,
+    returned: Result<String, crate::bindings::StepError>,
+) -> Result<Value, StepFailure> {
+    let output = match returned {
+        Ok(output) => output,
         Err(e) => {
-            let what = format!("trapped in run: {}", describe_failure(&e, &warm.store));
-            // Dropping `pooled` discards the instance: it is never reused.
-            return Err(failure(step, "trap", None, what));
-        }
-        Ok(returned) => {
-            warm.calls += 1;
-            if warm.calls < pool.reuse {
-                pooled.release();
-            }
-            match returned {
-                Ok(output) => output,
-                Err(e) => {
-                    let what = format!("failed: {}: {}", e.code, e.message);
-                    let failure = failure(step, "step-error", Some(e.code), what);
-                    return Err(StepFailure { retryable: e.retryable, ..failure });
-                }
-            }
+            let what = format!("failed: {}: {}", e.code, e.message);
+            let failure = failure(step, "step-error", Some(e.code), what);
+            return Err(StepFailure { retryable: e.retryable, ..failure });
         }
     };
     if output.len() as u64 > ctx.max_output_bytes {

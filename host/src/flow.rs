@@ -28,6 +28,8 @@ pub struct Flow {
     pub max_parallel: Option<usize>,
     /// The largest output a step may return, in bytes (`None`: the host's limit).
     pub max_output_bytes: Option<u64>,
+    /// The most log bytes kept per step call (`None`: the host's limit).
+    pub max_log_bytes: Option<u64>,
     /// Where it came from: a file path, or `<inline>`.
     pub origin: String,
 }
@@ -98,6 +100,12 @@ pub struct Step {
     pub resources: Vec<String>,
     /// Its instance pool's settings (over its plugin's and the host's).
     pub pool: PoolSettings,
+    /// Host directories it may use.
+    pub dirs: Vec<Mount>,
+    /// Environment variables it sees (and no others).
+    pub env: Vec<(String, String)>,
+    /// Its linear memory limit in bytes (`None`: the flow's, else the host's).
+    pub max_memory_bytes: Option<u64>,
     /// The indices (in `Flow::steps`) of `needs`.
     pub(crate) deps: Vec<usize>,
     /// The `input` mapping, if the file gives one.
@@ -124,6 +132,57 @@ pub struct Mount {
     pub guest: String,
     /// The directory on the host (resolved against the flow file's directory).
     pub host: PathBuf,
+    /// Whether the plugin may change it (read-only unless granted).
+    pub writable: bool,
+}
+
+/// A directory grant as the flow writes it: `"/data" = "dir"` (read-only) or
+/// `"/out" = { path = "dir", writable = true }`.
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawMount {
+    Path(PathBuf),
+    Full {
+        path: PathBuf,
+        #[serde(default)]
+        writable: bool,
+    },
+}
+
+/// Checks directory grants: absolute guest paths, existing host directories.
+fn mounts(
+    owner: &str,
+    raw: BTreeMap<String, RawMount>,
+    base: &Path,
+    problems: &mut Vec<Problem>,
+) -> Vec<Mount> {
+    raw.into_iter()
+        .filter_map(|(guest, raw)| {
+            let (host, writable) = match raw {
+                RawMount::Path(path) => (base.join(path), false),
+                RawMount::Full { path, writable } => (base.join(path), writable),
+            };
+            let reason = if !guest.starts_with('/') {
+                Some("the guest path must be absolute, such as \"/data\"")
+            } else if !host.is_dir() {
+                Some("no such directory on the host")
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    problems.push(Problem::BadMount {
+                        owner: owner.to_owned(),
+                        guest,
+                        host: host.display().to_string(),
+                        reason: reason.to_owned(),
+                    });
+                    None
+                }
+                None => Some(Mount { guest, host, writable }),
+            }
+        })
+        .collect()
 }
 
 /// A plugin by name, optionally pinned to a version: `jq` or `jq@0.1.0`.
@@ -256,10 +315,10 @@ pub enum Problem {
     #[error("flow.max_parallel must be at least 1")]
     BadMaxParallel,
     /// A loader's directory grant is unusable.
-    #[error("loader `{loader}`: dir {guest:?} = {host:?}: {reason}")]
+    #[error("{owner}: dir {guest:?} = {host:?}: {reason}")]
     BadMount {
-        /// The loader.
-        loader: String,
+        /// The step or loader, as `step \`id\``.
+        owner: String,
         /// The guest path.
         guest: String,
         /// The host path.
@@ -369,6 +428,10 @@ struct RawHeader {
     /// The default per-step timeout.
     timeout_ms: Option<u64>,
     max_output_bytes: Option<u64>,
+    /// The default memory limit of every step, in MiB.
+    max_memory_mb: Option<u64>,
+    /// The most log bytes (stdout, stderr, `host.log`) kept per step call.
+    max_log_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +450,11 @@ struct RawStep {
     resources: Vec<String>,
     #[serde(default)]
     pool: PoolSettings,
+    #[serde(default)]
+    dirs: BTreeMap<String, RawMount>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    max_memory_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -397,7 +465,7 @@ struct RawLoader {
     params: Option<Value>,
     /// Guest path → host directory.
     #[serde(default)]
-    dirs: BTreeMap<String, PathBuf>,
+    dirs: BTreeMap<String, RawMount>,
 }
 
 impl RawFlow {
@@ -456,6 +524,12 @@ impl RawFlow {
                     retry,
                     resources: raw.resources.clone(),
                     pool: raw.pool,
+                    dirs: mounts(&owner, raw.dirs.clone(), base, problems),
+                    env: raw.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    max_memory_bytes: raw
+                        .max_memory_mb
+                        .or(self.flow.max_memory_mb)
+                        .map(|mb| mb << 20),
                     deps,
                     input,
                 }
@@ -471,32 +545,7 @@ impl RawFlow {
             .into_iter()
             .map(|raw| {
                 let owner = format!("loader `{}`", raw.id);
-                let dirs = raw
-                    .dirs
-                    .into_iter()
-                    .filter_map(|(guest, host)| {
-                        let host = base.join(host);
-                        let reason = if !guest.starts_with('/') {
-                            Some("the guest path must be absolute, such as \"/data\"")
-                        } else if !host.is_dir() {
-                            Some("no such directory on the host")
-                        } else {
-                            None
-                        };
-                        match reason {
-                            Some(reason) => {
-                                problems.push(Problem::BadMount {
-                                    loader: raw.id.clone(),
-                                    guest,
-                                    host: host.display().to_string(),
-                                    reason: reason.to_owned(),
-                                });
-                                None
-                            }
-                            None => Some(Mount { guest, host }),
-                        }
-                    })
-                    .collect();
+                let dirs = mounts(&owner, raw.dirs, base, problems);
                 LoaderSpec {
                     plugin: plugin_ref(&owner, &raw.plugin, problems),
                     params: table(&owner, "params", raw.params, problems),
@@ -516,6 +565,7 @@ impl RawFlow {
             loaders,
             max_parallel: self.flow.max_parallel,
             max_output_bytes: self.flow.max_output_bytes,
+            max_log_bytes: self.flow.max_log_bytes,
             origin: origin.to_owned(),
         }
     }

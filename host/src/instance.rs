@@ -1,5 +1,6 @@
 //! One plugin instance's store: its WASI context (what the operator granted,
-//! nothing more), the host functions of the contract, and its captured stderr.
+//! nothing more), its limits, the host functions of the contract, and the
+//! capture of what it prints.
 
 use std::sync::Arc;
 
@@ -7,15 +8,28 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::assets::Assets;
 use crate::bindings::{LogLevel, StepError, host};
 use crate::engine::Engine;
+use crate::sandbox::{Grants, Limiter, Log, Stream};
 
-/// How much of a guest's stderr is kept: enough for a panic message.
-const STDERR_CAPACITY: usize = 16 * 1024;
+/// An instance's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Limits {
+    /// Linear memory, in bytes.
+    pub(crate) memory: usize,
+    /// Captured output (stdout, stderr, `host.log`) per call, in bytes.
+    pub(crate) log: usize,
+}
+
+impl Default for Limits {
+    /// For the host's own calls (`describe`, loaders): generous, not unbounded.
+    fn default() -> Self {
+        Limits { memory: 256 << 20, log: 64 << 10 }
+    }
+}
 
 /// Who is calling: named in log lines and error messages.
 #[derive(Debug, Clone)]
@@ -29,7 +43,8 @@ pub(crate) struct Caller {
 pub(crate) struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
-    stderr: MemoryOutputPipe,
+    log: Log,
+    limiter: Limiter,
     caller: Caller,
     /// Where `host.asset` is served from; `None` for loaders, which do not
     /// read assets themselves.
@@ -41,30 +56,35 @@ pub(crate) struct PluginState {
 }
 
 impl PluginState {
-    /// A store for one instance of a plugin: no environment, no files, no
-    /// network, stdout discarded, stderr captured for error reports. Waits
-    /// while the engine has `max_instances` alive. Past `deadline`, the
-    /// guest is interrupted at its next epoch tick.
+    /// A store for one instance of a plugin: only what `grants` gives it
+    /// (no network, no inherited environment), its memory limited, its
+    /// stdout and stderr captured. Waits while the engine has
+    /// `max_instances` alive. Past `deadline`, the guest is interrupted at
+    /// its next epoch tick.
     pub(crate) async fn store(
         engine: &Engine,
         caller: Caller,
         assets: Option<Arc<Assets>>,
-        wasi: &mut wasmtime_wasi::WasiCtxBuilder,
+        grants: &Grants,
+        limits: Limits,
         deadline: Option<Instant>,
-    ) -> Store<PluginState> {
+    ) -> Result<Store<PluginState>, String> {
+        let mut wasi = grants.wasi()?;
         let permit = engine.instance_permit().await;
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = wasi.stderr(stderr.clone()).build();
+        let log = Log::new(limits.log);
+        let wasi = wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr)).build();
         let state = PluginState {
             wasi,
             table: ResourceTable::new(),
-            stderr,
+            log,
+            limiter: Limiter::new(limits.memory),
             caller,
             assets,
             _permit: permit,
             deadline,
         };
         let mut store = Store::new(engine.wasmtime(), state);
+        store.limiter(|state| &mut state.limiter);
         // At every epoch tick: past the deadline, interrupt the guest (a
         // trap); before it, yield to the async scheduler, so that a CPU-bound
         // guest shares its worker thread instead of holding it. tokio's own
@@ -76,27 +96,20 @@ impl PluginState {
             _ => Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))),
         });
         store.set_epoch_deadline(1);
-        store
+        Ok(store)
     }
 
     /// Readies a (pooled) instance for a call: whom it serves now, and until when.
     pub(crate) fn prepare(&mut self, caller: Caller, deadline: Option<Instant>) {
         self.caller = caller;
         self.deadline = deadline;
+        // What warming the instance printed is nobody's business now.
+        self.log.take();
     }
 
-    /// The last lines the guest wrote to stderr (a Rust panic message lands
-    /// there), on one line, for an error report; empty when it wrote nothing.
-    pub(crate) fn stderr_tail(&self) -> String {
-        let bytes = self.stderr.contents();
-        let text = String::from_utf8_lossy(&bytes);
-        // Rust's hint about RUST_BACKTRACE means nothing inside a guest.
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-            .collect();
-        lines[lines.len().saturating_sub(5)..].join(" ")
+    /// What the guest printed and logged since the last `prepare`.
+    pub(crate) fn log(&self) -> &Log {
+        &self.log
     }
 }
 
@@ -116,6 +129,14 @@ impl host::Host for PluginState {
             LogLevel::Warn => tracing::warn!(target: "qflow::plugin", step, plugin, "{message}"),
             LogLevel::Error => tracing::error!(target: "qflow::plugin", step, plugin, "{message}"),
         }
+        let level = match level {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        };
+        self.log.line(Stream::Log(level), message);
     }
 
     async fn asset(&mut self, name: String) -> Result<Vec<u8>, StepError> {
@@ -141,7 +162,10 @@ pub(crate) fn describe_failure(error: &wasmtime::Error, store: &Store<PluginStat
         Some(trap) => trap.to_string(),
         None => error.root_cause().to_string(),
     };
-    let stderr = store.data().stderr_tail();
+    if let Some(limit) = &store.data().limiter.hit {
+        message = format!("it hit {limit} ({message})");
+    }
+    let stderr = store.data().log.stderr_tail();
     if !stderr.is_empty() {
         message = format!("{message}; the guest wrote: {stderr}");
     }

@@ -24,6 +24,7 @@ mod input;
 mod instance;
 mod plan;
 mod pool;
+mod sandbox;
 mod store;
 mod warm;
 mod watch;
@@ -68,6 +69,13 @@ pub struct HostConfig {
     /// own): 16 MiB, far above what a step should pass on, far below what
     /// would hurt the host.
     pub max_output_bytes: u64,
+    /// The default linear memory limit of every step, in bytes (a flow or
+    /// step may set its own): 256 MiB, plenty for a step, and what stops a
+    /// runaway guest long before it hurts the host.
+    pub max_memory_bytes: u64,
+    /// The most a step call may print and log (stdout, stderr, `host.log`)
+    /// into its report, in bytes; the rest is counted and dropped: 1 MiB.
+    pub max_log_bytes: u64,
     /// Instance pool settings for every step (a plugin's `NAME.plugin.toml` and a
     /// step's `pool` table override them).
     pub pool: PoolSettings,
@@ -82,6 +90,8 @@ impl HostConfig {
             store: StoreConfig::default(),
             preload: true,
             max_output_bytes: 16 << 20,
+            max_memory_bytes: 256 << 20,
+            max_log_bytes: 1 << 20,
             pool: PoolSettings::default(),
         }
     }
@@ -107,6 +117,8 @@ pub struct Host {
     events: broadcast::Sender<Event>,
     preload_threshold: u64,
     max_output_bytes: u64,
+    max_memory_bytes: u64,
+    max_log_bytes: u64,
     pools: Arc<warm::Pools>,
     /// How long each step took lately (`flow/step` → ms, a moving average),
     /// for the critical path; kept beside the disk cache between hosts.
@@ -149,6 +161,8 @@ impl Host {
             events,
             preload_threshold: config.store.preload_threshold,
             max_output_bytes: config.max_output_bytes,
+            max_memory_bytes: config.max_memory_bytes,
+            max_log_bytes: config.max_log_bytes,
             pools: Arc::new(warm::Pools::new(config.pool, config.engine.max_instances as usize)),
             history: Mutex::new(history),
         };
@@ -210,6 +224,8 @@ impl Host {
             asset_cache: self.assets.clone(),
             events: self.events.clone(),
             max_output_bytes: self.max_output_bytes,
+            max_memory_bytes: self.max_memory_bytes,
+            max_log_bytes: self.max_log_bytes,
             pools: self.pools.clone(),
         };
         let mut summary = exec::run(inputs, Arc::new(flow.clone()), &plan, input, options).await;

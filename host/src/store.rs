@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sha2::Digest as _;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::bindings::{self, loader::LoaderPre, step::StepPre};
 use crate::cache::{Cache, CacheStats, LoadError};
 use crate::catalog::{Kind, PluginError};
 use crate::disk::{Digest, DiskCache, Lookup};
 use crate::engine::Engine;
-use crate::instance::{Caller, PluginState, describe_failure};
+use crate::instance::{Caller, Limits, PluginState, describe_failure};
+use crate::sandbox::Grants;
 
 /// How compiled components and loader assets are cached.
 #[derive(Debug, Clone)]
@@ -296,9 +296,11 @@ impl ComponentStore {
         };
         let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
         let deadline = Some(tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT);
-        let mut store =
-            PluginState::store(&self.engine, caller, None, &mut WasiCtxBuilder::new(), deadline)
-                .await;
+        let grants = Grants::default();
+        let limits = Limits::default();
+        let mut store = PluginState::store(&self.engine, caller, None, &grants, limits, deadline)
+            .await
+            .map_err(|message| PluginError::Describe { path: path.to_path_buf(), message })?;
         let info = match world.describe(&mut store).await {
             Ok(info) => info,
             Err(e) => {

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use wasmtime::Store;
-use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::assets::Assets;
 use crate::bindings::step::{Step as StepInstance, StepPre};
 use crate::disk::Digest;
 use crate::engine::Engine;
-use crate::instance::{Caller, PluginState, describe_failure};
+use crate::instance::{Caller, Limits, PluginState, describe_failure};
 use crate::pool::{Manager, Pool, PoolConfig, PoolStats};
+use crate::sandbox::Grants;
 
 /// Pool settings, any of them: a step's (`pool = { … }` in the flow) over
 /// its plugin's (`[pool]` in `NAME.plugin.toml` beside `NAME.wasm`) over the host's.
@@ -99,6 +99,8 @@ pub(crate) enum InitError {
     Config { code: String, message: String },
     /// Instantiation or `init` trapped.
     Trap { phase: &'static str, message: String },
+    /// A granted directory could not be opened.
+    Grant(String),
 }
 
 impl fmt::Display for InitError {
@@ -106,6 +108,7 @@ impl fmt::Display for InitError {
         match self {
             InitError::Config { message, .. } => write!(f, "rejected its config: {message}"),
             InitError::Trap { phase, message } => write!(f, "trapped in {phase}: {message}"),
+            InitError::Grant(message) => f.write_str(message),
         }
     }
 }
@@ -125,6 +128,8 @@ pub(crate) struct InstanceManager {
     config: String,
     assets: Arc<Assets>,
     plugin: Arc<str>,
+    grants: Grants,
+    limits: Limits,
 }
 
 impl Manager for InstanceManager {
@@ -134,8 +139,10 @@ impl Manager for InstanceManager {
     async fn create(&self) -> Result<Warm, InitError> {
         let caller = Caller { name: Arc::from("(warming)"), plugin: self.plugin.clone() };
         let assets = Some(self.assets.clone());
-        let mut wasi = WasiCtxBuilder::new();
-        let mut store = PluginState::store(&self.engine, caller, assets, &mut wasi, None).await;
+        let (grants, limits) = (&self.grants, self.limits);
+        let mut store = PluginState::store(&self.engine, caller, assets, grants, limits, None)
+            .await
+            .map_err(InitError::Grant)?;
         let trap = |phase, e: wasmtime::Error, store: &Store<PluginState>| InitError::Trap {
             phase,
             message: describe_failure(&e, store),
@@ -160,12 +167,15 @@ pub(crate) struct StepPool {
 }
 
 /// What makes two steps share a pool: the same bytes, the same config, the
-/// same loaders (their `init` may read assets) and the same settings.
+/// same loaders (their `init` may read assets), the same grants and limits,
+/// and the same settings.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
     pub(crate) digest: Digest,
     pub(crate) config: String,
     pub(crate) loaders: Arc<str>,
+    pub(crate) grants: Grants,
+    pub(crate) limits: Limits,
     pub(crate) settings: PoolSettings,
 }
 
@@ -209,6 +219,8 @@ impl Pools {
             config: key.config.clone(),
             assets: source.assets.clone(),
             plugin: Arc::from(source.plugin),
+            grants: key.grants.clone(),
+            limits: key.limits,
         };
         let pool = Arc::new(StepPool {
             pool: Pool::new(manager, config),

@@ -80,6 +80,60 @@ impl Guest for Hostile {
             "loop" => loop {
                 std::hint::black_box(());
             },
+            "recurse" => Ok(format!("{}", recurse(1))),
+            // Writes `bytes` to stdout, stderr and the host log, in lines.
+            "log-flood" => {
+                let bytes = CONFIG.with(|c| c.borrow().get("bytes").and_then(Value::as_u64));
+                let line = "flood ".repeat(20);
+                let mut written = 0;
+                while written < bytes.unwrap_or(10 << 20) {
+                    println!("{line}");
+                    eprintln!("{line}");
+                    qflow_sdk::log(qflow_sdk::Level::Info, &line);
+                    written += 3 * line.len() as u64;
+                }
+                Ok(input)
+            }
+            // Reads the file at config `path`: whatever the sandbox allows.
+            "read" => {
+                let path = CONFIG
+                    .with(|c| c.borrow().get("path").and_then(Value::as_str).map(str::to_owned));
+                let path = path.unwrap_or_default();
+                std::fs::read_to_string(&path)
+                    .map(|text| serde_json::to_string(&text).unwrap_or_default())
+                    .map_err(|e| StepError {
+                        code: "io".to_owned(),
+                        message: format!("{path}: {e}"),
+                        retryable: false,
+                    })
+            }
+            // Writes config `text` to the file at config `path`.
+            "write" => {
+                let get = |k: &str| {
+                    CONFIG.with(|c| c.borrow().get(k).and_then(Value::as_str).map(str::to_owned))
+                };
+                let path = get("path").unwrap_or_default();
+                std::fs::write(&path, get("text").unwrap_or_default())
+                    .map(|()| "true".to_owned())
+                    .map_err(|e| StepError {
+                        code: "io".to_owned(),
+                        message: format!("{path}: {e}"),
+                        retryable: false,
+                    })
+            }
+            // Reads the environment variable named by config `name`.
+            "env" => {
+                let name = CONFIG
+                    .with(|c| c.borrow().get("name").and_then(Value::as_str).map(str::to_owned));
+                let name = name.unwrap_or_default();
+                std::env::var(&name)
+                    .map(|value| serde_json::to_string(&value).unwrap_or_default())
+                    .map_err(|e| StepError {
+                        code: "env".to_owned(),
+                        message: format!("{name}: {e}"),
+                        retryable: false,
+                    })
+            }
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -97,3 +151,9 @@ impl Guest for Hostile {
 }
 
 qflow_sdk::step_bindings::export_step_world!(Hostile with_types_in qflow_sdk::step_bindings);
+
+/// Recursion without end: the guest's stack overflows.
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
+}
