@@ -9,6 +9,7 @@ mod failures;
 mod flows;
 mod pools;
 mod reload;
+mod sandbox;
 mod scheduler;
 mod store;
 mod support;
