@@ -834,3 +834,84 @@ mod tests {
         assert!(err.to_string().starts_with("flows/test.toml: 3 problems\n  "), "{err}");
     }
 }
+
+/// Fuzzing the parser and validator: whatever the text, parsing returns a
+/// flow or problems, never a panic; and every flow it accepts can be
+/// planned. Failing cases proptest finds are kept in
+/// `proptest-regressions/flow.txt` and replayed first on every run.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::{
+        ProptestConfig, Strategy, prop, prop_assert, prop_assert_eq, proptest,
+    };
+
+    use super::{Flow, Format, Path};
+    use crate::plan::Plan;
+
+    /// Flows built from pieces that often collide: few ids, needs among
+    /// them (cycles included), references good and bad, odd configs.
+    fn flow_text() -> impl Strategy<Value = String> {
+        let id = prop::sample::select(vec!["a", "b", "c", "d", "a.b", "", "é"]);
+        let input = prop::sample::select(vec![
+            "",
+            "input = \"${input}\"",
+            "input = \"${steps.a.output.x}\"",
+            "input = \"${steps.b}\"",
+            "input = { v = \"x ${input.y} $${z}\" }",
+            "input = \"${\"",
+        ]);
+        let config =
+            prop::sample::select(vec!["", "config = {}", "config = [1]", "config = { a = 1 }"]);
+        let extra = prop::sample::select(vec![
+            "",
+            "timeout_ms = 10",
+            "retry = { max_attempts = 0 }",
+            "strategy = \"continue-on-error\"",
+            "resources = [\"db\"]",
+            "dirs = { \"/x\" = \".\" }",
+            "dirs = { \"x\" = \"nope\" }",
+            "pool = { min = 0, reuse = 2 }",
+            "max_memory_mb = 1",
+        ]);
+        let step = (id.clone(), prop::collection::vec(id, 0..3), input, config, extra).prop_map(
+            |(id, needs, input, config, extra)| {
+                format!(
+                    "[[step]]\nid = {id:?}\nplugin = \"p\"\nneeds = {needs:?}\n{input}\n{config}\n{extra}\n"
+                )
+            },
+        );
+        (
+            prop::collection::vec(step, 0..6),
+            prop::sample::select(vec!["", "max_parallel = 0", "strategy = \"retry-failed\""]),
+        )
+            .prop_map(|(steps, header)| {
+                format!("[flow]\nname = \"f\"\n{header}\n{}", steps.concat())
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_text_parses_or_reports_problems(text in "\\PC{0,300}") {
+            for format in [Format::Toml, Format::Json] {
+                if let Err(e) = Flow::parse(&text, format, "fuzz", Path::new(".")) {
+                    prop_assert!(!e.problems.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn any_flow_shaped_text_is_valid_and_plannable_or_rejected(text in flow_text()) {
+            match Flow::parse(&text, Format::Toml, "fuzz", Path::new(".")) {
+                Ok(flow) => {
+                    let plan = Plan::new(&flow);
+                    prop_assert_eq!(plan.order.len(), flow.steps.len());
+                    let groups: usize = plan.groups.iter().map(Vec::len).sum();
+                    prop_assert_eq!(groups, flow.steps.len());
+                }
+                Err(e) => prop_assert!(!e.problems.is_empty()),
+            }
+        }
+    }
+}
