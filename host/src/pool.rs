@@ -292,6 +292,15 @@ impl<M: Manager> Pool<M> {
         }
     }
 
+    /// Whether the pool holds nothing and nobody has asked it for anything
+    /// for longer than its idle timeout: it can be forgotten.
+    pub fn is_abandoned(&self) -> bool {
+        let inner = &self.inner;
+        let unused = lock(&inner.last_acquire).elapsed()
+            >= Duration::from_millis(inner.config.idle_timeout_ms);
+        unused && lock(&inner.state).live == 0
+    }
+
     /// The pool's figures now.
     pub fn stats(&self) -> PoolStats {
         let inner = &self.inner;
@@ -642,10 +651,12 @@ mod tests {
         settle().await;
         let stats = pool.stats();
         assert_eq!((stats.available, stats.total), (1, 1), "{stats:?}");
+        assert!(!pool.is_abandoned());
         // Nobody asks any more: after the idle timeout even `min` goes.
         tokio::time::sleep(Duration::from_millis(2000)).await;
         settle().await;
         assert_eq!(pool.stats().total, 0);
+        assert!(pool.is_abandoned());
     }
 
     #[tokio::test(start_paused = true)]

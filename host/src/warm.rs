@@ -210,6 +210,9 @@ impl Pools {
         if let Some(pool) = pools.get(key) {
             return Ok(pool.clone());
         }
+        // Forget pools nobody uses any more (a flow run once with a config
+        // of its own): their maintenance tasks end with them.
+        pools.retain(|_, pool| !pool.pool.is_abandoned());
         let from_file = plugin_settings(source.plugins_dir, source.plugin)?;
         let (config, reuse) =
             key.settings.or(from_file).or(self.defaults).resolve(self.max_instances);

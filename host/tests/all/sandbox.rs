@@ -53,8 +53,12 @@ async fn a_memory_bomb_hits_its_limit_and_the_memory_comes_back() {
         assert_eq!(bad.status, StepStatus::Failed);
         assert!(message(&bad).contains("hit its memory limit of 64 MiB"), "{}", message(&bad));
     }
+    // Kept, the five bombs would hold 320 MiB; other tests in this process
+    // allocate too, so allow them half of that.
     let grown = rss_bytes().saturating_sub(before);
-    assert!(grown < 64 << 20, "the host kept {} MiB after five 64 MiB bombs", grown >> 20);
+    assert!(grown < 160 << 20, "the host kept {} MiB after five 64 MiB bombs", grown >> 20);
+    let pools = host.pool_stats();
+    assert!(pools.iter().all(|(_, s)| s.in_use == 0), "{pools:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
