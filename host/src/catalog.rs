@@ -410,9 +410,10 @@ impl Catalog {
         Ok(digest)
     }
 
-    /// From now on, a name changes its digest only through [`Catalog::reload`].
-    pub(crate) fn set_watched(&self) {
-        self.watched.store(true, Ordering::Release);
+    /// While watched, a name changes its digest only through
+    /// [`Catalog::reload`]; otherwise files are checked on every use.
+    pub(crate) fn set_watched(&self, watched: bool) {
+        self.watched.store(watched, Ordering::Release);
     }
 
     /// Looks at `NAME.wasm` again: a new or changed file is compiled,

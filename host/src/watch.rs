@@ -71,11 +71,14 @@ impl Reloader {
 pub struct Watch {
     _debouncer: Debouncer<RecommendedWatcher>,
     task: tokio::task::JoinHandle<()>,
+    catalog: Arc<Catalog>,
 }
 
 impl Drop for Watch {
+    /// Stops watching; plugin files are checked on every use again.
     fn drop(&mut self) {
         self.task.abort();
+        self.catalog.set_watched(false);
     }
 }
 
@@ -90,7 +93,8 @@ pub(crate) fn start(
         let _ = tx.send(result);
     })?;
     debouncer.watcher().watch(dir, RecursiveMode::NonRecursive)?;
-    reloader.catalog.set_watched();
+    reloader.catalog.set_watched(true);
+    let catalog = reloader.catalog.clone();
     let task = tokio::spawn(async move {
         while let Some(result) = rx.recv().await {
             match result {
@@ -109,7 +113,7 @@ pub(crate) fn start(
             }
         }
     });
-    Ok(Watch { _debouncer: debouncer, task })
+    Ok(Watch { _debouncer: debouncer, task, catalog })
 }
 
 /// The plugin a path in the plugins directory is: `NAME.wasm`.

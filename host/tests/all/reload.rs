@@ -172,3 +172,13 @@ async fn an_embedder_can_reload_by_hand() {
     let err = host.reload("swap").await.unwrap_err();
     assert!(err.to_string().contains("swap.wasm"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_the_watch_ends_files_are_checked_on_use_again() {
+    let dir = plugins();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    drop(host.watch().unwrap());
+    run(&host, SWAP, json!(1)).await;
+    replace(&dir.path().join("swap.wasm"), &hash_bytes());
+    assert_eq!(run(&host, SWAP, json!("abc")).await.output("s").unwrap()["bytes"], 3);
+}
