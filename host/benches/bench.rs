@@ -28,7 +28,10 @@ mod bare {
 fn main() {
     // SAFETY: nothing else runs yet. Every error captures a backtrace when
     // RUST_BACKTRACE is set; a benchmark must not pay for that.
-    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0")
+    };
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let plugins = build_plugins();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -108,16 +111,13 @@ fn pools(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     qflow_plugin_build::build(&hostile, dir.path(), &Default::default()).unwrap();
     let host = |pool: qflow::PoolSettings| {
         let mut config = HostConfig::new(dir.path());
-        config.store.cache_dir = None;
+        config.cache.dir = None;
         config.preload = false;
         config.pool = pool;
         Host::new(config).unwrap()
     };
-    let settings = |min: usize, reuse: u32| qflow::PoolSettings {
-        min: Some(min),
-        reuse: Some(reuse),
-        ..Default::default()
-    };
+    let settings =
+        |min: usize, reuse: u32| qflow::PoolSettings::default().with_min(min).with_reuse(reuse);
     let _ = plugins;
 
     // (a) Acquisition from a warm pool, against making the instance anew.
@@ -225,7 +225,7 @@ fn load(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     for name in ["identity", "jq"] {
         let host = |cache_dir: Option<&Path>| {
             let mut config = HostConfig::new(plugins);
-            config.store.cache_dir = cache_dir.map(Path::to_path_buf);
+            config.cache.dir = cache_dir.map(Path::to_path_buf);
             config.preload = false;
             Host::new(config).unwrap()
         };
@@ -264,8 +264,8 @@ fn zipf(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     let cache = tempfile::tempdir().unwrap();
     let host = |limit: u64| {
         let mut config = HostConfig::new(dir.path());
-        config.store.cache_dir = Some(cache.path().to_path_buf());
-        config.store.memory_limit = limit;
+        config.cache.dir = Some(cache.path().to_path_buf());
+        config.cache.memory_limit = limit;
         config.preload = false;
         Host::new(config).unwrap()
     };
@@ -316,7 +316,7 @@ fn zipf(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
 /// has while they wait show that a waiting step holds none.
 fn waits(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     let mut config = HostConfig::new(plugins);
-    config.store.cache_dir = None;
+    config.cache.dir = None;
     config.preload = false;
     config.engine.max_instances = 1100; // 1000 waiting steps, each holding one
     let host = Host::new(config).unwrap();
@@ -330,7 +330,8 @@ fn waits(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
         flow(&toml)
     };
     let run = |flow: &Flow, max_parallel: Option<usize>| {
-        let options = qflow::RunOptions { max_parallel, ..Default::default() };
+        let mut options = qflow::RunOptions::new();
+        options.max_parallel = max_parallel;
         let threads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let sampler = {
             let threads = threads.clone();
@@ -371,7 +372,7 @@ fn reload(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     let path = dir.path().join("swap.wasm");
     std::fs::write(&path, &identity).unwrap();
     let mut config = HostConfig::new(dir.path());
-    config.store.cache_dir = None;
+    config.cache.dir = None;
     config.preload = false;
     let host = std::sync::Arc::new(Host::new(config).unwrap());
     let swap = flow("[flow]\nname = \"swap\"\n[[step]]\nid = \"s\"\nplugin = \"swap\"\n");
@@ -403,8 +404,13 @@ fn reload(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
             std::fs::rename(&tmp, &path).unwrap();
             loop {
                 match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-                    Ok(Ok(qflow::Event::PluginReloaded { .. })) => break,
-                    Ok(Ok(qflow::Event::PluginReloadFailed { error, .. })) => panic!("{error}"),
+                    Ok(Ok(qflow::Event {
+                        data: qflow::EventData::PluginReloaded { .. }, ..
+                    })) => break,
+                    Ok(Ok(qflow::Event {
+                        data: qflow::EventData::PluginReloadFailed { error, .. },
+                        ..
+                    })) => panic!("{error}"),
                     Ok(Ok(_)) => continue,
                     other => panic!("no reload: {other:?}"),
                 }

@@ -9,25 +9,18 @@
 //! println!("{}", serde_json::to_string_pretty(&summary)?);
 //! # Ok(()) }
 //! ```
+//!
+//! The crate is three layers, and dependencies point one way:
+//! [`model`] (flows, plans, reports, events: plain data) ←
+//! `runtime` (everything wasmtime) ← `run` (the scheduler, which reaches
+//! instances only through its `StepInvoker` seam) ← this facade, [`Host`].
 #![deny(missing_docs)]
 
-mod assets;
-mod bindings;
-mod cache;
-mod catalog;
-mod disk;
-mod engine;
-mod events;
-mod exec;
-mod flow;
-mod input;
-mod instance;
-mod plan;
-mod pool;
-mod sandbox;
-mod store;
-mod warm;
-mod watch;
+mod invoke;
+pub mod model;
+pub mod pool;
+mod run;
+mod runtime;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,34 +28,34 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
 
-pub use self::cache::CacheStats;
-pub use self::catalog::{Catalog, Kind, PluginError, PluginInfo};
-pub use self::engine::EngineConfig;
-pub use self::events::Event;
-pub use self::exec::{
-    PlanFigures, RunOptions, RunStatus, RunSummary, StepFailure, StepReport, StepStatus,
+pub use self::model::{
+    CacheStats, ComponentStats, Conflict, Event, EventData, FailureKind, Flow, FlowError, Format,
+    LoaderSpec, Mount, Plan, PlanFigures, PluginRef, PoolSettings, PoolStats, Problem, Redundant,
+    RetryPolicy, RunStatus, RunSummary, Stats, Step, StepFailure, StepLog, StepReport, StepStatus,
+    Strategy, error_chain,
 };
-pub use self::flow::{
-    Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
+pub use self::run::RunOptions;
+pub use self::runtime::{
+    CacheConfig, Catalog, Cause, EngineConfig, Kind, PluginError, PluginInfo, Watch,
 };
-pub use self::plan::{Conflict, Plan, Redundant};
-pub use self::pool::{Manager, Pool, PoolConfig, PoolError, PoolStats, Pooled};
-pub use self::store::{ComponentStats, Stats, StoreConfig};
-pub use self::warm::PoolSettings;
-pub use self::watch::Watch;
 pub use tokio_util::sync::CancellationToken;
 
-/// How a [`Host`] is set up.
+use self::invoke::{Defaults, WasmInvoker};
+use self::model::{Emitter, EventBus};
+use self::runtime::{AssetCache, AssetKey, ComponentStore, Engine, Pools, Reloader};
+
+/// How a [`Host`] is set up: [`HostConfig::new`], then change what you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HostConfig {
     /// The directory of plugin components (`NAME.wasm`).
     pub plugins_dir: PathBuf,
     /// The wasmtime engine's settings.
     pub engine: EngineConfig,
     /// How compiled components and assets are cached.
-    pub store: StoreConfig,
+    pub cache: CacheConfig,
     /// Load the plugins and assets used most (see
-    /// [`StoreConfig::preload_threshold`]) in the background when the host
+    /// [`CacheConfig::preload_threshold`]) in the background when the host
     /// starts; on by default.
     pub preload: bool,
     /// The largest output a step may return, in bytes (a flow may set its
@@ -87,7 +80,7 @@ impl HostConfig {
         HostConfig {
             plugins_dir: plugins_dir.into(),
             engine: EngineConfig::default(),
-            store: StoreConfig::default(),
+            cache: CacheConfig::default(),
             preload: true,
             max_output_bytes: 16 << 20,
             max_memory_bytes: 256 << 20,
@@ -95,31 +88,61 @@ impl HostConfig {
             pool: PoolSettings::default(),
         }
     }
+
+    /// Keeps precompiled components in `dir` (`None`: in memory only).
+    pub fn cache_dir(mut self, dir: Option<PathBuf>) -> HostConfig {
+        self.cache.dir = dir;
+        self
+    }
+
+    /// Whether to preload hot plugins and assets at start-up.
+    pub fn preload(mut self, preload: bool) -> HostConfig {
+        self.preload = preload;
+        self
+    }
+
+    /// Instance pool settings for every step.
+    pub fn pool(mut self, pool: PoolSettings) -> HostConfig {
+        self.pool = pool;
+        self
+    }
 }
 
-/// Why a host could not start.
+/// Why a host could not start, or could not watch its plugins.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostError {
     /// The wasmtime engine could not be created.
-    #[error("could not create the WebAssembly engine: {0}")]
-    Engine(String),
+    #[error("could not create the WebAssembly engine")]
+    Engine(#[source] Cause),
+    /// The plugins directory could not be opened.
+    #[error("cannot use the plugins directory")]
+    Plugins(#[source] PluginError),
     /// The plugins directory could not be watched.
-    #[error("cannot watch the plugins directory {0}")]
-    Watch(String),
+    #[error("cannot watch the plugins directory {path}")]
+    Watch {
+        /// The plugins directory.
+        path: PathBuf,
+        /// What the file watcher said.
+        #[source]
+        source: Arc<notify_debouncer_mini::notify::Error>,
+    },
+}
+
+fn cause(error: wasmtime::Error) -> Cause {
+    Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(error))
 }
 
 /// A Qflow host: the engine, the plugins directory, and the runs on them.
 /// Cheap to share: clone an `Arc<Host>` across tasks.
 pub struct Host {
     catalog: Arc<Catalog>,
-    assets: Arc<assets::AssetCache>,
-    events: broadcast::Sender<Event>,
+    assets: Arc<AssetCache>,
+    events: EventBus,
+    plugin_events: Emitter,
     preload_threshold: u64,
-    max_output_bytes: u64,
-    max_memory_bytes: u64,
-    max_log_bytes: u64,
-    pools: Arc<warm::Pools>,
+    defaults: Defaults,
+    pools: Arc<Pools>,
     /// How long each step took lately (`flow/step` → ms, a moving average),
     /// for the critical path; kept beside the disk cache between hosts.
     history: Mutex<HashMap<String, f64>>,
@@ -135,35 +158,35 @@ fn history_key(flow: &Flow, step: &Step) -> String {
     format!("{}/{}", flow.name, step.id)
 }
 
-/// How many events a slow subscriber may fall behind before it misses some.
-const EVENT_BUFFER: usize = 4096;
-
 impl Host {
     /// Creates the engine and opens the plugins directory (nothing is
     /// compiled until a flow uses it).
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
-        let engine =
-            engine::Engine::new(&config.engine).map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&config.engine).map_err(|e| HostError::Engine(cause(e)))?;
         if !engine.pooling() {
             tracing::debug!("instances are allocated on demand (pooling off)");
         }
-        let store = store::ComponentStore::new(engine, &config.store)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        let catalog = Arc::new(Catalog::new(config.plugins_dir, Arc::new(store)));
-        let assets =
-            Arc::new(cache::Cache::new(config.store.asset_memory_limit, config.store.load_timeout));
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let max_instances = config.engine.max_instances as usize;
+        let store =
+            ComponentStore::new(engine, &config.cache).map_err(|e| HostError::Engine(cause(e)))?;
+        let catalog =
+            Catalog::open(config.plugins_dir, Arc::new(store)).map_err(HostError::Plugins)?;
+        let catalog = Arc::new(catalog);
         let history =
             catalog.store().disk().map(|disk| disk.load_state(HISTORY)).unwrap_or_default();
+        let events = EventBus::new();
         let host = Host {
-            catalog,
-            assets,
+            assets: Arc::new(runtime::asset_cache(&config.cache)),
+            plugin_events: events.emitter("/qflow/plugins".into()),
             events,
-            preload_threshold: config.store.preload_threshold,
-            max_output_bytes: config.max_output_bytes,
-            max_memory_bytes: config.max_memory_bytes,
-            max_log_bytes: config.max_log_bytes,
-            pools: Arc::new(warm::Pools::new(config.pool, config.engine.max_instances as usize)),
+            catalog,
+            preload_threshold: config.cache.preload_threshold,
+            defaults: Defaults {
+                max_output_bytes: config.max_output_bytes,
+                max_memory_bytes: config.max_memory_bytes,
+                max_log_bytes: config.max_log_bytes,
+            },
+            pools: Arc::new(Pools::new(config.pool, max_instances)),
             history: Mutex::new(history),
         };
         if config.preload
@@ -177,7 +200,7 @@ impl Host {
     }
 
     /// Loads, now, the plugins and assets used at least
-    /// [`StoreConfig::preload_threshold`] times (as counted by this host and
+    /// [`CacheConfig::preload_threshold`] times (as counted by this host and
     /// earlier ones on the same cache directory); returns how many it loaded.
     /// A host does this by itself in the background when it starts.
     pub async fn preload(&self) -> usize {
@@ -194,9 +217,42 @@ impl Host {
         &self.catalog
     }
 
-    /// Events of every run on this host from now on.
+    /// Events of every run and of the plugins directory from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Checks that every plugin the flow names is in the plugins directory.
+    pub fn check(&self, flow: &Flow) -> Result<(), FlowError> {
+        let owners = flow
+            .steps
+            .iter()
+            .map(|s| (format!("step `{}`", s.id), &s.plugin))
+            .chain(flow.loaders.iter().map(|l| (format!("loader `{}`", l.id), &l.plugin)));
+        let mut available = None;
+        let problems: Vec<Problem> = owners
+            .filter(|(_, plugin)| !self.catalog.contains(&plugin.name))
+            .map(|(owner, plugin)| {
+                let available = available
+                    .get_or_insert_with(|| match self.catalog.names() {
+                        Ok(names) if names.is_empty() => "no plugins".to_owned(),
+                        Ok(names) => names.join(", "),
+                        Err(e) => error_chain(&e),
+                    })
+                    .clone();
+                Problem::UnknownPlugin {
+                    owner,
+                    plugin: plugin.name.clone(),
+                    dir: self.catalog.dir().display().to_string(),
+                    available,
+                }
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(FlowError { origin: flow.origin.clone(), problems })
+        }
     }
 
     /// Runs a flow on `input` to the end. Fails before running anything if
@@ -217,20 +273,22 @@ impl Host {
         input: serde_json::Value,
         options: RunOptions,
     ) -> Result<RunSummary, FlowError> {
-        flow.check_plugins(&self.catalog)?;
+        self.check(flow)?;
         let plan = self.plan(flow);
-        let inputs = exec::RunInputs {
-            catalog: self.catalog.clone(),
-            asset_cache: self.assets.clone(),
-            events: self.events.clone(),
-            max_output_bytes: self.max_output_bytes,
-            max_memory_bytes: self.max_memory_bytes,
-            max_log_bytes: self.max_log_bytes,
-            pools: self.pools.clone(),
-        };
-        let mut summary = exec::run(inputs, Arc::new(flow.clone()), &plan, input, options).await;
+        let flow = Arc::new(flow.clone());
+        let invoker = WasmInvoker::new(
+            flow.clone(),
+            self.catalog.clone(),
+            self.assets.clone(),
+            self.pools.clone(),
+            self.defaults,
+        );
+        let run_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+        let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
+        let mut summary =
+            run::run(run_id, flow.clone(), &plan, input, options, Arc::new(invoker), events).await;
         summary.store = self.stats();
-        self.remember_durations(flow, &summary);
+        self.remember_durations(&flow, &summary);
         Ok(summary)
     }
 
@@ -253,7 +311,7 @@ impl Host {
 
     /// Reloads the plugin `name` now: a new or changed `NAME.wasm` is
     /// validated and swapped in, a removed one retired, and events say so
-    /// ([`Event::PluginAdded`] and the like). On failure the old version
+    /// ([`EventData::PluginAdded`] and the like). On failure the old version
     /// goes on serving.
     pub async fn reload(&self, name: &str) -> Result<(), PluginError> {
         self.reloader().reload(name).await
@@ -263,15 +321,17 @@ impl Host {
     /// the returned [`Watch`] is dropped. Must be called inside a tokio
     /// runtime.
     pub fn watch(&self) -> Result<Watch, HostError> {
-        watch::start(self.catalog.dir(), self.reloader())
-            .map_err(|e| HostError::Watch(format!("{}: {e}", self.catalog.dir().display())))
+        runtime::watch(self.catalog.dir(), self.reloader()).map_err(|e| HostError::Watch {
+            path: self.catalog.dir().to_path_buf(),
+            source: Arc::new(e),
+        })
     }
 
-    fn reloader(&self) -> watch::Reloader {
-        watch::Reloader {
+    fn reloader(&self) -> Reloader {
+        Reloader {
             catalog: self.catalog.clone(),
             pools: self.pools.clone(),
-            events: self.events.clone(),
+            events: self.plugin_events.clone(),
         }
     }
 
@@ -304,19 +364,71 @@ impl Drop for Host {
 }
 
 /// Loads every hot plugin that is still in the directory and every hot asset.
-async fn preload(
-    catalog: &Arc<Catalog>,
-    assets: &Arc<assets::AssetCache>,
-    threshold: u64,
-) -> usize {
+async fn preload(catalog: &Arc<Catalog>, assets: &Arc<AssetCache>, threshold: u64) -> usize {
     let loads = catalog.hot(threshold).into_iter().map(|key| async move {
         if let Some(name) = key.strip_prefix("plugin:") {
             catalog.contains(name) && catalog.preload(name).await.is_ok()
-        } else if let Some(asset) = assets::AssetKey::from_use_key(&key) {
-            assets::fetch(catalog, assets, asset).await.is_ok()
+        } else if let Some(asset) = AssetKey::from_use_key(&key) {
+            runtime::fetch_asset(catalog, assets, asset).await.is_ok()
         } else {
             false
         }
     });
     futures::future::join_all(loads).await.into_iter().filter(|loaded| *loaded).count()
+}
+
+#[cfg(test)]
+mod layering {
+    use std::path::Path;
+
+    /// Which layers each layer may not reach. The arrows point one way:
+    /// model ← runtime ← run ← lib; and the scheduler reaches instances
+    /// only through `StepInvoker`, so `run` does not know `runtime` either.
+    const RULES: &[(&str, &[&str])] = &[
+        ("model", &["crate::runtime", "crate::run", "crate::pool", "crate::invoke", "wasmtime"]),
+        ("runtime", &["crate::run", "crate::invoke"]),
+        ("run", &["crate::runtime", "crate::pool", "crate::invoke", "wasmtime"]),
+    ];
+
+    /// Whether `code` names `path` as a whole module path (`crate::run` but
+    /// not `crate::runtime`).
+    fn names(code: &str, path: &str) -> bool {
+        code.match_indices(path).any(|(at, _)| {
+            let next = code[at + path.len()..].chars().next();
+            !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+        })
+    }
+
+    #[test]
+    fn each_layer_uses_only_the_layers_below_it() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        for (layer, forbidden) in RULES {
+            let dir = src.join(layer);
+            let mut files = 0;
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (n, line) in text.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or_default();
+                    for path_name in *forbidden {
+                        assert!(
+                            !names(code, path_name),
+                            "{}:{}: `{layer}` must not use `{path_name}`: {line}",
+                            path.display(),
+                            n + 1
+                        );
+                    }
+                }
+                files += 1;
+            }
+            assert!(files > 0, "no files in {}", dir.display());
+        }
+    }
+
+    #[test]
+    fn the_rule_tells_a_layer_from_its_prefix() {
+        assert!(names("use crate::run::RunOptions;", "crate::run"));
+        assert!(names("use crate::run;", "crate::run"));
+        assert!(!names("use crate::runtime::Catalog;", "crate::run"));
+    }
 }

@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+pub use crate::model::PoolStats;
+
 /// Makes (and checks) the resources of a pool.
 pub trait Manager: Send + Sync + 'static {
     /// What the pool holds.
@@ -38,6 +40,7 @@ pub trait Manager: Send + Sync + 'static {
 /// A pool's limits and timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// Resources kept ready (idle) at all times, made in the background.
     pub min: usize,
@@ -89,31 +92,6 @@ pub enum PoolError<E> {
     /// The pool is being drained.
     #[error("the pool is being drained")]
     Draining,
-}
-
-/// A pool's figures.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct PoolStats {
-    /// Resources alive (idle, in use, being made).
-    pub total: usize,
-    /// Idle resources, ready to hand out.
-    pub available: usize,
-    /// Resources handed out.
-    pub in_use: usize,
-    /// Requests waiting for one.
-    pub waiters: usize,
-    /// Successful acquisitions.
-    pub acquisitions: u64,
-    /// Resources made.
-    pub creations: u64,
-    /// Failed creations and acquisition timeouts.
-    pub failures: u64,
-    /// Acquisition time, mean over the recent samples, in µs.
-    pub acquire_mean_us: f64,
-    /// Acquisition time, median, in µs.
-    pub acquire_p50_us: f64,
-    /// Acquisition time, 99th percentile, in µs.
-    pub acquire_p99_us: f64,
 }
 
 struct Idle<R> {

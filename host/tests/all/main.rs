@@ -4,7 +4,6 @@
 // A test that panics on a broken expectation is doing its job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod cli;
 mod failures;
 mod flows;
 mod pools;

@@ -43,7 +43,7 @@ async fn reuse_serves_several_calls_and_a_trapped_instance_is_never_reused() {
     // This call traps: its instance (three calls old) must go.
     let summary = run(&host, &toml, json!({"trap": true})).await;
     let error = summary.step("c").unwrap().error.as_ref().unwrap();
-    assert_eq!(error.kind, "trap");
+    assert_eq!(error.kind, qflow::FailureKind::Trap);
     assert!(error.message.contains("trapping on request after 4 calls"), "{}", error.message);
     assert_eq!(calls(&host, &toml, json!({})).await, Some(1), "a fresh instance after the trap");
     assert_eq!(calls(&host, &toml, json!({})).await, Some(2));
@@ -85,7 +85,7 @@ async fn the_acquisition_timeout_fires_with_a_clear_error_when_the_pool_is_exhau
     let failed: Vec<_> = summary.steps.iter().filter(|s| s.status == StepStatus::Failed).collect();
     assert_eq!(failed.len(), 1, "{summary:#?}");
     let error = failed[0].error.as_ref().unwrap();
-    assert_eq!(error.kind, "pool");
+    assert_eq!(error.kind, qflow::FailureKind::Pool);
     assert!(error.retryable);
     assert!(
         error.message.contains("no instance came free within 100 ms: all 1 are in use"),
@@ -131,7 +131,7 @@ async fn a_broken_plugin_settings_file_is_named_in_the_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn host_wide_settings_apply_to_every_step() {
     let mut settings = config(hostile_dir(), None);
-    settings.pool = PoolSettings { reuse: Some(10), min: Some(0), ..PoolSettings::default() };
+    settings.pool = PoolSettings::default().with_reuse(10).with_min(0);
     let host = Host::new(settings).unwrap();
     let toml = counter_flow("");
     assert_eq!(calls(&host, &toml, json!({})).await, Some(1));

@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use qflow::{Event, Host, Problem, RunStatus};
+use qflow::{Event, EventData, Host, Problem, RunStatus};
 use serde_json::json;
 use tokio::sync::broadcast::Receiver;
 
-use crate::support::{config, flow, plugins_dir, run};
+use crate::support::{config, flow, plugins_dir, run, started};
 
 /// A plugins directory with `sleep` and a plugin `swap` that starts out as
 /// `identity` and becomes `hash` when replaced.
@@ -38,15 +38,15 @@ fn hash_bytes() -> Vec<u8> {
 const SWAP: &str = "[flow]\nname = \"swap\"\n[[step]]\nid = \"s\"\nplugin = \"swap\"\n";
 
 /// The next plugin event (added, reloaded, failed, removed), waiting up to 10 s.
-async fn plugin_event(events: &mut Receiver<Event>) -> Event {
+async fn plugin_event(events: &mut Receiver<Event>) -> EventData {
     let next = async {
         loop {
-            match events.recv().await {
+            match events.recv().await.map(|event| event.data) {
                 Ok(
-                    event @ (Event::PluginAdded { .. }
-                    | Event::PluginReloaded { .. }
-                    | Event::PluginReloadFailed { .. }
-                    | Event::PluginRemoved { .. }),
+                    event @ (EventData::PluginAdded { .. }
+                    | EventData::PluginReloaded { .. }
+                    | EventData::PluginReloadFailed { .. }
+                    | EventData::PluginRemoved { .. }),
                 ) => return event,
                 Ok(_) => continue,
                 Err(e) => panic!("events: {e}"),
@@ -64,19 +64,32 @@ async fn a_replaced_plugin_serves_the_next_run_while_the_run_in_flight_keeps_the
     let mut events = host.subscribe();
     assert_eq!(run(&host, SWAP, json!("abc")).await.output("s"), Some(&json!("abc")));
 
+    let mut steps = host.subscribe();
     let in_flight = {
         let host = host.clone();
         let toml = "[flow]\nname = \"slow\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\n\
-                    config = { ms = 1500 }\n[[step]]\nid = \"s\"\nplugin = \"swap\"\nneeds = [\"nap\"]\n";
+                    config = { ms = 5000 }\n[[step]]\nid = \"s\"\nplugin = \"swap\"\nneeds = [\"nap\"]\n";
         tokio::spawn(async move { run(&host, toml, json!("abc")).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    started(&mut steps, &["nap"]).await;
     replace(&dir.path().join("swap.wasm"), &hash_bytes());
     match plugin_event(&mut events).await {
-        Event::PluginReloaded { plugin, version } => {
+        EventData::PluginReloaded { plugin, version } => {
             assert_eq!((&*plugin, version.as_str()), ("swap", "0.1.0"))
         }
         other => panic!("{other:?}"),
+    }
+    // The swap happened before the run in flight reached its `s` step: on
+    // the channel (one order for all events), the reload comes first.
+    loop {
+        match steps.try_recv().map(|e| e.data) {
+            Ok(EventData::PluginReloaded { .. }) => break,
+            Ok(EventData::StepStarted { step, .. }) if &*step == "s" => {
+                panic!("the run in flight reached `s` before the reload: make `nap` longer")
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("the reload event is missing: {e}"),
+        }
     }
 
     let next = run(&host, SWAP, json!("abc")).await;
@@ -96,7 +109,7 @@ async fn a_broken_replacement_leaves_the_old_version_serving() {
 
     replace(&dir.path().join("swap.wasm"), b"\0asm garbage, not a component");
     match plugin_event(&mut events).await {
-        Event::PluginReloadFailed { plugin, error } => {
+        EventData::PluginReloadFailed { plugin, error } => {
             assert_eq!(&*plugin, "swap");
             assert!(error.contains("swap.wasm is not a valid WebAssembly component"), "{error}");
         }
@@ -115,7 +128,7 @@ async fn a_removed_plugin_fails_new_runs_with_a_clear_error() {
     run(&host, SWAP, json!(1)).await;
     std::fs::remove_file(dir.path().join("swap.wasm")).unwrap();
     assert!(
-        matches!(plugin_event(&mut events).await, Event::PluginRemoved { plugin } if &*plugin == "swap")
+        matches!(plugin_event(&mut events).await, EventData::PluginRemoved { plugin } if &*plugin == "swap")
     );
     let err = host.run(&flow(SWAP), json!(1)).await.unwrap_err();
     assert!(
@@ -132,7 +145,7 @@ async fn a_new_plugin_becomes_available() {
     let mut events = host.subscribe();
     replace(&dir.path().join("digest.wasm"), &hash_bytes());
     assert!(
-        matches!(plugin_event(&mut events).await, Event::PluginAdded { plugin, .. } if &*plugin == "digest")
+        matches!(plugin_event(&mut events).await, EventData::PluginAdded { plugin, .. } if &*plugin == "digest")
     );
     let toml = "[flow]\nname = \"d\"\n[[step]]\nid = \"s\"\nplugin = \"digest\"\n";
     assert_eq!(run(&host, toml, json!("abc")).await.output("s").unwrap()["bytes"], 3);
@@ -152,10 +165,15 @@ async fn a_burst_of_writes_is_one_reload() {
         std::fs::write(&path, &hash[..hash.len() * part / 5]).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(matches!(plugin_event(&mut events).await, Event::PluginReloaded { .. }));
-    // Nothing else comes: no reload of a partial file, no second reload.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(events.try_recv().is_err(), "a second plugin event");
+    assert!(matches!(plugin_event(&mut events).await, EventData::PluginReloaded { .. }));
+    // Nothing else comes: no reload of a partial file, no second reload. A
+    // file written after the burst is reported after anything the burst
+    // could still cause, so the next plugin event must be about it.
+    replace(&dir.path().join("marker.wasm"), &hash_bytes());
+    match plugin_event(&mut events).await {
+        EventData::PluginAdded { plugin, .. } => assert_eq!(&*plugin, "marker"),
+        other => panic!("a second event from the burst: {other:?}"),
+    }
     assert_eq!(run(&host, SWAP, json!("abc")).await.output("s").unwrap()["bytes"], 3);
 }
 
@@ -167,7 +185,7 @@ async fn an_embedder_can_reload_by_hand() {
     run(&host, SWAP, json!(1)).await;
     replace(&dir.path().join("swap.wasm"), &hash_bytes());
     host.reload("swap").await.unwrap();
-    assert!(matches!(plugin_event(&mut events).await, Event::PluginReloaded { .. }));
+    assert!(matches!(plugin_event(&mut events).await, EventData::PluginReloaded { .. }));
     std::fs::write(dir.path().join("swap.wasm"), b"broken").unwrap();
     let err = host.reload("swap").await.unwrap_err();
     assert!(err.to_string().contains("swap.wasm"), "{err}");

@@ -2,10 +2,12 @@
 //! a clear error, the host keeps running, the other steps of the run
 //! complete, and the next run is unaffected.
 
-use qflow::{Host, RunStatus, StepStatus};
+use std::path::Path;
+
+use qflow::{Flow, Format, Host, RunStatus, StepStatus};
 use serde_json::json;
 
-use crate::support::{config, hostile_dir, hostile_host, run};
+use crate::support::{config, hostile_dir, hostile_host, plugins_dir, run};
 
 /// A flow where `bad` runs the hostile plugin with `config` (TOML inline
 /// table body) and `good` runs beside it.
@@ -64,7 +66,7 @@ async fn a_memory_bomb_hits_its_limit_and_the_memory_comes_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn deep_recursion_is_a_stack_overflow_trap() {
     let bad = hostile(&hostile_host(), r#"mode = "recurse""#, "").await;
-    assert_eq!(bad.error.as_ref().unwrap().kind, "trap");
+    assert_eq!(bad.error.as_ref().unwrap().kind, qflow::FailureKind::Trap);
     assert!(message(&bad).contains("call stack exhausted"), "{}", message(&bad));
 }
 
@@ -146,7 +148,7 @@ async fn a_component_that_matches_no_world_is_named_as_such() {
     let toml = "[flow]\nname = \"n\"\n[[step]]\nid = \"n\"\nplugin = \"no-world\"\n";
     let summary = run(&host, toml, json!(null)).await;
     let error = summary.step("n").unwrap().error.as_ref().unwrap();
-    assert_eq!(error.kind, "plugin");
+    assert_eq!(error.kind, qflow::FailureKind::Plugin);
     assert!(
         error.message.contains("no-world.wasm does not match a Qflow world"),
         "{}",
@@ -185,4 +187,73 @@ async fn after_every_hostile_case_the_next_run_is_unaffected() {
     let summary = run(&host, toml, json!("abc")).await;
     assert_eq!(summary.status, RunStatus::Succeeded);
     assert_eq!(summary.output("h").unwrap()["bytes"], 3);
+}
+
+/// The plugins directory is a capability: a link in it that leads outside
+/// is refused with a clear error (naming the link), a link that stays
+/// inside works, and the host keeps serving everything else.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_link_that_leads_outside_the_plugins_directory_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(plugins_dir().join("identity.wasm"), outside.path().join("evil.wasm")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugins_dir().join("identity.wasm"), dir.path().join("identity.wasm")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("evil.wasm"), dir.path().join("evil.wasm"))
+        .unwrap();
+    std::os::unix::fs::symlink("../x/../identity.wasm", dir.path().join("sneaky.wasm")).unwrap();
+    std::os::unix::fs::symlink("identity.wasm", dir.path().join("alias.wasm")).unwrap();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+
+    let toml = r#"
+        [flow]
+        name = "links"
+        strategy = "continue-on-error"
+        [[step]]
+        id = "evil"
+        plugin = "evil"
+        [[step]]
+        id = "sneaky"
+        plugin = "sneaky"
+        [[step]]
+        id = "alias"
+        plugin = "alias"
+    "#;
+    let summary = run(&host, toml, json!("ok")).await;
+    for id in ["evil", "sneaky"] {
+        let error = summary.step(id).unwrap().error.as_ref().unwrap();
+        assert_eq!(error.kind, qflow::FailureKind::Plugin);
+        assert!(
+            error.message.contains(&format!("{id}.wasm leads outside the plugins directory")),
+            "{}",
+            error.message
+        );
+    }
+    assert_eq!(summary.output("alias"), Some(&json!("ok")), "a link inside the directory works");
+    // Listing says the same, per plugin.
+    let listed = host.catalog().describe_all().await.unwrap();
+    let errors: Vec<String> =
+        listed.iter().filter_map(|d| d.as_ref().err()).map(|e| qflow::error_chain(e)).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().all(|e| e.contains("leads outside the plugins directory")), "{errors:?}");
+}
+
+/// A plugin name is a name, not a path: `..` and separators are refused
+/// before any file is touched, wherever the name comes from (a flow, the
+/// library, a plugin's declared needs).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_name_that_is_a_path_is_refused() {
+    let host = crate::support::host();
+    for name in ["../identity", "x/../identity", "/etc/passwd", "", "a.b"] {
+        let err = host.catalog().describe(name).await.unwrap_err();
+        assert!(matches!(err, qflow::PluginError::BadName(ref n) if n == name), "{name}: {err}");
+        assert!(err.to_string().contains("is not a plugin name"), "{err}");
+    }
+    let err = Flow::parse(
+        "[flow]\nname = \"p\"\n[[step]]\nid = \"a\"\nplugin = \"../identity\"\n",
+        Format::Toml,
+        "<test>",
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("is not `name` or `name@version`"), "{err}");
 }

@@ -1,12 +1,15 @@
-//! The scheduler: strategies, retries, timeouts, resources, parallelism
-//! limits, priorities, cancellation, fairness to other steps.
+//! The scheduler with real components, end to end: strategies, retries,
+//! timeouts, resources, parallelism limits, priorities, cancellation,
+//! fairness to other steps. Exact timing is the job of the scheduler's own
+//! tests (a fake invoker on tokio's paused clock); these assert statuses,
+//! order and definitions, never how long anything took.
 
 use std::time::Duration;
 
-use qflow::{CancellationToken, Event, RunOptions, RunStatus, RunSummary, StepStatus};
+use qflow::{CancellationToken, EventData, RunOptions, RunStatus, RunSummary, StepStatus};
 use serde_json::json;
 
-use crate::support::{flow, hostile_host, run};
+use crate::support::{flow, hostile_host, run, started};
 
 fn span(summary: &RunSummary, id: &str) -> (f64, f64) {
     let step = summary.step(id).unwrap();
@@ -14,9 +17,9 @@ fn span(summary: &RunSummary, id: &str) -> (f64, f64) {
 }
 
 /// Every instance still alive is an idle spare in a pool: none is running.
-/// (A spare may be being made as we look: give that a moment.)
+/// (A spare may be being made as we look: give that up to 10 s.)
 async fn assert_no_instance_busy(host: &qflow::Host) {
-    for _ in 0..100 {
+    for _ in 0..500 {
         let pools = host.pool_stats();
         let spares: usize = pools.iter().map(|(_, s)| s.available).sum();
         let busy = pools.iter().any(|(_, s)| s.in_use > 0);
@@ -122,7 +125,7 @@ async fn retries_are_counted_and_back_off_exponentially_with_jitter() {
 
     let mut delays = Vec::new();
     while let Ok(event) = events.try_recv() {
-        if let Event::StepRetrying { step, attempt, delay_ms, .. } = event {
+        if let EventData::StepRetrying { step, attempt, delay_ms, .. } = event.data {
             assert_eq!(&*step, "flaky");
             delays.push((attempt, delay_ms));
         }
@@ -134,12 +137,6 @@ async fn retries_are_counted_and_back_off_exponentially_with_jitter() {
         assert_eq!(*attempt, want);
         assert!((low..=high).contains(delay), "retry {attempt} after {delay} ms");
     }
-    let waited: u64 = delays.iter().map(|(_, d)| d).sum();
-    let took = flaky.duration_ms().unwrap();
-    assert!(
-        took >= waited as f64 && took < waited as f64 + 50.0,
-        "{took} ms for {waited} ms of backoff"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,8 +155,7 @@ async fn a_timeout_is_retried_and_reported() {
     let summary = run(&host, toml, json!(null)).await;
     let spin = summary.step("spin").unwrap();
     assert_eq!(spin.attempts, 2);
-    assert_eq!(spin.error.as_ref().unwrap().kind, "timeout");
-    assert!(spin.duration_ms().unwrap() >= 300.0);
+    assert_eq!(spin.error.as_ref().unwrap().kind, qflow::FailureKind::Timeout);
     assert_no_instance_busy(&host).await;
 }
 
@@ -196,7 +192,6 @@ async fn steps_sharing_a_resource_never_overlap() {
     }
     let free = span(&summary, "free");
     assert!(["w1", "w2", "w3"].iter().any(|w| overlap(free, span(&summary, w))));
-    assert!(summary.wall_ms >= 450.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -213,19 +208,10 @@ async fn max_parallel_bounds_how_many_steps_run_at_once() {
         let running = spans.iter().filter(|&&(s, e)| s <= start && start < e).count();
         assert!(running <= 2, "{running} steps running at {start} ms");
     }
-    assert!(summary.wall_ms >= 300.0);
     // The CLI's --max-parallel overrides the flow.
-    let one = host
-        .run_with(
-            &flow(&toml),
-            json!(null),
-            RunOptions { max_parallel: Some(6), ..Default::default() },
-        )
-        .await
-        .unwrap();
+    let one =
+        host.run_with(&flow(&toml), json!(null), RunOptions::new().max_parallel(6)).await.unwrap();
     assert_eq!(one.max_parallel, 6);
-    let all: Vec<(f64, f64)> = (0..6).map(|i| span(&one, &format!("s{i}"))).collect();
-    assert!(all.iter().all(|&a| all.iter().all(|&b| overlap(a, b))), "all six ran at once");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,18 +262,22 @@ async fn a_cancelled_run_cuts_its_steps_and_leaves_no_guest_running() {
         needs = ["nap"]
     "#;
     let cancel = CancellationToken::new();
-    let options = RunOptions { cancel: cancel.clone(), ..Default::default() };
+    let options = RunOptions::new().cancel(cancel.clone());
+    let mut events = host.subscribe();
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Cancel once both are running, however long that takes here.
+        started(&mut events, &["spin", "nap"]).await;
         cancel.cancel();
     });
-    let summary = host.run_with(&flow(toml), json!(null), options).await.unwrap();
+    // Bounded: a cancel that does not work would otherwise spin forever.
+    let flow = flow(toml);
+    let run = host.run_with(&flow, json!(null), options);
+    let summary = tokio::time::timeout(Duration::from_secs(120), run).await.unwrap().unwrap();
     canceller.await.unwrap();
     assert_eq!(summary.status, RunStatus::Cancelled);
     assert_eq!(summary.step("spin").unwrap().status, StepStatus::Cancelled);
     assert_eq!(summary.step("nap").unwrap().status, StepStatus::Cancelled);
     assert_eq!(summary.step("later").unwrap().status, StepStatus::Skipped);
-    assert!(summary.wall_ms < 5000.0);
     assert_no_instance_busy(&host).await;
 }
 
@@ -306,7 +296,7 @@ async fn a_cpu_bound_guest_does_not_starve_the_other_steps() {
         id = "spin"
         plugin = "hostile"
         config = { mode = "loop" }
-        timeout_ms = 1500
+        timeout_ms = 3000
         [[step]]
         id = "nap"
         plugin = "sleep"
@@ -315,7 +305,10 @@ async fn a_cpu_bound_guest_does_not_starve_the_other_steps() {
     "#;
     let summary = run(&host, toml, json!(null)).await;
     assert_eq!(summary.step("nap").unwrap().status, StepStatus::Succeeded);
-    assert_eq!(summary.step("spin").unwrap().error.as_ref().unwrap().kind, "timeout");
+    assert_eq!(
+        summary.step("spin").unwrap().error.as_ref().unwrap().kind,
+        qflow::FailureKind::Timeout
+    );
     // Starved, the nap could only end once the spinning guest was stopped.
     let (nap, spin) = (span(&summary, "nap"), span(&summary, "spin"));
     assert!(nap.1 < spin.1, "the nap ended at {} ms, the busy guest at {} ms", nap.1, spin.1);
@@ -340,7 +333,7 @@ async fn an_output_over_the_limit_is_an_error() {
     "#;
     let summary = run(&host, toml, json!(null)).await;
     let error = summary.step("big").unwrap().error.as_ref().unwrap();
-    assert_eq!(error.kind, "output-too-large");
+    assert_eq!(error.kind, qflow::FailureKind::OutputTooLarge);
     assert!(
         error.message.contains("5000 bytes of output, over the limit of 1000"),
         "{}",
@@ -357,16 +350,23 @@ async fn the_summary_reports_step_time_and_efficiency() {
         toml += &format!("[[step]]\nid = \"s{i}\"\nplugin = \"sleep\"\nconfig = {{ ms = 300 }}\n");
     }
     let summary = run(&host, &toml, json!(null)).await;
-    assert!(summary.step_ms >= 1200.0, "{}", summary.step_ms);
-    assert!(summary.efficiency > 0.0 && summary.efficiency <= 1.0, "{}", summary.efficiency);
-    // Four steps at once: the best schedule is the longest one.
-    let longest = summary.steps.iter().filter_map(|s| s.duration_ms()).fold(0.0, f64::max);
+    // The definitions: step time is the sum of the steps' times, and with
+    // all four at once the best schedule is the longest step.
+    let durations: Vec<f64> = summary.steps.iter().filter_map(|s| s.duration_ms()).collect();
+    assert_eq!(durations.len(), 4);
+    assert!((summary.step_ms - durations.iter().sum::<f64>()).abs() < 1e-9);
+    let longest = durations.iter().copied().fold(0.0, f64::max);
     let expected = (longest / summary.wall_ms).min(1.0);
     assert!((summary.efficiency - expected).abs() < 1e-9, "{} vs {expected}", summary.efficiency);
     assert_eq!(summary.plan.groups, 1);
     assert!((summary.plan.parallelization - 4.0).abs() < 1e-9);
-    // The next plan estimates from this run.
+    // The next plan estimates from this run: its critical path is the
+    // longest step as it really took.
     let plan = host.plan(&flow(&toml));
     assert!(plan.estimated);
-    assert!(plan.critical_path_ms >= 300.0, "{}", plan.critical_path_ms);
+    assert!(
+        (plan.critical_path_ms - longest).abs() < 1e-9,
+        "{} vs {longest}",
+        plan.critical_path_ms
+    );
 }

@@ -1,57 +1,22 @@
-//! What every test shares: the bundled plugins and the hostile ones, built
-//! once per process, and hosts on them.
+//! What every test shares: the bundled plugins and the hostile ones (built
+//! once per process by `qflow-tests`), and hosts on them.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::Path;
 
-use qflow::{Flow, Format, Host, HostConfig, RunSummary};
+use std::time::Duration;
+
+use qflow::{Event, EventData, Flow, Format, Host, HostConfig, RunSummary};
 use serde_json::Value;
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
 
-/// The repository's root.
-pub fn repo() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
-
-/// Builds a plugin workspace into `out`, emptied first so that no component
-/// of an earlier version of the repository lingers there.
-fn build(workspace: &str, out: &Path) {
-    let _ = std::fs::remove_dir_all(out);
-    let options = qflow_plugin_build::Options::default();
-    if let Err(e) = qflow_plugin_build::build(&repo().join(workspace), out, &options) {
-        panic!("building {workspace} failed: {e}");
-    }
-}
-
-/// A plugins directory holding every bundled plugin, built from `plugins/`
-/// on first use (cargo rebuilds only what changed since the last time).
-pub fn plugins_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugins");
-        build("plugins", &out);
-        out
-    })
-}
-
-/// The bundled plugins plus the hostile ones from `plugins/hostile`.
-pub fn hostile_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-plugins");
-        build("plugins/hostile", &out);
-        for entry in std::fs::read_dir(plugins_dir()).unwrap() {
-            let path = entry.unwrap().path();
-            std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
-        }
-        out
-    })
-}
+pub use qflow_tests::{hostile_dir, plugins_dir, repo};
 
 /// A host's settings for tests: compiled code in memory only (unless a test
 /// gives a cache directory), nothing preloaded behind the test's back.
 pub fn config(plugins: &Path, cache_dir: Option<&Path>) -> HostConfig {
     let mut config = HostConfig::new(plugins);
-    config.store.cache_dir = cache_dir.map(Path::to_path_buf);
+    config.cache.dir = cache_dir.map(Path::to_path_buf);
     config.preload = false;
     config
 }
@@ -64,6 +29,25 @@ pub fn host() -> Host {
 /// A host on the bundled and the hostile plugins.
 pub fn hostile_host() -> Host {
     Host::new(config(hostile_dir(), None)).expect("the host starts")
+}
+
+/// Waits (a generous minute at most) until the steps `ids` of some run have
+/// all started, as their events say: a test acts while steps run without
+/// guessing how long the machine takes to get there.
+pub async fn started(events: &mut Receiver<Event>, ids: &[&str]) {
+    let mut waiting: Vec<&str> = ids.to_vec();
+    let wait = async {
+        while !waiting.is_empty() {
+            match events.recv().await.map(|event| event.data) {
+                Ok(EventData::StepStarted { step, .. }) => waiting.retain(|id| *id != &*step),
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => panic!("the host is gone"),
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), wait).await.is_err() {
+        panic!("steps {ids:?} did not all start within a minute");
+    }
 }
 
 pub fn flow(toml: &str) -> Flow {

@@ -11,6 +11,7 @@ use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 /// How the engine is set up. The defaults suit a host running up to about a
 /// thousand steps at once.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// Use wasmtime's pooling allocator: memories and tables are reserved
     /// once and recycled with copy-on-write images, so instantiating costs

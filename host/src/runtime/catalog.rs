@@ -1,207 +1,31 @@
 //! The plugins directory: which plugins there are, which bytes each name
-//! stands for now, what each needs, and how often each is used. The compiled
-//! code itself comes from the component store.
+//! stands for now, each plugin's settings file, what each needs, and how
+//! often each is used. The compiled code itself comes from the component
+//! store.
+//!
+//! The directory is opened once as a `cap_std::fs::Dir` and every file is
+//! reached through it: a name can only ever be `NAME.wasm` directly inside
+//! it, and a symbolic link that leads outside is refused.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use serde::Serialize;
+use serde::Deserialize;
 
-use crate::bindings;
-use crate::disk::Digest;
-use crate::store::{ComponentStore, Plugin, World};
-
-/// Why a plugin could not be used.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum PluginError {
-    /// No `NAME.wasm` in the plugins directory.
-    #[error("no plugin `{name}` in {dir} (it has: {available})", available = list_or_none(.available))]
-    NotFound {
-        /// The name asked for.
-        name: String,
-        /// The plugins directory.
-        dir: PathBuf,
-        /// The plugins it does have.
-        available: Vec<String>,
-    },
-    /// The plugins directory or a component file could not be read.
-    #[error("{path}: {message}")]
-    Read {
-        /// The file or directory.
-        path: PathBuf,
-        /// The I/O error.
-        message: String,
-    },
-    /// The file is not a valid WebAssembly component.
-    #[error("{path} is not a valid WebAssembly component: {message}")]
-    Compile {
-        /// The component file.
-        path: PathBuf,
-        /// wasmtime's account.
-        message: String,
-    },
-    /// The component imports something the host does not provide, or
-    /// exports neither Qflow world.
-    #[error(
-        "{path} does not match a Qflow world (qflow:plugin/step or qflow:plugin/loader @0.1.0): {message}"
-    )]
-    NoWorld {
-        /// The component file.
-        path: PathBuf,
-        /// What is missing or extra.
-        message: String,
-    },
-    /// `describe()` trapped or said something inconsistent.
-    #[error("{path}: describe() failed: {message}")]
-    Describe {
-        /// The component file.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
-    /// The flow asks for a version the plugin is not.
-    #[error("plugin `{name}` is version {found}, but the flow asks for {wanted}")]
-    Version {
-        /// The plugin.
-        name: String,
-        /// The version the flow names.
-        wanted: String,
-        /// The version `describe()` reports.
-        found: String,
-    },
-    /// A plugin needs another that could not be loaded.
-    #[error("plugin `{name}` needs `{needs}`: {source}")]
-    Dependency {
-        /// The plugin.
-        name: String,
-        /// The plugin it needs.
-        needs: String,
-        /// Why that one could not be loaded.
-        source: Box<PluginError>,
-    },
-    /// Plugins need each other in a circle.
-    #[error("plugins need each other in a cycle: {}", .0.join(" -> "))]
-    Cycle(Vec<String>),
-    /// The host failed while loading it: a bug in the host, not the plugin.
-    #[error("the host failed while loading a plugin: {0}")]
-    Host(String),
-    /// A step names a loader plugin, or a loader names a step plugin.
-    #[error("plugin `{name}` is a {found}, not a {wanted}")]
-    WrongKind {
-        /// The plugin.
-        name: String,
-        /// What the flow needs here.
-        wanted: Kind,
-        /// What the plugin is.
-        found: Kind,
-    },
-}
-
-fn list_or_none(names: &[String]) -> String {
-    if names.is_empty() { "no plugins".to_owned() } else { names.join(", ") }
-}
-
-/// Which world a plugin implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Kind {
-    /// A step of a flow.
-    Step,
-    /// A source of assets.
-    Loader,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Kind::Step => "step",
-            Kind::Loader => "loader",
-        })
-    }
-}
-
-/// What a plugin says about itself through `describe()`, and where it is.
-#[derive(Debug, Clone, Serialize)]
-pub struct PluginInfo {
-    /// The name flows use: the file's stem.
-    pub name: String,
-    /// The version it reports.
-    pub version: String,
-    /// What it does.
-    pub description: String,
-    /// Its world.
-    pub kind: Kind,
-    /// The assets it reads, as `loader-id/name`.
-    pub assets: Vec<String>,
-    /// The plugins it needs loaded.
-    pub needs: Vec<String>,
-    /// Its component file.
-    pub path: PathBuf,
-    /// The SHA-256 digest of the file, in hex.
-    pub digest: String,
-}
-
-impl Plugin {
-    pub(crate) fn step(
-        &self,
-        name: &str,
-    ) -> Result<&crate::bindings::step::StepPre<crate::instance::PluginState>, PluginError> {
-        match &self.world {
-            World::Step(pre) => Ok(pre),
-            World::Loader(_) => Err(self.wrong_kind(name, Kind::Step)),
-        }
-    }
-
-    pub(crate) fn loader(
-        &self,
-        name: &str,
-    ) -> Result<&crate::bindings::loader::LoaderPre<crate::instance::PluginState>, PluginError>
-    {
-        match &self.world {
-            World::Loader(pre) => Ok(pre),
-            World::Step(_) => Err(self.wrong_kind(name, Kind::Loader)),
-        }
-    }
-
-    /// Checks the version a flow asks for (`name@version`), if any.
-    pub(crate) fn check_version(
-        &self,
-        name: &str,
-        wanted: Option<&str>,
-    ) -> Result<(), PluginError> {
-        match wanted {
-            Some(wanted) if wanted != self.described.version => Err(PluginError::Version {
-                name: name.to_owned(),
-                wanted: wanted.to_owned(),
-                found: self.described.version.clone(),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    fn wrong_kind(&self, name: &str, wanted: Kind) -> PluginError {
-        PluginError::WrongKind { name: name.to_owned(), wanted, found: self.described.kind }
-    }
-}
-
-impl From<bindings::PluginKind> for Kind {
-    fn from(kind: bindings::PluginKind) -> Kind {
-        match kind {
-            bindings::PluginKind::Step => Kind::Step,
-            bindings::PluginKind::Loader => Kind::Loader,
-        }
-    }
-}
+use super::components::{ComponentStore, ReadBytes};
+use super::engine::Engine;
+use super::plugin::{Digest, Plugin, PluginError, PluginInfo, digest, valid_name};
+use crate::model::PoolSettings;
 
 /// What identifies a file's contents without reading it: when these are the
-/// same, the digest computed last time still holds.
+/// same, what was read last time still holds.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Fingerprint {
     len: u64,
@@ -210,12 +34,6 @@ struct Fingerprint {
 
 /// The file, in the cache directory, of the use counts.
 const USES: &str = "uses.json";
-
-/// The fingerprint of the file at `path`, if it is one.
-fn fingerprint(path: &Path) -> Option<Fingerprint> {
-    let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
-    Some(Fingerprint { len: meta.len(), modified: meta.modified().ok() })
-}
 
 /// What a reload found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,13 +48,26 @@ pub(crate) enum Reload {
     Removed { old: Digest },
 }
 
+/// A plugin's own settings file, `NAME.plugin.toml` beside `NAME.wasm`
+/// (not `NAME.toml`, which is what a flow kept beside it may be called).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SettingsFile {
+    #[serde(default)]
+    pool: PoolSettings,
+}
+
 /// The plugins directory.
 pub struct Catalog {
-    dir: PathBuf,
+    path: PathBuf,
+    dir: Arc<Dir>,
     store: Arc<ComponentStore>,
     /// The digest each name stands for, and the file it was read from.
     digests: Mutex<HashMap<String, (Fingerprint, Digest)>>,
-    /// Whether a watcher keeps `digests` current (see [`Catalog::resolve`]).
+    /// Each plugin's settings file as last read (`None`: there was none).
+    settings: Mutex<HashMap<String, (Option<Fingerprint>, PoolSettings)>>,
+    /// Whether a watcher keeps `digests` and `settings` current (see
+    /// [`Catalog::resolve`]).
     watched: AtomicBool,
     /// How often each plugin and asset was used (`plugin:NAME`,
     /// `asset:KEY`), including by earlier hosts on the same cache.
@@ -248,36 +79,59 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn wasm(name: &str) -> String {
+    format!("{name}.wasm")
+}
+
+fn settings_file(name: &str) -> String {
+    format!("{name}.plugin.toml")
+}
+
 impl Catalog {
-    pub(crate) fn new(dir: PathBuf, store: Arc<ComponentStore>) -> Catalog {
+    /// Opens the plugins directory `path`.
+    pub(crate) fn open(path: PathBuf, store: Arc<ComponentStore>) -> Result<Catalog, PluginError> {
+        let dir = Dir::open_ambient_dir(&path, ambient_authority())
+            .map_err(|e| PluginError::Read { path: path.clone(), source: Arc::new(e) })?;
         let uses = store.disk().map(|disk| disk.load_state(USES)).unwrap_or_default();
-        Catalog {
-            dir,
+        Ok(Catalog {
+            path,
+            dir: Arc::new(dir),
             store,
             digests: Mutex::default(),
+            settings: Mutex::default(),
             watched: AtomicBool::new(false),
             uses: Mutex::new(uses),
-        }
+        })
     }
 
     /// The plugins directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.path
     }
 
     pub(crate) fn store(&self) -> &Arc<ComponentStore> {
         &self.store
     }
 
+    pub(crate) fn engine(&self) -> &Engine {
+        self.store.engine()
+    }
+
     /// The names of the plugins in the directory (`NAME.wasm`), sorted.
     pub fn names(&self) -> Result<Vec<String>, PluginError> {
-        let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| PluginError::Read { path: self.dir.clone(), message: e.to_string() })?;
+        let entries = self
+            .dir
+            .entries()
+            .map_err(|e| PluginError::Read { path: self.path.clone(), source: Arc::new(e) })?;
         let mut names: Vec<String> = entries
             .filter_map(|entry| {
-                let path = entry.ok()?.path();
-                let is_wasm = path.extension().is_some_and(|ext| ext == "wasm") && path.is_file();
-                is_wasm.then(|| path.file_stem()?.to_str().map(str::to_owned))?
+                let entry = entry.ok()?;
+                let file_name = entry.file_name().into_string().ok()?;
+                let name = file_name.strip_suffix(".wasm")?;
+                let kind = entry.file_type().ok()?;
+                // Links are listed: using one that leads outside says so.
+                let listed = valid_name(name) && (kind.is_file() || kind.is_symlink());
+                listed.then(|| name.to_owned())
             })
             .collect();
         names.sort();
@@ -286,11 +140,47 @@ impl Catalog {
 
     /// Whether the directory has a plugin called `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.path_of(name).is_file()
+        valid_name(name) && self.dir.symlink_metadata(wasm(name)).is_ok_and(|m| !m.is_dir())
     }
 
-    fn path_of(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.wasm"))
+    fn path_of(&self, file: &str) -> PathBuf {
+        self.path.join(file)
+    }
+
+    /// The fingerprint of `file` in the directory; `None` if there is no
+    /// such file. A link that leads outside the directory is an error.
+    fn stat(&self, file: &str) -> Result<Option<Fingerprint>, PluginError> {
+        match self.dir.metadata(file) {
+            Ok(meta) if meta.is_file() => Ok(Some(Fingerprint {
+                len: meta.len(),
+                modified: meta.modified().ok().map(|t| t.into_std()),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                let is_link = self.dir.symlink_metadata(file).is_ok_and(|m| m.is_symlink());
+                let path = self.path_of(file);
+                Err(if is_link {
+                    PluginError::Escapes { path }
+                } else {
+                    PluginError::Read { path, source: Arc::new(e) }
+                })
+            }
+        }
+    }
+
+    /// Reads `file` from the directory, off the async workers.
+    fn reader(&self, file: String) -> ReadBytes {
+        let dir = self.dir.clone();
+        Box::new(move || dir.read(file))
+    }
+
+    async fn read(&self, file: &str) -> Result<Vec<u8>, PluginError> {
+        let read = self.reader(file.to_owned());
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| PluginError::Host(e.to_string()))?
+            .map_err(|e| PluginError::Read { path: self.path_of(file), source: Arc::new(e) })
     }
 
     /// Describes every plugin in the directory, loading those not yet loaded.
@@ -316,7 +206,7 @@ impl Catalog {
             kind: d.kind,
             assets: d.assets.clone(),
             needs: d.needs.clone(),
-            path: self.path_of(name),
+            path: self.path_of(&wasm(name)),
             digest: hex::encode(plugin.digest),
         }
     }
@@ -376,7 +266,8 @@ impl Catalog {
     /// the component store.
     async fn load_one(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
         let digest = self.resolve(name).await?;
-        self.store.get(digest, name, &self.path_of(name)).await
+        let file = wasm(name);
+        self.store.get(digest, name, &self.path_of(&file), self.reader(file)).await
     }
 
     /// The digest the name `name` stands for now. A watched catalog keeps
@@ -384,16 +275,19 @@ impl Catalog {
     /// replaces a working version); otherwise the file is checked on every
     /// use and re-read only when it changed.
     async fn resolve(&self, name: &str) -> Result<Digest, PluginError> {
+        if !valid_name(name) {
+            return Err(PluginError::BadName(name.to_owned()));
+        }
         if self.watched.load(Ordering::Acquire)
             && let Some((_, digest)) = lock(&self.digests).get(name)
         {
             return Ok(*digest);
         }
-        let path = self.path_of(name);
-        let Some(fingerprint) = fingerprint(&path) else {
+        let file = wasm(name);
+        let Some(fingerprint) = self.stat(&file)? else {
             return Err(PluginError::NotFound {
                 name: name.to_owned(),
-                dir: self.dir.clone(),
+                dir: self.path.clone(),
                 available: self.names().unwrap_or_default(),
             });
         };
@@ -402,12 +296,44 @@ impl Catalog {
         if let Some(digest) = known {
             return Ok(digest);
         }
-        let bytes = tokio::fs::read(&path)
-            .await
-            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
-        let digest = crate::store::digest(&bytes);
+        let digest = digest(&self.read(&file).await?);
         lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
         Ok(digest)
+    }
+
+    /// The plugin's own pool settings, from `NAME.plugin.toml` beside its
+    /// component (none if there is no such file). Read when it changes,
+    /// through the async file path: never under a lock.
+    pub(crate) async fn settings(&self, name: &str) -> Result<PoolSettings, PluginError> {
+        let watched = self.watched.load(Ordering::Acquire);
+        if watched && let Some((_, settings)) = lock(&self.settings).get(name) {
+            return Ok(*settings);
+        }
+        let file = settings_file(name);
+        let fingerprint = self.stat(&file)?;
+        let known = lock(&self.settings).get(name).filter(|(f, _)| *f == fingerprint).map(|s| s.1);
+        if let Some(settings) = known {
+            return Ok(settings);
+        }
+        let settings = match fingerprint {
+            None => PoolSettings::default(),
+            Some(_) => {
+                let bytes = self.read(&file).await?;
+                let invalid = |message: String| PluginError::Settings {
+                    path: self.path_of(&file),
+                    message: message.trim_end().to_owned(),
+                };
+                let text = String::from_utf8(bytes).map_err(|e| invalid(e.to_string()))?;
+                toml::from_str::<SettingsFile>(&text).map_err(|e| invalid(e.to_string()))?.pool
+            }
+        };
+        lock(&self.settings).insert(name.to_owned(), (fingerprint, settings));
+        Ok(settings)
+    }
+
+    /// Forgets `NAME.plugin.toml` as last read: the watcher saw it change.
+    pub(crate) fn forget_settings(&self, name: &str) {
+        lock(&self.settings).remove(name);
     }
 
     /// While watched, a name changes its digest only through
@@ -420,24 +346,26 @@ impl Catalog {
     /// linked and described, and only if all of that works does the name
     /// stand for it; a removed file retires the name.
     pub(crate) async fn reload(&self, name: &str) -> Result<Reload, PluginError> {
-        let path = self.path_of(name);
-        let Some(fingerprint) = fingerprint(&path) else {
+        if !valid_name(name) {
+            return Err(PluginError::BadName(name.to_owned()));
+        }
+        let file = wasm(name);
+        let Some(fingerprint) = self.stat(&file)? else {
             let old = lock(&self.digests).remove(name);
             return Ok(match old {
                 Some((_, digest)) => Reload::Removed { old: digest },
                 None => Reload::Unchanged,
             });
         };
-        let bytes = tokio::fs::read(&path)
-            .await
-            .map_err(|e| PluginError::Read { path: path.clone(), message: e.to_string() })?;
-        let digest = crate::store::digest(&bytes);
+        let bytes = self.read(&file).await?;
+        let digest = digest(&bytes);
         let old = lock(&self.digests).get(name).map(|(_, d)| *d);
         if old == Some(digest) {
             lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
             return Ok(Reload::Unchanged);
         }
-        let plugin = self.store.get(digest, name, &path).await?;
+        let read: ReadBytes = Box::new(move || Ok(bytes));
+        let plugin = self.store.get(digest, name, &self.path_of(&file), read).await?;
         lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
         let version = plugin.described.version.clone();
         Ok(match old {
@@ -460,9 +388,5 @@ impl Catalog {
         if let Some(disk) = self.store.disk() {
             disk.save_state(USES, &*lock(&self.uses));
         }
-    }
-
-    pub(crate) fn engine(&self) -> &crate::engine::Engine {
-        self.store.engine()
     }
 }

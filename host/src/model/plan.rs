@@ -4,63 +4,16 @@
 
 use std::collections::BTreeMap;
 
-use petgraph::algo::{DfsSpace, has_path_connecting, tarjan_scc, toposort};
-use petgraph::graph::{DiGraph, NodeIndex};
-use serde::Serialize;
+use petgraph::algo::{DfsSpace, has_path_connecting, toposort};
+use petgraph::graph::NodeIndex;
+use serde::{Deserialize, Serialize};
 
-use crate::flow::{Flow, Step};
-
-/// The step graph: an edge runs from a dependency to its dependent; node `i`
-/// is step `i`.
-fn graph(steps: &[Step]) -> DiGraph<usize, ()> {
-    let mut graph = DiGraph::with_capacity(steps.len(), steps.iter().map(|s| s.deps.len()).sum());
-    let nodes: Vec<NodeIndex> = (0..steps.len()).map(|i| graph.add_node(i)).collect();
-    for (i, step) in steps.iter().enumerate() {
-        for &dep in &step.deps {
-            graph.add_edge(nodes[dep], nodes[i], ());
-        }
-    }
-    graph
-}
-
-/// Every cycle among the steps, each as its members in dependency order
-/// (a step that needs itself is a cycle of one).
-pub(crate) fn cycles(steps: &[Step]) -> Vec<Vec<usize>> {
-    let graph = graph(steps);
-    let mut cycles: Vec<Vec<usize>> = tarjan_scc(&graph)
-        .into_iter()
-        .filter(|scc| scc.len() > 1 || graph.contains_edge(scc[0], scc[0]))
-        .map(|scc| {
-            let mut members: Vec<usize> = scc.iter().map(|&n| graph[n]).collect();
-            members.sort_unstable();
-            order_cycle(steps, &members)
-        })
-        .collect();
-    cycles.sort();
-    cycles
-}
-
-/// Walks the cycle from its first member along `needs`, so the message reads
-/// as a chain: `a -> b -> c` where each needs the one before it.
-fn order_cycle(steps: &[Step], members: &[usize]) -> Vec<usize> {
-    let mut chain = vec![members[0]];
-    while chain.len() < members.len() {
-        let last = chain[chain.len() - 1];
-        let next =
-            members.iter().copied().find(|m| !chain.contains(m) && steps[*m].deps.contains(&last));
-        match next {
-            Some(next) => chain.push(next),
-            // Not a simple cycle: list the rest as they come.
-            None => chain
-                .extend(members.iter().filter(|m| !chain.contains(m)).copied().collect::<Vec<_>>()),
-        }
-    }
-    chain
-}
+use super::flow::{Flow, Step};
+use super::graph::graph;
 
 /// Steps that name the same exclusive resource and that nothing orders, so
 /// the scheduler must keep them apart.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Conflict {
     /// The resource.
     pub resource: String,
@@ -69,7 +22,7 @@ pub struct Conflict {
 }
 
 /// A dependency already implied by another one of the same step.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Redundant {
     /// The step.
     pub step: String,
@@ -80,7 +33,7 @@ pub struct Redundant {
 }
 
 /// A flow's dependency analysis.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     /// The step ids in an order where each comes after what it needs.
     pub order: Vec<String>,
@@ -124,7 +77,8 @@ impl Plan {
     pub fn with_estimates(flow: &Flow, estimate: impl Fn(&Step) -> Option<f64>) -> Plan {
         let steps = &flow.steps;
         let n = steps.len();
-        let graph = graph(steps);
+        let deps: Vec<&[usize]> = steps.iter().map(|s| s.deps.as_slice()).collect();
+        let graph = graph(&deps);
         let estimates: Vec<Option<f64>> = steps.iter().map(&estimate).collect();
         let estimated = estimates.iter().any(Option::is_some);
         let known: Vec<f64> = estimates.iter().flatten().copied().collect();
@@ -238,7 +192,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::flow::Format;
+    use crate::model::Format;
 
     /// a → b → d, a → c → d, a → d (redundant), e alone; b and e share "db".
     fn flow() -> Flow {

@@ -10,10 +10,22 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::assets::Assets;
-use crate::bindings::{LogLevel, StepError, host};
-use crate::engine::Engine;
-use crate::sandbox::{Grants, Limiter, Log, Stream};
+use futures::future::BoxFuture;
+
+use super::bindings::{LogLevel, StepError, host};
+use super::engine::Engine;
+use super::sandbox::{Grants, Limiter, Log, Stream};
+
+/// An asset's contents, shared by every step that reads it.
+pub(crate) type Bytes = Arc<[u8]>;
+
+/// Where `host.asset` is served from: an instance depends on this view, not
+/// on the asset cache behind it (the same seam wasmtime-wasi's `WasiView`
+/// gives WASI, and the one outbound HTTP and SQL will take).
+pub(crate) trait AssetSource: Send + Sync + 'static {
+    /// The asset `loader-id/name`.
+    fn asset<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Bytes, StepError>>;
+}
 
 /// An instance's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,7 +60,7 @@ pub(crate) struct PluginState {
     caller: Caller,
     /// Where `host.asset` is served from; `None` for loaders, which do not
     /// read assets themselves.
-    assets: Option<Arc<Assets>>,
+    assets: Option<Arc<dyn AssetSource>>,
     /// This instance's place among the engine's `max_instances`.
     _permit: OwnedSemaphorePermit,
     /// When the current call must end; checked at every epoch tick.
@@ -64,7 +76,7 @@ impl PluginState {
     pub(crate) async fn store(
         engine: &Engine,
         caller: Caller,
-        assets: Option<Arc<Assets>>,
+        assets: Option<Arc<dyn AssetSource>>,
         grants: &Grants,
         limits: Limits,
         deadline: Option<Instant>,
@@ -141,7 +153,7 @@ impl host::Host for PluginState {
 
     async fn asset(&mut self, name: String) -> Result<Vec<u8>, StepError> {
         match &self.assets {
-            Some(assets) => assets.clone().get(&name).await.map(|bytes| bytes.to_vec()),
+            Some(assets) => assets.clone().asset(&name).await.map(|bytes| bytes.to_vec()),
             None => Err(StepError {
                 code: "no-assets".into(),
                 message: format!("{} is a loader; loaders cannot read assets", self.caller.name),

@@ -3,15 +3,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::input::{Source, Template};
-use crate::plan;
-use crate::warm::PoolSettings;
+use super::graph;
+use super::input::{Source, Template};
+use super::settings::PoolSettings;
 
 /// A validated flow: a DAG of steps, and the loaders that serve its assets.
 #[derive(Debug, Clone)]
@@ -35,7 +37,7 @@ pub struct Flow {
 }
 
 /// What happens when a step fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Cancel the rest of the run (the default).
@@ -49,7 +51,7 @@ pub enum Strategy {
 }
 
 /// How a failing step is retried: exponential backoff with jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
@@ -110,10 +112,53 @@ pub struct Step {
     pub(crate) deps: Vec<usize>,
     /// The `input` mapping, if the file gives one.
     pub(crate) input: Option<Template>,
+    /// What makes two steps share instances, computed once here.
+    pub(crate) instance_key: InstanceKey,
+}
+
+/// Everything in a flow that decides what a step's instances are, beyond
+/// the plugin's bytes and the host's limits: its config, grants, memory
+/// limit and pool settings, and the flow's loaders (an `init` may read
+/// assets). Encoded once when the flow is read (JSON, whose object keys are
+/// sorted: stable), and hashed once, so that finding a step's pool costs a
+/// hash-map probe, not a serialisation.
+#[derive(Debug, Clone)]
+pub(crate) struct InstanceKey {
+    hash: u64,
+    text: Arc<str>,
+}
+
+impl InstanceKey {
+    fn new(step: &Step, loaders: &[LoaderSpec]) -> InstanceKey {
+        let encoded = serde_json::json!({
+            "config": step.config,
+            "dirs": step.dirs,
+            "env": step.env,
+            "max_memory_bytes": step.max_memory_bytes,
+            "pool": step.pool,
+            "loaders": loaders,
+        });
+        let text: Arc<str> = Arc::from(encoded.to_string());
+        InstanceKey { hash: xxhash_rust::xxh3::xxh3_64(text.as_bytes()), text }
+    }
+}
+
+impl PartialEq for InstanceKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
+}
+
+impl Eq for InstanceKey {}
+
+impl Hash for InstanceKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 /// A loader: a plugin that serves assets named `ID/NAME` to steps.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LoaderSpec {
     /// The loader's id: the first part of the asset names it serves.
     pub id: String,
@@ -126,7 +171,7 @@ pub struct LoaderSpec {
 }
 
 /// A host directory granted to a plugin.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Mount {
     /// Where the plugin sees it.
     pub guest: String,
@@ -186,7 +231,7 @@ fn mounts(
 }
 
 /// A plugin by name, optionally pinned to a version: `jq` or `jq@0.1.0`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PluginRef {
     /// The plugin's name (its file's stem in the plugins directory).
     pub name: String,
@@ -367,39 +412,6 @@ impl Flow {
         if problems.is_empty() { Ok(flow) } else { Err(error(problems)) }
     }
 
-    /// Checks that every plugin the flow names is in the plugins directory.
-    pub fn check_plugins(&self, catalog: &crate::Catalog) -> Result<(), FlowError> {
-        let owners = self
-            .steps
-            .iter()
-            .map(|s| (format!("step `{}`", s.id), &s.plugin))
-            .chain(self.loaders.iter().map(|l| (format!("loader `{}`", l.id), &l.plugin)));
-        let mut available = None;
-        let problems: Vec<Problem> = owners
-            .filter(|(_, plugin)| !catalog.contains(&plugin.name))
-            .map(|(owner, plugin)| {
-                let available = available
-                    .get_or_insert_with(|| match catalog.names() {
-                        Ok(names) if names.is_empty() => "no plugins".to_owned(),
-                        Ok(names) => names.join(", "),
-                        Err(e) => e.to_string(),
-                    })
-                    .clone();
-                Problem::UnknownPlugin {
-                    owner,
-                    plugin: plugin.name.clone(),
-                    dir: catalog.dir().display().to_string(),
-                    available,
-                }
-            })
-            .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(FlowError { origin: self.origin.clone(), problems })
-        }
-    }
-
     /// The index of the step `id`.
     pub fn step_index(&self, id: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.id == id)
@@ -532,15 +544,17 @@ impl RawFlow {
                         .map(|mb| mb << 20),
                     deps,
                     input,
+                    instance_key: InstanceKey { hash: 0, text: Arc::from("") },
                 }
             })
             .collect();
 
-        for cycle in plan::cycles(&steps) {
+        let deps: Vec<&[usize]> = steps.iter().map(|s| s.deps.as_slice()).collect();
+        for cycle in graph::cycles(&deps) {
             problems.push(Problem::Cycle(cycle.iter().map(|&i| steps[i].id.clone()).collect()));
         }
 
-        let loaders = self
+        let loaders: Vec<LoaderSpec> = self
             .loader
             .into_iter()
             .map(|raw| {
@@ -557,6 +571,10 @@ impl RawFlow {
 
         if self.flow.max_parallel == Some(0) {
             problems.push(Problem::BadMaxParallel);
+        }
+        let mut steps = steps;
+        for step in &mut steps {
+            step.instance_key = InstanceKey::new(step, &loaders);
         }
         Flow {
             name: self.flow.name,
@@ -846,7 +864,7 @@ mod fuzz {
     };
 
     use super::{Flow, Format, Path};
-    use crate::plan::Plan;
+    use crate::model::Plan;
 
     /// Flows built from pieces that often collide: few ids, needs among
     /// them (cycles included), references good and bad, odd configs.

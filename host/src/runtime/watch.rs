@@ -7,13 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::catalog::{Catalog, Reload};
+use super::instances::Pools;
+use super::plugin::PluginError;
+use crate::model::{Emitter, EventData, error_chain};
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
-use tokio::sync::broadcast;
-
-use crate::catalog::{Catalog, PluginError, Reload};
-use crate::events::Event;
-use crate::warm::Pools;
 
 /// How long a plugin file must be quiet before it is reloaded: a copy in
 /// progress writes far more often than this.
@@ -27,7 +26,7 @@ const SETTLE: Duration = Duration::from_millis(50);
 pub(crate) struct Reloader {
     pub(crate) catalog: Arc<Catalog>,
     pub(crate) pools: Arc<Pools>,
-    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) events: Emitter,
 }
 
 impl Reloader {
@@ -35,31 +34,29 @@ impl Reloader {
     /// are drained; runs in flight finish on the version they started with.
     pub(crate) async fn reload(&self, name: &str) -> Result<(), PluginError> {
         let plugin: Arc<str> = Arc::from(name);
-        let emit = |event| {
-            // No subscriber is fine.
-            let _ = self.events.send(event);
-        };
+        let emit = |event| self.events.emit(event);
         match self.catalog.reload(name).await {
             Ok(Reload::Unchanged) => {}
             Ok(Reload::Added { version, .. }) => {
                 tracing::info!("plugin {name} {version} added");
-                emit(Event::PluginAdded { plugin, version });
+                emit(EventData::PluginAdded { plugin, version });
             }
             Ok(Reload::Replaced { old, version, .. }) => {
                 tracing::info!("plugin {name} reloaded: now {version}");
                 self.pools.retire(&old);
-                emit(Event::PluginReloaded { plugin, version });
+                emit(EventData::PluginReloaded { plugin, version });
             }
             Ok(Reload::Removed { old }) => {
                 tracing::info!("plugin {name} removed");
                 self.pools.retire(&old);
-                emit(Event::PluginRemoved { plugin });
+                emit(EventData::PluginRemoved { plugin });
             }
             Err(e) => {
+                let error = error_chain(&e);
                 tracing::warn!(
-                    "plugin {name} was not reloaded, the old version goes on serving: {e}"
+                    "plugin {name} was not reloaded, the old version goes on serving: {error}"
                 );
-                emit(Event::PluginReloadFailed { plugin, error: e.to_string() });
+                emit(EventData::PluginReloadFailed { plugin, error });
                 return Err(e);
             }
         }
@@ -101,6 +98,11 @@ pub(crate) fn start(
                 Ok(events) => {
                     let mut names: Vec<String> =
                         events.iter().filter_map(|e| plugin_name(&e.path)).collect();
+                    // A changed settings file is read again on next use:
+                    // new steps get pools with the new settings.
+                    for name in events.iter().filter_map(|e| settings_name(&e.path)) {
+                        reloader.catalog.forget_settings(&name);
+                    }
                     names.sort();
                     names.dedup();
                     for name in names {
@@ -122,6 +124,12 @@ fn plugin_name(path: &Path) -> Option<String> {
         return None;
     }
     path.file_stem()?.to_str().map(str::to_owned)
+}
+
+/// The plugin whose settings file a path is: `NAME.plugin.toml`.
+fn settings_name(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    file.strip_suffix(".plugin.toml").map(str::to_owned)
 }
 
 /// Waits (a little) until the file stops changing.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use qflow::{Event, Flow, Host, HostConfig, RunOptions, RunStatus, RunSummary, StepStatus};
+use qflow::{EventData, Flow, Host, HostConfig, RunOptions, RunStatus, RunSummary, StepStatus};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -137,7 +137,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { flow, host, input, max_parallel, json } => {
-            let options = RunOptions { max_parallel, ..Default::default() };
+            let mut options = RunOptions::new();
+            options.max_parallel = max_parallel;
             runtime()?.block_on(run(&flow, &host, &input, options, json))
         }
         Command::Plan { flow, host, json } => runtime()?.block_on(plan(&flow, &host, json)),
@@ -176,7 +177,7 @@ fn host(args: &HostArgs) -> anyhow::Result<Host> {
     }
     let mut config = HostConfig::new(plugins);
     if let Some(dir) = &args.cache_dir {
-        config.store.cache_dir = Some(dir.clone());
+        config.cache.dir = Some(dir.clone());
     }
     Ok(Host::new(config)?)
 }
@@ -204,10 +205,13 @@ async fn run(
     let host = host(args)?;
     let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
     // Ctrl-C cancels the run: running steps are cut, and the summary still
-    // says what finished, what was cut and what never started.
+    // says what finished, what was cut and what never started. The handler
+    // is in place before the run starts.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot handle Ctrl-C")?;
     let cancel = options.cancel.clone();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if interrupt.recv().await.is_some() {
             eprintln!("interrupted: stopping the run");
             cancel.cancel();
         }
@@ -253,17 +257,19 @@ async fn watch(
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(ExitCode::SUCCESS),
         };
-        let changed = match &event {
-            Event::PluginAdded { plugin, version } => {
+        let changed = match &event.data {
+            EventData::PluginAdded { plugin, version } => {
                 Some((plugin.clone(), format!("added {plugin} {version}")))
             }
-            Event::PluginReloaded { plugin, version } => {
+            EventData::PluginReloaded { plugin, version } => {
                 Some((plugin.clone(), format!("reloaded {plugin}: now {version}")))
             }
-            Event::PluginReloadFailed { plugin, error } => {
+            EventData::PluginReloadFailed { plugin, error } => {
                 Some((plugin.clone(), format!("kept the old {plugin}: {error}")))
             }
-            Event::PluginRemoved { plugin } => Some((plugin.clone(), format!("removed {plugin}"))),
+            EventData::PluginRemoved { plugin } => {
+                Some((plugin.clone(), format!("removed {plugin}")))
+            }
             _ => None,
         };
         let Some((plugin, line)) = changed else { continue };
@@ -272,7 +278,8 @@ async fn watch(
         } else {
             println!("{line}");
         }
-        let rerun = matches!(event, Event::PluginReloaded { .. } | Event::PluginAdded { .. });
+        let rerun =
+            matches!(event.data, EventData::PluginReloaded { .. } | EventData::PluginAdded { .. });
         if let Some(flow) =
             flow.as_ref().filter(|f| rerun && f.steps.iter().any(|s| *s.plugin.name == *plugin))
         {
@@ -294,7 +301,7 @@ async fn run_once(host: &Host, flow: &Flow, input: &Value, json: bool) -> anyhow
 async fn plan(flow: &Path, args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
     let flow = Flow::load(flow)?;
     let host = host(args)?;
-    flow.check_plugins(host.catalog())?;
+    host.check(&flow)?;
     let plan = host.plan(&flow);
     if json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -336,15 +343,17 @@ fn show_progress(host: &Host, flow: &Flow) -> ProgressBar {
     let updater = bar.clone();
     tokio::spawn(async move {
         while let Ok(event) = events.recv().await {
-            match event {
-                Event::StepStarted { step, .. } => updater.set_message(format!("running {step}")),
-                Event::StepFinished { step, status, .. } => {
+            match event.data {
+                EventData::StepStarted { step, .. } => {
+                    updater.set_message(format!("running {step}"))
+                }
+                EventData::StepFinished { step, status, .. } => {
                     updater.inc(1);
                     if status == StepStatus::Failed {
                         updater.println(format!("✗ {step} failed"));
                     }
                 }
-                Event::RunFinished { .. } => break,
+                EventData::RunFinished { .. } => break,
                 _ => {}
             }
         }
@@ -406,7 +415,7 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|d| match d {
                 Ok(info) => serde_json::to_value(info).unwrap_or_default(),
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
+                Err(e) => serde_json::json!({ "error": qflow::error_chain(e) }),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&entries)?);
@@ -417,7 +426,7 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
                     "{:14} {:8} {:7} {}",
                     info.name, info.version, info.kind, info.description
                 ),
-                Err(e) => println!("error: {e}"),
+                Err(e) => println!("error: {}", qflow::error_chain(e)),
             }
         }
     }

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde::Serialize;
+
+use crate::model::CacheStats;
 
 /// Why a cached load failed.
 #[derive(Debug, Clone)]
@@ -48,25 +49,6 @@ impl<E: fmt::Display> fmt::Display for LoadError<E> {
     }
 }
 
-/// A cache's counters, as [`Host::stats`](crate::Host::stats) reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct CacheStats {
-    /// Entries held.
-    pub entries: usize,
-    /// Bytes held (the sum of the entries' sizes).
-    pub bytes: u64,
-    /// The most bytes it holds.
-    pub limit_bytes: u64,
-    /// Requests served from memory.
-    pub hits: u64,
-    /// Requests that had to load (or wait for a load already under way).
-    pub misses: u64,
-    /// `hits / (hits + misses)`; 0 before any request.
-    pub hit_rate: f64,
-    /// Entries dropped to keep under the limit.
-    pub evictions: u64,
-}
-
 type InFlight<V, E> = Shared<BoxFuture<'static, Result<V, LoadError<E>>>>;
 
 struct Inner<K, V, E> {
@@ -79,6 +61,7 @@ struct Inner<K, V, E> {
     counted: u64,
     hits: u64,
     misses: u64,
+    joins: u64,
     evictions: u64,
 }
 
@@ -131,6 +114,7 @@ where
                 counted: 0,
                 hits: 0,
                 misses: 0,
+                joins: 0,
                 evictions: 0,
             }),
             limit,
@@ -162,10 +146,13 @@ where
                 inner.hits += 1;
                 return Ok(value);
             }
-            inner.misses += 1;
-            match inner.in_flight.get(key) {
-                Some(pending) => pending.clone(),
+            match inner.in_flight.get(key).cloned() {
+                Some(pending) => {
+                    inner.joins += 1;
+                    pending
+                }
                 None => {
+                    inner.misses += 1;
                     let pending = self.start(key.clone(), load());
                     inner.in_flight.insert(key.clone(), pending.clone());
                     pending
@@ -255,13 +242,14 @@ where
 
     pub(crate) fn stats(&self) -> CacheStats {
         let inner = self.lock();
-        let requests = inner.hits + inner.misses;
+        let requests = inner.hits + inner.misses + inner.joins;
         CacheStats {
             entries: inner.lru.len(),
             bytes: inner.bytes,
             limit_bytes: self.limit,
             hits: inner.hits,
             misses: inner.misses,
+            joins: inner.joins,
             hit_rate: if requests == 0 { 0.0 } else { inner.hits as f64 / requests as f64 },
             evictions: inner.evictions,
         }

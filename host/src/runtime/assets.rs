@@ -5,22 +5,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bindings::StepError;
-use crate::cache::{Cache, LoadError};
-use crate::catalog::Catalog;
-use crate::flow::{LoaderSpec, Mount, PluginRef};
-use crate::instance::{Caller, Limits, PluginState, describe_failure};
-use crate::sandbox::Grants;
+use super::bindings::StepError;
+use super::cache::{Cache, LoadError};
+use super::catalog::Catalog;
+use super::plugin::PluginError;
+use super::sandbox::Grants;
+use super::state::{AssetSource, Bytes, Caller, Limits, PluginState, describe_failure};
+use crate::model::{LoaderSpec, Mount, PluginRef};
 
 /// The longest one `load` call may run before it is interrupted: a request
 /// gives up sooner (the store's load timeout), but the call must end too.
 const LOADER_TIME_LIMIT: Duration = Duration::from_secs(300);
-
-/// An asset's contents, shared by every step that reads it.
-pub(crate) type Bytes = Arc<[u8]>;
 
 /// The host's asset cache.
 pub(crate) type AssetCache = Cache<AssetKey, Bytes, StepError>;
@@ -102,6 +102,12 @@ impl Assets {
     }
 }
 
+impl AssetSource for Assets {
+    fn asset<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Bytes, StepError>> {
+        self.get(name).boxed()
+    }
+}
+
 /// The asset `key`: from memory, or loaded once however many ask.
 pub(crate) async fn fetch(
     catalog: &Arc<Catalog>,
@@ -125,7 +131,8 @@ pub(crate) async fn fetch(
 /// Runs the loader plugin once for the asset.
 async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
     let owner = format!("loader `{}` (plugin {})", key.loader_id, key.plugin);
-    let failed = |e: crate::PluginError| error("plugin", format!("{owner}: {e}"));
+    let failed =
+        |e: PluginError| error("plugin", format!("{owner}: {}", crate::model::error_chain(&e)));
     let plugin = catalog.load(&key.plugin.name).await.map_err(failed)?;
     plugin.check_version(&key.plugin.name, key.plugin.version.as_deref()).map_err(failed)?;
     let pre = plugin.loader(&key.plugin.name).map_err(failed)?;

@@ -8,28 +8,28 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use sha2::Digest as _;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-use crate::bindings::{self, loader::LoaderPre, step::StepPre};
-use crate::cache::{Cache, CacheStats, LoadError};
-use crate::catalog::{Kind, PluginError};
-use crate::disk::{Digest, DiskCache, Lookup};
-use crate::engine::Engine;
-use crate::instance::{Caller, Limits, PluginState, describe_failure};
-use crate::sandbox::Grants;
+use super::bindings::{self, loader::LoaderPre, step::StepPre};
+use super::cache::{Cache, LoadError};
+use super::disk::{DiskCache, Lookup};
+use super::engine::Engine;
+use super::plugin::{Described, Digest, Kind, Plugin, PluginError, World, digest};
+use super::sandbox::Grants;
+use super::state::{Caller, Limits, PluginState, describe_failure};
+use crate::model::ComponentStats;
 
 /// How compiled components and loader assets are cached.
 #[derive(Debug, Clone)]
-pub struct StoreConfig {
+#[non_exhaustive]
+pub struct CacheConfig {
     /// The most bytes of compiled code kept in memory; 256 MiB holds a few
     /// hundred typical plugins.
     pub memory_limit: u64,
     /// Where precompiled components are kept between processes; `None` keeps
     /// them in memory only. Default: `QFLOW_CACHE_DIR`, else the platform's
     /// cache directory (`~/.cache/qflow` on Linux).
-    pub cache_dir: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
     /// A plugin or asset used at least this many times (counted across
     /// processes, beside the disk cache) is loaded when a host starts.
     pub preload_threshold: u64,
@@ -40,11 +40,11 @@ pub struct StoreConfig {
     pub asset_memory_limit: u64,
 }
 
-impl Default for StoreConfig {
+impl Default for CacheConfig {
     fn default() -> Self {
-        StoreConfig {
+        CacheConfig {
             memory_limit: 256 << 20,
-            cache_dir: std::env::var_os("QFLOW_CACHE_DIR")
+            dir: std::env::var_os("QFLOW_CACHE_DIR")
                 .map(PathBuf::from)
                 .or_else(|| dirs::cache_dir().map(|dir| dir.join("qflow"))),
             preload_threshold: 3,
@@ -54,81 +54,11 @@ impl Default for StoreConfig {
     }
 }
 
-/// The component store's figures.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct ComponentStats {
-    /// The in-memory LRU of compiled components.
-    #[serde(flatten)]
-    pub memory: CacheStats,
-    /// Components loaded from a precompiled artifact on disk.
-    pub disk_hits: u64,
-    /// Components compiled with Cranelift.
-    pub compiles: u64,
-    /// Time spent compiling, in ms.
-    pub compile_ms: f64,
-    /// Artifacts on disk that were unusable (corrupt, truncated, foreign)
-    /// and were replaced.
-    pub disk_rejects: u64,
-}
-
 /// `describe()` only returns constants: a plugin that takes longer is broken.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
 
-/// The host's caches: compiled components and loader assets.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Stats {
-    /// Compiled components.
-    pub components: ComponentStats,
-    /// Loader assets.
-    pub assets: CacheStats,
-}
-
-/// What `describe()` said, checked against the world the component implements.
-#[derive(Debug, Clone)]
-pub(crate) struct Described {
-    pub(crate) version: String,
-    pub(crate) description: String,
-    pub(crate) kind: Kind,
-    pub(crate) assets: Vec<String>,
-    pub(crate) needs: Vec<String>,
-}
-
-/// A plugin compiled, linked against the host, and described: ready to
-/// instantiate. Shared by every use of the same bytes, whatever their name.
-pub(crate) struct Plugin {
-    pub(crate) digest: Digest,
-    pub(crate) described: Described,
-    pub(crate) world: World,
-}
-
-pub(crate) enum World {
-    Step(StepPre<PluginState>),
-    Loader(LoaderPre<PluginState>),
-}
-
-impl World {
-    fn kind(&self) -> Kind {
-        match self {
-            World::Step(_) => Kind::Step,
-            World::Loader(_) => Kind::Loader,
-        }
-    }
-
-    /// Calls `describe()` in a fresh instance.
-    async fn describe(
-        &self,
-        store: &mut wasmtime::Store<PluginState>,
-    ) -> wasmtime::Result<bindings::PluginInfo> {
-        match self {
-            World::Step(pre) => {
-                pre.instantiate_async(&mut *store).await?.call_describe(store).await
-            }
-            World::Loader(pre) => {
-                pre.instantiate_async(&mut *store).await?.call_describe(store).await
-            }
-        }
-    }
-}
+/// Reads a component's bytes (blocking: it runs off the async workers).
+pub(crate) type ReadBytes = Box<dyn FnOnce() -> std::io::Result<Vec<u8>> + Send + 'static>;
 
 #[derive(Default)]
 struct Counters {
@@ -146,18 +76,13 @@ pub(crate) struct ComponentStore {
     counters: Counters,
 }
 
-/// The SHA-256 digest of a component's bytes: its identity in every cache.
-pub(crate) fn digest(bytes: &[u8]) -> Digest {
-    sha2::Sha256::digest(bytes).into()
-}
-
 impl ComponentStore {
-    pub(crate) fn new(engine: Engine, config: &StoreConfig) -> wasmtime::Result<ComponentStore> {
+    pub(crate) fn new(engine: Engine, config: &CacheConfig) -> wasmtime::Result<ComponentStore> {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
         let disk = config
-            .cache_dir
+            .dir
             .as_deref()
             .and_then(|dir| DiskCache::open(dir, engine.wasmtime()))
             .map(Arc::new);
@@ -178,36 +103,48 @@ impl ComponentStore {
         self.disk.as_deref()
     }
 
-    /// The plugin with `digest`, whose bytes are in the file `path` (read only
-    /// if neither memory nor disk has it). `name` is for messages.
+    /// The plugin with `digest`. Its bytes come from `read` (the file
+    /// `path`, named in messages), called only if neither memory nor disk has
+    /// it; `name` is for messages.
     pub(crate) async fn get(
         self: &Arc<Self>,
         digest: Digest,
         name: &str,
         path: &Path,
+        read: ReadBytes,
     ) -> Result<Arc<Plugin>, PluginError> {
         let store = self.clone();
         let (name, path_owned) = (name.to_owned(), path.to_path_buf());
         let loaded = self
             .memory
             .get_or_load(&digest, move || async move {
-                let plugin = store.load(digest, &name, &path_owned).await?;
-                let size = plugin_size(&plugin);
+                let plugin = store.load(digest, &name, &path_owned, read).await?;
+                let size = plugin.size();
                 Ok((Arc::new(plugin), size))
             })
             .await;
         loaded.map_err(|e| match e {
             LoadError::Failed(e) => e,
-            other => PluginError::Compile { path: path.to_path_buf(), message: other.to_string() },
+            LoadError::TimedOut(limit) => PluginError::Timeout {
+                path: path.to_path_buf(),
+                timeout_ms: limit.as_millis() as u64,
+            },
+            LoadError::Panicked(message) => PluginError::Host(message),
         })
     }
 
     /// Disk, else compile; then link and describe.
-    async fn load(&self, digest: Digest, name: &str, path: &Path) -> Result<Plugin, PluginError> {
+    async fn load(
+        &self,
+        digest: Digest,
+        name: &str,
+        path: &Path,
+        read: ReadBytes,
+    ) -> Result<Plugin, PluginError> {
         let engine = self.engine.wasmtime().clone();
         let component = match self.load_precompiled(&engine, digest).await {
             Some(component) => component,
-            None => self.compile(&engine, digest, path).await?,
+            None => self.compile(&engine, digest, path, read).await?,
         };
         self.link(component, digest, name, path).await
     }
@@ -241,15 +178,18 @@ impl ComponentStore {
         engine: &wasmtime::Engine,
         digest: Digest,
         path: &Path,
+        read: ReadBytes,
     ) -> Result<Component, PluginError> {
-        let bytes = tokio::fs::read(path)
+        let read_error =
+            |e: std::io::Error| PluginError::Read { path: path.to_path_buf(), source: Arc::new(e) };
+        let bytes = tokio::task::spawn_blocking(read)
             .await
-            .map_err(|e| PluginError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| PluginError::Host(e.to_string()))?
+            .map_err(read_error)?;
         if self::digest(&bytes) != digest {
-            return Err(PluginError::Read {
-                path: path.to_path_buf(),
-                message: "the file changed while it was being loaded; try again".into(),
-            });
+            return Err(read_error(std::io::Error::other(
+                "the file changed while it was being loaded; try again",
+            )));
         }
         // Cranelift is CPU-bound for up to seconds: keep it off the async workers.
         let (engine, disk) = (engine.clone(), self.disk.clone());
@@ -263,11 +203,13 @@ impl ComponentStore {
             Ok::<_, wasmtime::Error>((component, compiled_in))
         })
         .await;
-        let compile_error =
-            |message: String| PluginError::Compile { path: path.to_path_buf(), message };
-        let (component, took) = compiled
-            .map_err(|e| compile_error(e.to_string()))?
-            .map_err(|e| compile_error(format!("{e:#}")))?;
+        let (component, took) =
+            compiled.map_err(|e| PluginError::Host(e.to_string()))?.map_err(|e| {
+                PluginError::Compile {
+                    path: path.to_path_buf(),
+                    source: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e)),
+                }
+            })?;
         self.counters.compiles.fetch_add(1, Ordering::Relaxed);
         self.counters.compile_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         Ok(component)
@@ -334,14 +276,4 @@ impl ComponentStore {
             disk_rejects: self.counters.disk_rejects.load(Ordering::Relaxed),
         }
     }
-}
-
-/// The compiled code a plugin holds, which is what memory is spent on.
-fn plugin_size(plugin: &Plugin) -> u64 {
-    let pre = match &plugin.world {
-        World::Step(pre) => pre.instance_pre(),
-        World::Loader(pre) => pre.instance_pre(),
-    };
-    let range = pre.component().image_range();
-    (range.end as usize - range.start as usize) as u64
 }

@@ -11,7 +11,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use crate::flow::Mount;
+use crate::model::{Mount, StepLog};
 
 /// What the operator grants one step or loader: nothing else is there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -187,13 +187,6 @@ impl Buffer {
 #[derive(Clone, Default)]
 pub(crate) struct Log(Arc<Mutex<Buffer>>);
 
-/// A call's captured output, for its step's report.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub(crate) struct Captured {
-    pub(crate) lines: Vec<String>,
-    pub(crate) dropped: u64,
-}
-
 impl Log {
     pub(crate) fn new(limit: usize) -> Log {
         Log(Arc::new(Mutex::new(Buffer { limit, ..Buffer::default() })))
@@ -209,14 +202,14 @@ impl Log {
     }
 
     /// Takes what was captured so far, leaving the log empty for the next call.
-    pub(crate) fn take(&self) -> Captured {
+    pub(crate) fn take(&self) -> StepLog {
         let mut buffer = self.lock();
         buffer.flush_partials();
         let lines =
             buffer.lines.drain(..).map(|(s, line)| format!("{}: {line}", s.label())).collect();
         let dropped = std::mem::take(&mut buffer.dropped);
         buffer.bytes = 0;
-        Captured { lines, dropped }
+        StepLog { lines, dropped }
     }
 
     /// The last lines written to stderr, on one line (a Rust panic message
@@ -322,7 +315,7 @@ mod tests {
         let captured = log.take();
         assert_eq!(captured.lines, ["stdout: one", "info: hello", "stderr: oops", "stdout: two"]);
         assert_eq!(captured.dropped, "this line is too long".len() as u64);
-        assert_eq!(log.take(), Captured::default());
+        assert_eq!(log.take(), StepLog::default());
     }
 
     #[test]

@@ -1,23 +1,57 @@
 //! The `qflow` binary, run as a user runs it.
 
-use std::path::Path;
-use std::process::{Command, Output};
+// A test that panics on a broken expectation is doing its job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use qflow_tests::{hostile_dir, plugins_dir, qflow_bin, repo, scratch};
 use serde_json::Value;
 
-use crate::support::{hostile_dir, plugins_dir, repo};
-
-/// Runs `qflow` from the repository's root on the bundled plugins, with a
-/// cache directory of the tests' own.
-fn qflow(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qflow"))
+/// `qflow` with the args, from the repository's root, on the bundled
+/// plugins, with a cache directory of the tests' own.
+fn command(args: &[&str]) -> Command {
+    let mut command = Command::new(qflow_bin());
+    command
         .args(args)
         .current_dir(repo())
         .env("QFLOW_PLUGINS", plugins_dir())
-        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
-        .env_remove("QFLOW_LOG")
-        .output()
-        .expect("the qflow binary runs")
+        .env("QFLOW_CACHE_DIR", scratch("cli-cache"))
+        .env_remove("QFLOW_LOG");
+    command
+}
+
+/// Runs `qflow` to the end.
+fn qflow(args: &[&str]) -> Output {
+    command(args).output().expect("the qflow binary runs")
+}
+
+/// The lines a child writes to a pipe, as they come.
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (up to a generous bound) for a line that contains `text`.
+fn wait_for(lines: &mpsc::Receiver<String>, text: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
 }
 
 fn stdout_json(out: &Output) -> Value {
@@ -178,21 +212,22 @@ fn ctrl_c_cancels_the_run_and_still_reports_it() {
          [[step]]\nid = \"after\"\nplugin = \"identity\"\nneeds = [\"nap\"]\n",
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_qflow"))
-        .args(["run", flow.to_str().unwrap(), "--json"])
-        .current_dir(repo())
-        .env("QFLOW_PLUGINS", plugins_dir())
-        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    // The step's start is logged (debug): the signal comes while it runs,
+    // however slowly the machine starts the process.
+    let mut child = command(&["run", flow.to_str().unwrap(), "--json"])
+        .env("QFLOW_LOG", "qflow=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let stderr_lines = lines(child.stderr.take().unwrap());
+    wait_for(&stderr_lines, "step nap started");
     let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(killed.success());
+    let rest: Vec<String> = stderr_lines.iter().collect();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(130), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("interrupted")), "{rest:?}");
     let summary = stdout_json(&out);
     assert_eq!(summary["status"], "cancelled");
     assert_eq!(summary["steps"][0]["status"], "cancelled");
@@ -202,32 +237,20 @@ fn ctrl_c_cancels_the_run_and_still_reports_it() {
 
 #[test]
 fn watch_reruns_the_flow_when_its_plugin_is_replaced() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(plugins_dir().join("identity.wasm"), dir.path().join("swap.wasm")).unwrap();
     let flow = dir.path().join("swap.toml");
     std::fs::write(&flow, "[flow]\nname = \"swap\"\n[[step]]\nid = \"s\"\nplugin = \"swap\"\n")
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_qflow"))
-        .args(["watch", flow.to_str().unwrap(), "--json", "--input", "\"abc\""])
+    let mut child = command(&["watch", flow.to_str().unwrap(), "--json", "--input", "\"abc\""])
         .args(["--plugins", dir.path().to_str().unwrap()])
-        .env("QFLOW_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-cache"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines(child.stdout.take().unwrap());
     let next = || -> Value {
-        let line =
-            rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a line from qflow watch");
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("a line from qflow watch");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
     };
     assert_eq!(next()["steps"][0]["output"], "abc", "the first run, on identity");

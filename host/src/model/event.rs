@@ -1,0 +1,273 @@
+//! What runs and the plugins directory tell their observers as they go, as
+//! CloudEvents 1.0 (JSON format): the seam for progress bars, the server's
+//! event stream, the run store and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::broadcast;
+
+use super::report::{RunStatus, StepStatus};
+
+/// Something that happened, as a CloudEvent: `id`, `source`, `type`, `time`
+/// and `data`, plus `sequence`, its place among the events of the same
+/// source (a run's events count 1, 2, 3 …).
+///
+/// Events go out on a broadcast channel ([`Host::subscribe`](crate::Host::subscribe));
+/// a slow subscriber misses events rather than slowing the run, and is told
+/// how many it missed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Always `1.0`.
+    pub specversion: SpecVersion,
+    /// Unique per event (a UUID).
+    pub id: String,
+    /// What it happened to: `/qflow/runs/<run id>` or `/qflow/plugins`.
+    pub source: Arc<str>,
+    /// When, to the microsecond (RFC 3339 in JSON).
+    #[serde(serialize_with = "rfc3339", deserialize_with = "from_rfc3339")]
+    pub time: SystemTime,
+    /// Its place among its source's events, from 1.
+    pub sequence: u64,
+    /// Its `type` and `data`.
+    #[serde(flatten)]
+    pub data: EventData,
+}
+
+/// The CloudEvents version these events follow: `1.0`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpecVersion;
+
+impl Serialize for SpecVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("1.0")
+    }
+}
+
+impl<'de> Deserialize<'de> for SpecVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SpecVersion, D::Error> {
+        let version = String::deserialize(d)?;
+        if version == "1.0" {
+            Ok(SpecVersion)
+        } else {
+            Err(serde::de::Error::custom(format!("unsupported specversion {version:?}")))
+        }
+    }
+}
+
+fn rfc3339<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*time))
+}
+
+fn from_rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+}
+
+/// What happened: the event's `type` and its `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+#[non_exhaustive]
+pub enum EventData {
+    /// A run began.
+    #[serde(rename = "q.qflow.run.started.v1")]
+    RunStarted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The flow's name.
+        flow: Arc<str>,
+        /// How many steps it has.
+        steps: usize,
+    },
+    /// A step began its attempt.
+    #[serde(rename = "q.qflow.step.started.v1")]
+    StepStarted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+    },
+    /// A step's attempt failed and it will be tried again after a delay.
+    #[serde(rename = "q.qflow.step.retrying.v1")]
+    StepRetrying {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+        /// The attempt about to be made (2 for the first retry).
+        attempt: u32,
+        /// How long until then, in ms.
+        delay_ms: u64,
+        /// Why the last attempt failed.
+        error: String,
+    },
+    /// A step ended: succeeded, failed, or was cancelled or skipped.
+    #[serde(rename = "q.qflow.step.finished.v1")]
+    StepFinished {
+        /// The run.
+        run_id: Arc<str>,
+        /// The step's id.
+        step: Arc<str>,
+        /// How it ended.
+        status: StepStatus,
+    },
+    /// A run ended.
+    #[serde(rename = "q.qflow.run.finished.v1")]
+    RunFinished {
+        /// The run.
+        run_id: Arc<str>,
+        /// How it ended.
+        status: RunStatus,
+        /// Its wall time in milliseconds.
+        wall_ms: f64,
+    },
+    /// A new plugin appeared in the plugins directory and was loaded.
+    #[serde(rename = "q.qflow.plugin.added.v1")]
+    PluginAdded {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// The version it reports.
+        version: String,
+    },
+    /// A plugin's file changed; the new version was validated and now serves.
+    #[serde(rename = "q.qflow.plugin.reloaded.v1")]
+    PluginReloaded {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// The version it reports now.
+        version: String,
+    },
+    /// A plugin's file changed but the new version is unusable; the old one
+    /// goes on serving.
+    #[serde(rename = "q.qflow.plugin.reload-failed.v1")]
+    PluginReloadFailed {
+        /// The plugin's name.
+        plugin: Arc<str>,
+        /// Why, naming the file.
+        error: String,
+    },
+    /// A plugin's file was removed; new runs that name it fail.
+    #[serde(rename = "q.qflow.plugin.removed.v1")]
+    PluginRemoved {
+        /// The plugin's name.
+        plugin: Arc<str>,
+    },
+}
+
+impl EventData {
+    /// The event's CloudEvents `type`, such as `q.qflow.run.started.v1`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventData::RunStarted { .. } => "q.qflow.run.started.v1",
+            EventData::StepStarted { .. } => "q.qflow.step.started.v1",
+            EventData::StepRetrying { .. } => "q.qflow.step.retrying.v1",
+            EventData::StepFinished { .. } => "q.qflow.step.finished.v1",
+            EventData::RunFinished { .. } => "q.qflow.run.finished.v1",
+            EventData::PluginAdded { .. } => "q.qflow.plugin.added.v1",
+            EventData::PluginReloaded { .. } => "q.qflow.plugin.reloaded.v1",
+            EventData::PluginReloadFailed { .. } => "q.qflow.plugin.reload-failed.v1",
+            EventData::PluginRemoved { .. } => "q.qflow.plugin.removed.v1",
+        }
+    }
+
+    /// The run it belongs to, if any.
+    pub fn run_id(&self) -> Option<&str> {
+        match self {
+            EventData::RunStarted { run_id, .. }
+            | EventData::StepStarted { run_id, .. }
+            | EventData::StepRetrying { run_id, .. }
+            | EventData::StepFinished { run_id, .. }
+            | EventData::RunFinished { run_id, .. } => Some(run_id),
+            _ => None,
+        }
+    }
+}
+
+/// How many events a slow subscriber may fall behind before it misses some.
+const EVENT_BUFFER: usize = 4096;
+
+/// The host's event channel.
+#[derive(Clone)]
+pub(crate) struct EventBus {
+    sender: broadcast::Sender<Event>,
+}
+
+impl EventBus {
+    pub(crate) fn new() -> EventBus {
+        EventBus { sender: broadcast::channel(EVENT_BUFFER).0 }
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.sender.subscribe()
+    }
+
+    /// What emits the events of `source`, numbering them from 1.
+    pub(crate) fn emitter(&self, source: String) -> Emitter {
+        Emitter {
+            sender: self.sender.clone(),
+            source: Arc::from(source),
+            sequence: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Stamps and sends the events of one source.
+#[derive(Clone)]
+pub(crate) struct Emitter {
+    sender: broadcast::Sender<Event>,
+    source: Arc<str>,
+    sequence: Arc<AtomicU64>,
+}
+
+impl Emitter {
+    pub(crate) fn emit(&self, data: EventData) {
+        // Nobody listening costs nothing: no id, no clock read.
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let event = Event {
+            specversion: SpecVersion,
+            id: uuid::Uuid::new_v4().to_string(),
+            source: self.source.clone(),
+            time: SystemTime::now(),
+            sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            data,
+        };
+        // A receiver may have gone since: nobody is watching.
+        let _ = self.sender.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_a_cloudevent_in_json() {
+        let bus = EventBus::new();
+        let mut events = bus.subscribe();
+        let emitter = bus.emitter("/qflow/runs/r1".into());
+        emitter.emit(EventData::RunStarted { run_id: "r1".into(), flow: "f".into(), steps: 2 });
+        emitter.emit(EventData::RunFinished {
+            run_id: "r1".into(),
+            status: RunStatus::Succeeded,
+            wall_ms: 1.5,
+        });
+        let (first, second) = (events.try_recv().unwrap(), events.try_recv().unwrap());
+        assert_eq!((first.sequence, second.sequence), (1, 2));
+        assert_ne!(first.id, second.id);
+        let json = serde_json::to_value(&first).unwrap();
+        assert_eq!(json["specversion"], "1.0");
+        assert_eq!(json["type"], "q.qflow.run.started.v1");
+        assert_eq!(json["source"], "/qflow/runs/r1");
+        assert_eq!(json["data"], serde_json::json!({"run_id": "r1", "flow": "f", "steps": 2}));
+        let time = json["time"].as_str().unwrap();
+        assert!(time.ends_with('Z') && time.len() == "2026-01-01T00:00:00.000000Z".len(), "{time}");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!((&back.id, back.sequence, &back.data), (&first.id, first.sequence, &first.data));
+        assert_eq!(first.data.kind(), "q.qflow.run.started.v1");
+        assert_eq!(second.data.run_id(), Some("r1"));
+    }
+}

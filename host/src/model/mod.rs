@@ -1,0 +1,45 @@
+//! The model: flows and their validation, plans, reports, events and the
+//! figures the runtime reports. Plain data with serde — no wasmtime, no
+//! scheduling — so that the optimizer, a run store and an API can use flows
+//! without an engine. The layering test in `lib.rs` keeps it so.
+
+mod event;
+mod flow;
+mod graph;
+mod input;
+mod plan;
+mod report;
+mod settings;
+mod stats;
+
+pub use self::event::{Event, EventData, SpecVersion};
+pub use self::flow::{
+    Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
+};
+pub use self::plan::{Conflict, Plan, Redundant};
+pub use self::report::{
+    FailureKind, PlanFigures, RunStatus, RunSummary, StepFailure, StepLog, StepReport, StepStatus,
+};
+pub use self::settings::PoolSettings;
+pub use self::stats::{CacheStats, ComponentStats, PoolStats, Stats};
+
+pub(crate) use self::event::{Emitter, EventBus};
+pub(crate) use self::flow::InstanceKey;
+pub(crate) use self::input::Source;
+
+/// An error and every cause under it, on one line: `outer: inner: root`.
+/// What a user reads wherever a library error is shown as text.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their cause in their own message.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,508 @@
+//! The scheduler: starts each step as soon as the steps it needs are done,
+//! longest remaining critical path first, at most `max_parallel` at once,
+//! never two holding the same resource; bounds each attempt by its
+//! deadline; applies the failure strategies and retries; reports.
+//!
+//! It knows nothing of WebAssembly: it reaches a step's instances only
+//! through a [`StepInvoker`], so it is tested with a fake one under tokio's
+//! paused clock (`tests.rs`), exactly and without a wall clock.
+//!
+//! Every step is a task on tokio: a waiting step (a WASI sleep, a backoff)
+//! holds no thread.
+
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{
+    Emitter, EventData, FailureKind, Flow, Plan, PlanFigures, RunStatus, RunSummary, Source, Stats,
+    Step, StepFailure, StepLog, StepReport, StepStatus, Strategy,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// How the scheduler reaches a step's instances: the one seam between
+/// scheduling and WebAssembly. The host's implementation pulls instances
+/// from the pools; the scheduler's tests use a fake.
+pub(crate) trait StepInvoker: Send + Sync + 'static {
+    /// Readies step `index` for its attempts (loads its plugin, and what
+    /// that needs). Called once per step, in the step's task, before its
+    /// first attempt.
+    fn prepare(&self, index: usize) -> impl Future<Output = Result<(), StepFailure>> + Send;
+
+    /// One attempt of step `index` on `input`. `deadline` is when the
+    /// scheduler cuts the attempt; the invoker should stop its guest by
+    /// then. Dropping the future cuts the attempt.
+    fn invoke(
+        &self,
+        index: usize,
+        input: &Value,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Attempt> + Send;
+}
+
+/// What one attempt gave.
+#[derive(Debug)]
+pub(crate) struct Attempt {
+    pub(crate) result: Result<Value, StepFailure>,
+    /// What the guest printed and logged during the attempt.
+    pub(crate) log: StepLog,
+}
+
+/// How to run a flow, beyond what the flow itself says.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RunOptions {
+    /// At most this many steps at once; overrides the flow's `max_parallel`.
+    pub max_parallel: Option<usize>,
+    /// Cancelling this token stops the run: running steps are cut, the rest
+    /// skipped, and the summary says which.
+    pub cancel: CancellationToken,
+}
+
+impl RunOptions {
+    /// The defaults: the flow's own parallelism, not cancelled.
+    pub fn new() -> RunOptions {
+        RunOptions::default()
+    }
+
+    /// At most `n` steps at once, whatever the flow says.
+    pub fn max_parallel(mut self, n: usize) -> RunOptions {
+        self.max_parallel = Some(n);
+        self
+    }
+
+    /// Stops the run when `cancel` is cancelled.
+    pub fn cancel(mut self, cancel: CancellationToken) -> RunOptions {
+        self.cancel = cancel;
+        self
+    }
+}
+
+/// What every step task of one run shares.
+struct RunContext<I> {
+    run_id: Arc<str>,
+    flow: Arc<Flow>,
+    invoker: Arc<I>,
+    events: Emitter,
+    started: Instant,
+}
+
+impl<I> RunContext<I> {
+    fn ms_since_start(&self, at: Instant) -> f64 {
+        at.duration_since(self.started).as_secs_f64() * 1e3
+    }
+}
+
+/// What a step task returns: its index, when it ran, and how it went.
+struct Finished {
+    index: usize,
+    start: Instant,
+    end: Instant,
+    attempts: u32,
+    result: Result<Value, StepFailure>,
+    log: StepLog,
+}
+
+/// A ready step, ordered by its remaining critical path (then flow order).
+#[derive(PartialEq)]
+struct Ready {
+    priority: f64,
+    index: usize,
+}
+
+impl Eq for Ready {}
+
+impl PartialOrd for Ready {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ready {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.priority.total_cmp(&other.priority).then(other.index.cmp(&self.index))
+    }
+}
+
+/// Runs `flow` on `input` to the end, through `invoker`, following `plan`;
+/// announces what happens through `events` (whose source is the run).
+pub(crate) async fn run<I: StepInvoker>(
+    run_id: Arc<str>,
+    flow: Arc<Flow>,
+    plan: &Plan,
+    input: Value,
+    options: RunOptions,
+    invoker: Arc<I>,
+    events: Emitter,
+) -> RunSummary {
+    let ctx = Arc::new(RunContext { run_id, flow, invoker, events, started: Instant::now() });
+    let n = ctx.flow.steps.len();
+    let limit = options.max_parallel.or(ctx.flow.max_parallel).unwrap_or(n).clamp(1, n.max(1));
+    ctx.events.emit(EventData::RunStarted {
+        run_id: ctx.run_id.clone(),
+        flow: Arc::from(ctx.flow.name.as_str()),
+        steps: n,
+    });
+
+    let mut scheduler = Scheduler {
+        reports: ctx.flow.steps.iter().map(|s| StepReport::pending(&s.id, &s.plugin)).collect(),
+        unmet: ctx.flow.steps.iter().map(|s| s.deps.len()).collect(),
+        ready: (0..n)
+            .filter(|&i| ctx.flow.steps[i].deps.is_empty())
+            .map(|index| Ready { priority: plan.priority[index], index })
+            .collect(),
+        held: HashSet::new(),
+        running: JoinSet::new(),
+        tasks: HashMap::new(),
+        failed: false,
+        stopping: false,
+        ctx: ctx.clone(),
+        plan,
+        input,
+        limit,
+    };
+    let cancelled = scheduler.run(&options.cancel).await;
+    let Scheduler { reports, failed, .. } = scheduler;
+    summarize(&ctx, plan, reports, failed, cancelled, limit)
+}
+
+struct Scheduler<'p, I> {
+    ctx: Arc<RunContext<I>>,
+    plan: &'p Plan,
+    input: Value,
+    limit: usize,
+    reports: Vec<StepReport>,
+    /// For each step, how many of its dependencies have not succeeded yet.
+    unmet: Vec<usize>,
+    ready: BinaryHeap<Ready>,
+    /// The exclusive resources held by running steps.
+    held: HashSet<String>,
+    running: JoinSet<Finished>,
+    tasks: HashMap<tokio::task::Id, usize>,
+    failed: bool,
+    /// No new step starts: a fail-fast failure, or a cancel.
+    stopping: bool,
+}
+
+impl<I: StepInvoker> Scheduler<'_, I> {
+    /// Runs until nothing is running and nothing more can start; returns
+    /// whether the run was cancelled.
+    async fn run(&mut self, cancel: &CancellationToken) -> bool {
+        let mut cancelled = false;
+        loop {
+            if !self.stopping {
+                self.start_ready();
+            }
+            if self.running.is_empty() {
+                return cancelled;
+            }
+            tokio::select! {
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    self.stop();
+                }
+                Some(joined) = self.running.join_next_with_id() => self.joined(joined),
+            }
+        }
+    }
+
+    /// Starts ready steps, most critical first, while there is room and
+    /// their resources are free.
+    fn start_ready(&mut self) {
+        let mut blocked = Vec::new();
+        while self.running.len() < self.limit {
+            let Some(next) = self.ready.pop() else { break };
+            let step = &self.ctx.flow.steps[next.index];
+            if step.resources.iter().any(|r| self.held.contains(r)) {
+                blocked.push(next);
+                continue;
+            }
+            self.start(next.index);
+            if self.stopping {
+                break;
+            }
+        }
+        self.ready.extend(blocked);
+    }
+
+    fn start(&mut self, index: usize) {
+        let step = &self.ctx.flow.steps[index];
+        let output_of = |i: usize| self.reports[i].output.as_ref();
+        match resolve_input(&self.ctx.flow, index, &self.input, &output_of) {
+            Ok(input) => {
+                self.held.extend(step.resources.iter().cloned());
+                let task = self.running.spawn(execute(self.ctx.clone(), index, input));
+                self.tasks.insert(task.id(), index);
+                // Until it reports back, it counts as started.
+                self.reports[index].attempts = 1;
+            }
+            Err(failure) => {
+                let now = Instant::now();
+                self.finished(Finished {
+                    index,
+                    start: now,
+                    end: now,
+                    attempts: 0,
+                    result: Err(failure),
+                    log: StepLog::default(),
+                });
+            }
+        }
+    }
+
+    fn joined(&mut self, joined: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
+        match joined {
+            Ok((_, done)) => self.finished(done),
+            // Aborted when the run stopped: reported as cancelled at the end.
+            Err(e) if e.is_cancelled() => {}
+            // A bug in the host, not in the plugin: fail the step, keep going.
+            Err(e) => {
+                let Some(&index) = self.tasks.get(&e.id()) else { return };
+                let now = Instant::now();
+                let what = format!("the host failed while running it: {e}");
+                let failure = failure(&self.ctx.flow.steps[index], FailureKind::Internal, &what);
+                self.finished(Finished {
+                    index,
+                    start: now,
+                    end: now,
+                    attempts: 1,
+                    result: Err(failure),
+                    log: StepLog::default(),
+                });
+            }
+        }
+    }
+
+    fn finished(&mut self, done: Finished) {
+        let index = done.index;
+        let step = &self.ctx.flow.steps[index];
+        for resource in &step.resources {
+            self.held.remove(resource);
+        }
+        let succeeded = done.result.is_ok();
+        record(&self.ctx, &mut self.reports[index], done);
+        if succeeded {
+            for &next in &self.plan.dependents[index] {
+                self.unmet[next] -= 1;
+                if self.unmet[next] == 0 {
+                    self.ready.push(Ready { priority: self.plan.priority[next], index: next });
+                }
+            }
+        } else {
+            self.failed = true;
+            // Continue-on-error: its dependents never become ready and are
+            // reported skipped; everything else goes on.
+            if step.strategy != Strategy::ContinueOnError {
+                self.stop();
+            }
+        }
+    }
+
+    /// No new step starts; running ones are cut.
+    fn stop(&mut self) {
+        self.stopping = true;
+        self.running.abort_all();
+    }
+}
+
+fn summarize<I>(
+    ctx: &RunContext<I>,
+    plan: &Plan,
+    mut reports: Vec<StepReport>,
+    failed: bool,
+    cancelled: bool,
+    limit: usize,
+) -> RunSummary {
+    for report in reports.iter_mut().filter(|r| r.attempts > 0 && r.end_ms.is_none()) {
+        report.status = StepStatus::Cancelled;
+    }
+    for report in &reports {
+        if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) {
+            ctx.events.emit(EventData::StepFinished {
+                run_id: ctx.run_id.clone(),
+                step: Arc::from(report.id.as_str()),
+                status: report.status,
+            });
+        }
+    }
+    let status = if cancelled {
+        RunStatus::Cancelled
+    } else if failed {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
+    let wall_ms = ctx.ms_since_start(Instant::now());
+    let step_ms: f64 = reports.iter().filter_map(StepReport::duration_ms).sum();
+    // The critical path as the steps really took: the longest chain of
+    // dependent durations.
+    let mut longest = vec![0.0f64; reports.len()];
+    let order = plan.order.iter().filter_map(|id| ctx.flow.step_index(id));
+    for i in order {
+        let before = ctx.flow.steps[i].deps.iter().map(|&d| longest[d]).fold(0.0, f64::max);
+        longest[i] = before + reports[i].duration_ms().unwrap_or(0.0);
+    }
+    let best = longest.iter().copied().fold(step_ms / limit as f64, f64::max);
+    let efficiency = if wall_ms > 0.0 { (best / wall_ms).min(1.0) } else { 1.0 };
+    ctx.events.emit(EventData::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
+    RunSummary {
+        run_id: ctx.run_id.to_string(),
+        flow: ctx.flow.name.clone(),
+        status,
+        wall_ms,
+        step_ms,
+        efficiency,
+        max_parallel: limit,
+        plan: PlanFigures {
+            critical_path: plan.critical_path.clone(),
+            critical_path_ms: plan.critical_path_ms,
+            groups: plan.groups.len(),
+            parallelization: plan.parallelization,
+        },
+        steps: reports,
+        store: Stats::default(),
+    }
+}
+
+/// Records a finished step in its report (which keeps the output for the
+/// dependents) and announces it.
+fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
+    report.start_ms = Some(ctx.ms_since_start(done.start));
+    report.end_ms = Some(ctx.ms_since_start(done.end));
+    report.attempts = done.attempts;
+    report.log = done.log.lines;
+    report.log_dropped_bytes = done.log.dropped;
+    match done.result {
+        Ok(output) => {
+            report.status = StepStatus::Succeeded;
+            report.output = Some(output);
+        }
+        Err(failure) => {
+            report.status = StepStatus::Failed;
+            report.error = Some(failure);
+        }
+    }
+    ctx.events.emit(EventData::StepFinished {
+        run_id: ctx.run_id.clone(),
+        step: Arc::from(report.id.as_str()),
+        status: report.status,
+    });
+}
+
+/// The step's input: its `input` mapping resolved, or by default the flow's
+/// input (no dependencies), its one dependency's output, or an object of its
+/// dependencies' outputs keyed by their ids.
+fn resolve_input<'v>(
+    flow: &Flow,
+    index: usize,
+    input: &'v Value,
+    output_of: &impl Fn(usize) -> Option<&'v Value>,
+) -> Result<Value, StepFailure> {
+    let step = &flow.steps[index];
+    let output = |i: usize| output_of(i).cloned().unwrap_or(Value::Null);
+    match (&step.input, step.deps.as_slice()) {
+        (Some(template), _) => {
+            let lookup = |source: &Source| match source {
+                Source::Input => Some(input),
+                Source::Step(id) => flow.step_index(id).and_then(output_of),
+            };
+            template
+                .resolve(&lookup)
+                .map_err(|reason| failure(step, FailureKind::Input, &format!("input {reason}")))
+        }
+        (None, []) => Ok(input.clone()),
+        (None, [one]) => Ok(output(*one)),
+        (None, deps) => {
+            Ok(Value::Object(deps.iter().map(|&d| (flow.steps[d].id.clone(), output(d))).collect()))
+        }
+    }
+}
+
+fn failure(step: &Step, kind: FailureKind, what: &str) -> StepFailure {
+    StepFailure::new(&step.id, &step.plugin, kind, what)
+}
+
+/// A step to the end: ready it, then attempts under its timeout, retried
+/// with backoff as its strategy says.
+async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: Value) -> Finished {
+    let start = Instant::now();
+    let step = &ctx.flow.steps[index];
+    tracing::debug!(run = &*ctx.run_id, "step {} started", step.id);
+    ctx.events.emit(EventData::StepStarted {
+        run_id: ctx.run_id.clone(),
+        step: Arc::from(step.id.as_str()),
+    });
+    if let Err(failure) = ctx.invoker.prepare(index).await {
+        let end = Instant::now();
+        return Finished {
+            index,
+            start,
+            end,
+            attempts: 1,
+            result: Err(failure),
+            log: StepLog::default(),
+        };
+    }
+    let retries = step.strategy == Strategy::RetryFailed;
+    let mut attempts = 1;
+    loop {
+        let (result, log) = attempt(&*ctx.invoker, step, index, &input).await;
+        match result {
+            Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
+                let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
+                ctx.events.emit(EventData::StepRetrying {
+                    run_id: ctx.run_id.clone(),
+                    step: Arc::from(step.id.as_str()),
+                    attempt: attempts + 1,
+                    delay_ms: delay.as_millis() as u64,
+                    error: failure.message,
+                });
+                tokio::time::sleep(delay).await;
+                attempts += 1;
+            }
+            result => {
+                return Finished { index, start, end: Instant::now(), attempts, result, log };
+            }
+        }
+    }
+}
+
+fn timed_out(step: &Step, limit: Duration) -> StepFailure {
+    let what = format!("did not finish within its timeout of {} ms", limit.as_millis());
+    failure(step, FailureKind::Timeout, &what).retryable(true)
+}
+
+/// One attempt under the step's timeout: the invoker is told the deadline
+/// (a guest is interrupted there), and the whole attempt, host calls
+/// included, is cut at the same time.
+async fn attempt<I: StepInvoker>(
+    invoker: &I,
+    step: &Step,
+    index: usize,
+    input: &Value,
+) -> (Result<Value, StepFailure>, StepLog) {
+    let Some(limit) = step.timeout else {
+        let Attempt { result, log } = invoker.invoke(index, input, None).await;
+        return (result, log);
+    };
+    let deadline = Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, invoker.invoke(index, input, Some(deadline))).await {
+        // An interrupted guest traps; at its deadline, that is the timeout.
+        Ok(Attempt { result: Err(failure), log })
+            if failure.kind == FailureKind::Trap && Instant::now() >= deadline =>
+        {
+            (Err(timed_out(step, limit)), log)
+        }
+        Ok(Attempt { result, log }) => (result, log),
+        Err(_) => (Err(timed_out(step, limit)), StepLog::default()),
+    }
+}

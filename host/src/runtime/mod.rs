@@ -1,0 +1,39 @@
+//! Everything wasmtime, and no scheduling: the engine, the bindings of the
+//! contract, what a plugin is, the plugins directory, the component store
+//! (memory LRU, disk cache, compiler), instance state and its sandbox, the
+//! pre-warmed instance pools and the call of a step on one, loader assets,
+//! and hot reload.
+
+mod assets;
+mod bindings;
+mod cache;
+mod catalog;
+mod components;
+mod disk;
+mod engine;
+mod instances;
+mod plugin;
+mod sandbox;
+mod state;
+mod watch;
+
+pub use self::catalog::Catalog;
+pub use self::components::CacheConfig;
+pub use self::engine::EngineConfig;
+pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};
+pub use self::watch::Watch;
+
+pub(crate) use self::assets::{AssetCache, AssetKey, Assets, fetch as fetch_asset};
+pub(crate) use self::bindings::StepError;
+pub(crate) use self::components::ComponentStore;
+pub(crate) use self::engine::Engine;
+pub(crate) use self::instances::{CallFailure, PoolKey, PoolSource, Pools};
+pub(crate) use self::plugin::Plugin;
+pub(crate) use self::sandbox::Grants;
+pub(crate) use self::state::{AssetSource, Caller, Limits};
+pub(crate) use self::watch::{Reloader, start as watch};
+
+/// The host's asset cache, with the limits of `config`.
+pub(crate) fn asset_cache(config: &CacheConfig) -> AssetCache {
+    cache::Cache::new(config.asset_memory_limit, config.load_timeout)
+}

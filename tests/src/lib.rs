@@ -1,0 +1,100 @@
+//! What Qflow's end-to-end tests share: the repository, the bundled and the
+//! hostile plugins built for real (once per test process, into the target
+//! directory; cargo rebuilds only what changed), and the `qflow` binary.
+#![allow(clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The target directory the running test was built into: its executable
+/// lives in `<target>/<profile>/deps/`.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current executable: {e}"));
+    let deps = exe.parent().unwrap_or_else(|| panic!("{} has no directory", exe.display()));
+    let profile = deps.parent().unwrap_or(deps);
+    profile.parent().unwrap_or(profile).to_path_buf()
+}
+
+/// A directory of the tests' own under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = target_dir().join("qflow-tests").join(name);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        panic!("cannot create {}: {e}", dir.display());
+    }
+    dir
+}
+
+/// Builds a plugin workspace into `out`, emptied first so that no component
+/// of an earlier version of the repository lingers there.
+fn build(workspace: &str, out: &Path) {
+    let _ = std::fs::remove_dir_all(out);
+    let options = qflow_plugin_build::Options::default();
+    if let Err(e) = qflow_plugin_build::build(&repo().join(workspace), out, &options) {
+        panic!("building {workspace} failed: {e}");
+    }
+}
+
+/// A plugins directory holding every bundled plugin, built from `plugins/`
+/// on first use.
+pub fn plugins_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = scratch("plugins");
+        build("plugins", &out);
+        out
+    })
+}
+
+/// The bundled plugins plus the hostile ones from `plugins/hostile`.
+pub fn hostile_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // One plugin build at a time: they share the machine's cores and,
+        // on a fresh machine, the first one installs the wasm target.
+        let bundled = plugins_dir();
+        let out = scratch("hostile-plugins");
+        build("plugins/hostile", &out);
+        let entries = std::fs::read_dir(bundled)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", bundled.display()));
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Some(name) = path.file_name()
+                && let Err(e) = std::fs::copy(&path, out.join(name))
+            {
+                panic!("cannot copy {}: {e}", path.display());
+            }
+        }
+        out
+    })
+}
+
+/// The `qflow` binary of this build, built (or found up to date) by cargo
+/// on first use, into the same target directory and profile as the tests.
+pub fn qflow_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current executable: {e}"));
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or_else(|| panic!("{} is not in <target>/<profile>/deps", exe.display()));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "qflow-cli", "--bin", "qflow"]);
+        build.arg("--target-dir").arg(target_dir()).current_dir(repo());
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
+        assert!(status.success(), "building the qflow binary failed");
+        let bin = profile_dir.join(format!("qflow{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "cargo built no {}", bin.display());
+        bin
+    })
+}
