@@ -30,9 +30,9 @@ use tokio::sync::broadcast;
 
 pub use self::model::{
     CacheStats, ComponentStats, Conflict, Event, EventData, FailureKind, Flow, FlowError, Format,
-    LoaderSpec, Mount, Plan, PlanFigures, PluginRef, PoolSettings, PoolStats, Problem, Redundant,
-    RetryPolicy, RunStatus, RunSummary, Stats, Step, StepFailure, StepLog, StepReport, StepStatus,
-    Strategy, error_chain,
+    LoaderSpec, Mount, OptimizationMetrics, Plan, PlanFigures, PluginRef, PoolSettings, PoolStats,
+    Problem, Redundant, RetryPolicy, RunStatus, RunSummary, RunTotals, Stats, Step, StepFailure,
+    StepLog, StepReport, StepStatus, Strategy, error_chain,
 };
 pub use self::run::RunOptions;
 pub use self::runtime::{
@@ -140,12 +140,15 @@ pub struct Host {
     assets: Arc<AssetCache>,
     events: EventBus,
     plugin_events: Emitter,
+    optimizer_events: Emitter,
     preload_threshold: u64,
     defaults: Defaults,
     pools: Arc<Pools>,
     /// How long each step took lately (`flow/step` → ms, a moving average),
     /// for the critical path; kept beside the disk cache between hosts.
     history: Mutex<HashMap<String, f64>>,
+    /// What the finished runs add up to, counted as each ends.
+    totals: Mutex<RunTotals>,
 }
 
 /// The file, in the cache directory, of the step durations.
@@ -178,6 +181,7 @@ impl Host {
         let host = Host {
             assets: Arc::new(runtime::asset_cache(&config.cache)),
             plugin_events: events.emitter("/qflow/plugins".into()),
+            optimizer_events: events.emitter("/qflow/optimization".into()),
             events,
             catalog,
             preload_threshold: config.cache.preload_threshold,
@@ -188,6 +192,7 @@ impl Host {
             },
             pools: Arc::new(Pools::new(config.pool, max_instances)),
             history: Mutex::new(history),
+            totals: Mutex::default(),
         };
         if config.preload
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -283,13 +288,28 @@ impl Host {
             self.pools.clone(),
             self.defaults,
         );
-        let run_id: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+        let run_id: Arc<str> = match &options.run_id {
+            Some(id) => Arc::from(id.as_str()),
+            None => Arc::from(uuid::Uuid::new_v4().to_string()),
+        };
         let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
         let mut summary =
             run::run(run_id, flow.clone(), &plan, input, options, Arc::new(invoker), events).await;
         summary.store = self.stats();
         self.remember_durations(&flow, &summary);
+        lock(&self.totals).add(&summary);
         Ok(summary)
+    }
+
+    /// What the runs this host finished add up to.
+    pub fn run_totals(&self) -> RunTotals {
+        *lock(&self.totals)
+    }
+
+    /// The optimization metrics document, with `level` as the level in force.
+    pub fn metrics(&self, level: &str) -> OptimizationMetrics {
+        let components = self.catalog.store().stats();
+        OptimizationMetrics::new(level, &self.run_totals(), &components, &self.pool_stats())
     }
 
     /// The flow's dependency analysis, with step durations estimated from
@@ -333,6 +353,77 @@ impl Host {
             pools: self.pools.clone(),
             events: self.plugin_events.clone(),
         }
+    }
+
+    /// What the optimizer knows of this host besides a flow: `runs` (that
+    /// flow's past runs, oldest first) and the host's pools, plugins and
+    /// caches as they are now.
+    pub fn history(&self, runs: Vec<RunSummary>) -> model::optimize::History {
+        use model::optimize::{History, PluginFigures, PoolFigures};
+        let loads = self.catalog.store().loads_by_name();
+        let plugins = self
+            .catalog
+            .names()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| {
+                let (compiles, disk_hits) = loads.get(&name).copied().unwrap_or_default();
+                PluginFigures {
+                    uses: self.catalog.uses(&name),
+                    preloaded: self.catalog.was_preloaded(&name),
+                    name,
+                    compiles,
+                    disk_hits,
+                }
+            })
+            .collect();
+        let pools = self
+            .pools
+            .reports()
+            .into_iter()
+            .map(|p| PoolFigures {
+                plugin: p.plugin,
+                stats: p.stats,
+                min: p.min,
+                max: p.max,
+                reuse: p.reuse,
+            })
+            .collect();
+        History {
+            runs,
+            pools,
+            plugins,
+            disk_cache: self.catalog.store().disk().is_some(),
+            preload_threshold: self.preload_threshold,
+        }
+    }
+
+    /// What could make `flow` better, from its past `runs` (oldest first)
+    /// and this host's figures.
+    pub fn recommend(
+        &self,
+        flow: &Flow,
+        runs: Vec<RunSummary>,
+    ) -> Vec<model::optimize::Recommendation> {
+        model::optimize::recommend(flow, &self.plan(flow), &self.history(runs))
+    }
+
+    /// `flow` rewritten at `level` from its past `runs` and this host's
+    /// figures; announced as `q.qflow.optimization.flow.optimized.v1`.
+    /// Writing it back is the caller's choice ([`model::optimize::apply`]).
+    pub fn optimize(
+        &self,
+        flow: &Flow,
+        level: model::optimize::Level,
+        runs: Vec<RunSummary>,
+    ) -> Result<model::optimize::Optimized, model::optimize::OptimizeError> {
+        let optimized = model::optimize::optimize(flow, level, &self.history(runs))?;
+        self.optimizer_events.emit(EventData::FlowOptimized {
+            flow: Arc::from(flow.name.as_str()),
+            level: level.to_string(),
+            changes: optimized.changes.iter().map(|c| c.what.clone()).collect(),
+        });
+        Ok(optimized)
     }
 
     /// Each instance pool's figures, by plugin name.

@@ -154,6 +154,16 @@ pub enum EventData {
         /// The plugin's name.
         plugin: Arc<str>,
     },
+    /// A flow was optimized (and perhaps written back).
+    #[serde(rename = "q.qflow.optimization.flow.optimized.v1")]
+    FlowOptimized {
+        /// The flow's name.
+        flow: Arc<str>,
+        /// The level.
+        level: String,
+        /// What changed, one line each.
+        changes: Vec<String>,
+    },
 }
 
 impl EventData {
@@ -169,6 +179,7 @@ impl EventData {
             EventData::PluginReloaded { .. } => "q.qflow.plugin.reloaded.v1",
             EventData::PluginReloadFailed { .. } => "q.qflow.plugin.reload-failed.v1",
             EventData::PluginRemoved { .. } => "q.qflow.plugin.removed.v1",
+            EventData::FlowOptimized { .. } => "q.qflow.optimization.flow.optimized.v1",
         }
     }
 

@@ -34,6 +34,13 @@ pub struct Flow {
     pub max_log_bytes: Option<u64>,
     /// Where it came from: a file path, or `<inline>`.
     pub origin: String,
+    /// The text it was parsed from, as written: what a rewrite (the
+    /// optimizer) edits and what a run store keeps.
+    pub text: Arc<str>,
+    /// The text's format.
+    pub format: Format,
+    /// The directory relative paths in it are resolved against.
+    pub base: PathBuf,
 }
 
 /// What happens when a step fails.
@@ -374,7 +381,8 @@ pub enum Problem {
 }
 
 /// The text format of a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// TOML (`.toml`, the default).
     Toml,
@@ -408,7 +416,9 @@ impl Flow {
         }
         .map_err(|message| error(vec![Problem::Syntax(message)]))?;
         let mut problems = Vec::new();
-        let flow = raw.validate(origin, base, &mut problems);
+        let mut flow = raw.validate(origin, base, &mut problems);
+        flow.text = Arc::from(text);
+        flow.format = format;
         if problems.is_empty() { Ok(flow) } else { Err(error(problems)) }
     }
 
@@ -585,6 +595,9 @@ impl RawFlow {
             max_output_bytes: self.flow.max_output_bytes,
             max_log_bytes: self.flow.max_log_bytes,
             origin: origin.to_owned(),
+            text: Arc::from(""),
+            format: Format::Toml,
+            base: base.to_path_buf(),
         }
     }
 }

@@ -7,6 +7,8 @@ mod event;
 mod flow;
 mod graph;
 mod input;
+mod metrics;
+pub mod optimize;
 mod plan;
 mod report;
 mod settings;
@@ -15,6 +17,10 @@ mod stats;
 pub use self::event::{Event, EventData, SpecVersion};
 pub use self::flow::{
     Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
+};
+pub use self::metrics::{
+    ExecutionOptimization, KeyedPool, LazyLoading, OptimizationMetrics, PoolSummary, ResourcePools,
+    RunTotals, overlapped,
 };
 pub use self::plan::{Conflict, Plan, Redundant};
 pub use self::report::{

@@ -66,6 +66,9 @@ pub struct RunOptions {
     /// Cancelling this token stops the run: running steps are cut, the rest
     /// skipped, and the summary says which.
     pub cancel: CancellationToken,
+    /// The run's id, when the caller must know it before the run starts (a
+    /// server answers with it at once); a new UUID otherwise.
+    pub run_id: Option<String>,
 }
 
 impl RunOptions {
@@ -83,6 +86,12 @@ impl RunOptions {
     /// Stops the run when `cancel` is cancelled.
     pub fn cancel(mut self, cancel: CancellationToken) -> RunOptions {
         self.cancel = cancel;
+        self
+    }
+
+    /// Gives the run this id.
+    pub fn run_id(mut self, id: String) -> RunOptions {
+        self.run_id = Some(id);
         self
     }
 }

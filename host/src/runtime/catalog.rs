@@ -72,6 +72,8 @@ pub struct Catalog {
     /// How often each plugin and asset was used (`plugin:NAME`,
     /// `asset:KEY`), including by earlier hosts on the same cache.
     uses: Mutex<HashMap<String, u64>>,
+    /// The plugins loaded by preloading.
+    preloaded: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,6 +103,7 @@ impl Catalog {
             settings: Mutex::default(),
             watched: AtomicBool::new(false),
             uses: Mutex::new(uses),
+            preloaded: Mutex::default(),
         })
     }
 
@@ -220,7 +223,19 @@ impl Catalog {
 
     /// Loads `name` and what it needs without counting a use: for preloading.
     pub(crate) async fn preload(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
-        self.load_with_needs(name, Vec::new()).await
+        let plugin = self.load_with_needs(name, Vec::new()).await?;
+        lock(&self.preloaded).insert(name.to_owned());
+        Ok(plugin)
+    }
+
+    /// Whether `name` was loaded by preloading.
+    pub(crate) fn was_preloaded(&self, name: &str) -> bool {
+        lock(&self.preloaded).contains(name)
+    }
+
+    /// How often the plugin `name` was used, counted across processes.
+    pub(crate) fn uses(&self, name: &str) -> u64 {
+        lock(&self.uses).get(&format!("plugin:{name}")).copied().unwrap_or(0)
     }
 
     /// Loads `name`, then what it needs, in parallel; `chain` holds the

@@ -66,6 +66,8 @@ struct Counters {
     compiles: AtomicU64,
     compile_nanos: AtomicU64,
     disk_rejects: AtomicU64,
+    /// (compiles, disk hits) by plugin name, for the optimizer's evidence.
+    by_name: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 pub(crate) struct ComponentStore {
@@ -142,10 +144,16 @@ impl ComponentStore {
         read: ReadBytes,
     ) -> Result<Plugin, PluginError> {
         let engine = self.engine.wasmtime().clone();
-        let component = match self.load_precompiled(&engine, digest).await {
-            Some(component) => component,
-            None => self.compile(&engine, digest, path, read).await?,
+        let (component, compiled) = match self.load_precompiled(&engine, digest).await {
+            Some(component) => (component, false),
+            None => (self.compile(&engine, digest, path, read).await?, true),
         };
+        {
+            let mut by_name =
+                self.counters.by_name.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let (compiles, disk_hits) = by_name.entry(name.to_owned()).or_default();
+            *(if compiled { compiles } else { disk_hits }) += 1;
+        }
         self.link(component, digest, name, path).await
     }
 
@@ -265,6 +273,11 @@ impl ComponentStore {
             needs: info.needs,
         };
         Ok(Plugin { digest, described, world })
+    }
+
+    /// (compiles, disk hits) by plugin name, since this host started.
+    pub(crate) fn loads_by_name(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        self.counters.by_name.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     pub(crate) fn stats(&self) -> ComponentStats {

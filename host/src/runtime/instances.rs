@@ -132,6 +132,16 @@ pub(crate) struct StepPool {
     plugin: Arc<str>,
 }
 
+/// A pool's figures and the settings it runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolReport {
+    pub(crate) plugin: String,
+    pub(crate) stats: PoolStats,
+    pub(crate) min: usize,
+    pub(crate) max: usize,
+    pub(crate) reuse: u32,
+}
+
 impl StepPool {
     /// One call of `run` on an initialised instance from this pool, as
     /// `caller`, interrupted at `deadline`. An instance that trapped (or was
@@ -276,6 +286,23 @@ impl Pools {
         for retired in retired {
             tokio::spawn(async move { retired.pool.drain().await });
         }
+    }
+
+    /// Each pool's figures and settings, by plugin.
+    pub(crate) fn reports(&self) -> Vec<PoolReport> {
+        let mut reports: Vec<PoolReport> = self
+            .lock()
+            .values()
+            .map(|p| PoolReport {
+                plugin: p.plugin.to_string(),
+                stats: p.pool.stats(),
+                min: p.pool.config().min,
+                max: p.pool.config().max,
+                reuse: p.reuse,
+            })
+            .collect();
+        reports.sort_by(|a, b| a.plugin.cmp(&b.plugin));
+        reports
     }
 
     /// Each pool's figures, by plugin.

@@ -6,6 +6,7 @@
 
 mod failures;
 mod flows;
+mod optimize;
 mod pools;
 mod reload;
 mod sandbox;
