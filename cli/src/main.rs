@@ -1,5 +1,7 @@
 //! The `qflow` command line.
 
+mod optimization;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +34,9 @@ enum Command {
         /// At most this many steps at once (overrides the flow's `max_parallel`).
         #[arg(long)]
         max_parallel: Option<usize>,
+        /// Write the run's events (CloudEvents, one JSON object a line) to this file.
+        #[arg(long)]
+        events: Option<PathBuf>,
         /// Print a machine-readable summary on stdout.
         #[arg(long)]
         json: bool,
@@ -61,6 +66,33 @@ enum Command {
         /// Print events and run summaries as JSON lines on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the HTTP API (flows, runs, optimization, plugins, events) and
+    /// Prometheus metrics until SIGTERM or Ctrl-C; runs in flight finish.
+    Serve {
+        /// Where to listen. Any address but loopback requires a token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        #[command(flatten)]
+        host: HostArgs,
+        /// A directory of flow files to serve; flows registered through
+        /// the API are written there.
+        #[arg(long, env = "QFLOW_FLOWS")]
+        flows: Option<PathBuf>,
+        /// The bearer token every request must carry.
+        #[arg(long, env = "QFLOW_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The optimization level `optimize` uses by default.
+        #[arg(long, default_value = "balanced")]
+        level: qflow::model::optimize::Level,
+        /// How long runs in flight may take to finish at shutdown, in seconds.
+        #[arg(long, default_value_t = 30)]
+        grace_secs: u64,
+    },
+    /// The optimization service: metrics, recommendations, optimize, pools.
+    Optimization {
+        #[command(subcommand)]
+        command: optimization::Command,
     },
     /// Work with the plugins directory.
     Plugins {
@@ -96,7 +128,7 @@ enum PluginsCommand {
 
 /// Where a host finds its plugins and keeps their compiled code.
 #[derive(clap::Args)]
-struct HostArgs {
+pub(crate) struct HostArgs {
     /// The plugins directory.
     #[arg(long = "plugins", env = "QFLOW_PLUGINS", default_value = "plugins")]
     plugins: PathBuf,
@@ -136,15 +168,25 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, host, input, max_parallel, json } => {
+        Command::Run { flow, host, input, max_parallel, json, events } => {
             let mut options = RunOptions::new();
             options.max_parallel = max_parallel;
-            runtime()?.block_on(run(&flow, &host, &input, options, json))
+            runtime()?.block_on(run(&flow, &host, &input, options, json, events.as_deref()))
         }
         Command::Plan { flow, host, json } => runtime()?.block_on(plan(&flow, &host, json)),
         Command::Watch { flow, host, input, json } => {
             runtime()?.block_on(watch(flow.as_deref(), &host, &input, json))
         }
+        Command::Serve { addr, host, flows, token, level, grace_secs } => {
+            let mut config = qflow_server::ServerConfig::default();
+            config.addr = addr;
+            config.flows_dir = flows;
+            config.token = token;
+            config.level = level;
+            config.grace = Duration::from_secs(grace_secs);
+            runtime()?.block_on(serve(&host, config))
+        }
+        Command::Optimization { command } => runtime()?.block_on(optimization::run(command)),
         Command::Plugins { command: PluginsCommand::List { host, json } } => {
             runtime()?.block_on(list(&host, json))
         }
@@ -166,7 +208,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// A host on the plugins directory; must be called inside the runtime, so
 /// that it can preload hot plugins in the background.
-fn host(args: &HostArgs) -> anyhow::Result<Host> {
+pub(crate) fn host(args: &HostArgs) -> anyhow::Result<Host> {
     let plugins = &args.plugins;
     if !plugins.is_dir() {
         bail!(
@@ -199,10 +241,18 @@ async fn run(
     input: &str,
     options: RunOptions,
     json: bool,
+    events: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let flow = Flow::load(flow)?;
     let input = read_input(input)?;
     let host = host(args)?;
+    // Known before the run starts, so that --events can follow it.
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let options = options.run_id(run_id.clone());
+    let recorder = match events {
+        Some(path) => Some(record_events(&host, path, run_id)?),
+        None => None,
+    };
     let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
     // Ctrl-C cancels the run: running steps are cut, and the summary still
     // says what finished, what was cut and what never started. The handler
@@ -220,6 +270,9 @@ async fn run(
     if let Some(progress) = progress {
         progress.finish_and_clear();
     }
+    if let Some(recorder) = recorder {
+        recorder.await.context("writing the events failed")??;
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -232,6 +285,63 @@ async fn run(
     })
 }
 
+/// Ctrl-C (SIGINT), listened for from now on.
+fn interrupt_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("cannot handle Ctrl-C")
+}
+
+async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::Result<ExitCode> {
+    let host = std::sync::Arc::new(host(args)?);
+    let _watch = host.watch()?;
+    let state = qflow_server::AppState::new(host, config)?;
+    // SIGTERM (a service manager) and Ctrl-C both stop it gracefully.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
+    let mut interrupt = interrupt_signal()?;
+    let signal = async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    };
+    qflow_server::serve(state, signal, |addr| eprintln!("qflow serving on http://{addr}")).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the run's events to `path` as JSON lines, from now until it ends.
+fn record_events(
+    host: &Host,
+    path: &Path,
+    run_id: String,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    use std::io::Write;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("cannot write --events {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut events = host.subscribe();
+    Ok(tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) if event.data.run_id() == Some(run_id.as_str()) => {
+                    serde_json::to_writer(&mut out, &event)?;
+                    out.write_all(b"\n")?;
+                    if matches!(event.data, EventData::RunFinished { .. }) {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    writeln!(out, "{}", serde_json::json!({"type": "lagged", "missed": missed}))?;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        out.flush()?;
+        Ok(())
+    }))
+}
+
 async fn watch(
     flow: Option<&Path>,
     args: &HostArgs,
@@ -242,6 +352,9 @@ async fn watch(
     let input = read_input(input)?;
     let host = host(args)?;
     let _watch = host.watch()?;
+    // One listener for the whole watch: a Ctrl-C that comes while a run is
+    // printing is kept for the next look, not lost between two listeners.
+    let mut interrupt = interrupt_signal()?;
     let mut events = host.subscribe();
     eprintln!("watching {} (Ctrl-C to stop)", args.plugins.display());
     if let Some(flow) = &flow {
@@ -250,7 +363,7 @@ async fn watch(
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
         };
         let event = match event {
             Ok(event) => event,

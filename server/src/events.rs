@@ -1,0 +1,68 @@
+//! `GET /events`: the host's events as server-sent events, each a
+//! CloudEvent in JSON, filterable by type (`?type=`, a prefix such as
+//! `q.qflow.step.`) and run (`?run=`). A client that falls behind misses
+//! events and is told how many, with an event of type `lagged`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse, Sse as SseResponse};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::{ApiError, AppState};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Filter {
+    /// Only events whose type starts with this.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Only events of this run.
+    run: Option<String>,
+}
+
+pub(crate) async fn stream(
+    State(state): State<Arc<AppState>>,
+    filter: Result<Query<Filter>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(filter) = filter.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
+    let events = BroadcastStream::new(state.host.subscribe());
+    let stream = events
+        .filter_map(move |received| {
+            let sse = match received {
+                Ok(event) => {
+                    let wanted = filter
+                        .kind
+                        .as_ref()
+                        .is_none_or(|k| event.data.kind().starts_with(k.as_str()))
+                        && filter
+                            .run
+                            .as_ref()
+                            .is_none_or(|r| event.data.run_id() == Some(r.as_str()));
+                    if wanted {
+                        Sse::default()
+                            .event(event.data.kind())
+                            .id(event.id.clone())
+                            .json_data(&event)
+                            .ok()
+                    } else {
+                        None
+                    }
+                }
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Sse::default()
+                    .event("lagged")
+                    .json_data(serde_json::json!({ "missed": missed }))
+                    .ok(),
+            };
+            std::future::ready(sse.map(Ok::<_, Infallible>))
+        })
+        // The stream ends at shutdown, so that it holds no connection open.
+        .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(SseResponse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,228 @@
+//! Flows: those of the flows directory and those registered through the
+//! API, by id (a flow's `name`); and the plugins they can use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use qflow::{Flow, FlowError, Format};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState, ServeError};
+
+/// A served flow, and the file it lives in (if any).
+#[derive(Clone)]
+pub(crate) struct Served {
+    pub(crate) flow: Arc<Flow>,
+    pub(crate) file: Option<PathBuf>,
+}
+
+/// The flows, by id.
+pub(crate) struct Registry {
+    dir: Option<PathBuf>,
+    flows: RwLock<BTreeMap<String, Served>>,
+}
+
+impl Registry {
+    /// The flows of `dir` (every `*.toml` and `*.json`); an invalid one is
+    /// logged and skipped, so that one bad file does not keep the server down.
+    pub(crate) fn new(dir: Option<PathBuf>) -> Result<Registry, ServeError> {
+        let mut flows = BTreeMap::new();
+        if let Some(dir) = &dir {
+            let entries = std::fs::read_dir(dir)
+                .map_err(|source| ServeError::Flows { path: dir.clone(), source })?;
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for path in paths {
+                let is_flow = path.extension().is_some_and(|e| e == "toml" || e == "json")
+                    && !path.to_string_lossy().ends_with(".plugin.toml");
+                if !is_flow {
+                    continue;
+                }
+                match Flow::load(&path) {
+                    Ok(flow) => {
+                        let served = Served { flow: Arc::new(flow), file: Some(path) };
+                        flows.insert(served.flow.name.clone(), served);
+                    }
+                    Err(e) => tracing::warn!("skipping a flow that is not valid: {e}"),
+                }
+            }
+        }
+        Ok(Registry { dir, flows: RwLock::new(flows) })
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Served, ApiError> {
+        let flows = self.flows.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        flows.get(id).cloned().ok_or_else(|| ApiError::not_found("flow", id))
+    }
+
+    fn all(&self) -> Vec<Served> {
+        let flows = self.flows.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        flows.values().cloned().collect()
+    }
+
+    pub(crate) fn insert(&self, served: Served) -> bool {
+        let mut flows = self.flows.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        flows.insert(served.flow.name.clone(), served).is_some()
+    }
+
+    fn remove(&self, id: &str) -> Option<Served> {
+        let mut flows = self.flows.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        flows.remove(id)
+    }
+
+    /// Where relative paths in registered flows resolve: the flows
+    /// directory, else the server's working directory.
+    fn base(&self) -> &Path {
+        self.dir.as_deref().unwrap_or(Path::new("."))
+    }
+}
+
+/// A flow, as the API lists it.
+#[derive(Serialize)]
+struct Summary<'a> {
+    id: &'a str,
+    description: Option<&'a str>,
+    steps: Vec<&'a str>,
+    max_parallel: Option<usize>,
+    format: Format,
+    file: Option<&'a Path>,
+}
+
+fn summary(served: &Served) -> Summary<'_> {
+    let flow = &served.flow;
+    Summary {
+        id: &flow.name,
+        description: flow.description.as_deref(),
+        steps: flow.steps.iter().map(|s| s.id.as_str()).collect(),
+        max_parallel: flow.max_parallel,
+        format: flow.format,
+        file: served.file.as_deref(),
+    }
+}
+
+pub(crate) async fn list(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let flows = state.flows.all();
+    Json(flows.iter().map(summary).collect::<Vec<_>>()).into_response()
+}
+
+pub(crate) async fn show(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let served = state.flows.get(&id)?;
+    let plan = state.host.plan(&served.flow);
+    let mut body = serde_json::to_value(summary(&served)).unwrap_or_default();
+    body["text"] = json!(&*served.flow.text);
+    body["plan"] = serde_json::to_value(&plan).unwrap_or_default();
+    Ok(Json(body))
+}
+
+/// An invalid flow: 422 with every problem.
+pub(crate) fn invalid(error: &FlowError) -> ApiError {
+    let problems: Vec<String> = error.problems.iter().map(ToString::to_string).collect();
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow", error.to_string())
+        .details(json!({ "problems": problems }))
+}
+
+/// `POST /flows`: the body is a flow document — JSON, or TOML with
+/// `content-type: application/toml`. It is validated completely (the
+/// plugins it names included) before it replaces anything.
+pub(crate) async fn register(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let body = body?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad_request("bad-body", format!("the body is not UTF-8: {e}")))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("application/json");
+    let format = if content_type.contains("toml") { Format::Toml } else { Format::Json };
+    // Malformed text is a bad request; well-formed text that is not a
+    // valid flow is unprocessable, with every problem listed.
+    match format {
+        Format::Json => {
+            serde_json::from_str::<Value>(text).map_err(|e| {
+                ApiError::bad_request("bad-json", format!("the body is not JSON: {e}"))
+            })?;
+        }
+        Format::Toml => {
+            text.parse::<toml::Table>().map_err(|e| {
+                ApiError::bad_request("bad-toml", format!("the body is not TOML: {e}"))
+            })?;
+        }
+    }
+    let flow =
+        Flow::parse(text, format, "request body", state.flows.base()).map_err(|e| invalid(&e))?;
+    state.host.check(&flow).map_err(|e| invalid(&e))?;
+    let file = state.flows.dir.as_ref().map(|dir| {
+        let extension = match format {
+            Format::Toml => "toml",
+            Format::Json => "json",
+        };
+        dir.join(format!("{}.{extension}", flow.name))
+    });
+    if let Some(file) = &file {
+        write_atomically(file, text).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                format!("cannot write {}: {e}", file.display()),
+            )
+        })?;
+    }
+    let served = Served { flow: Arc::new(flow), file };
+    let replaced = state.flows.insert(served.clone());
+    let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(serde_json::to_value(summary(&served)).unwrap_or_default())))
+}
+
+pub(crate) async fn remove(
+    State(state): State<Arc<AppState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<StatusCode, ApiError> {
+    let served = state.flows.remove(&id).ok_or_else(|| ApiError::not_found("flow", &id))?;
+    if let Some(file) = served.file
+        && let Err(e) = std::fs::remove_file(&file)
+    {
+        tracing::warn!("flow {id} is gone from the API but {} stays: {e}", file.display());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes through a temporary file and a rename: a reader never sees half.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// `GET /plugins`: every plugin, described (compiling what is not yet).
+pub(crate) async fn plugins(
+    State(state): State<Arc<AppState>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let described = state.host.catalog().describe_all().await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugins", qflow::error_chain(&e))
+    })?;
+    let names = state.host.catalog().names().unwrap_or_default();
+    let entries: Vec<Value> = described
+        .iter()
+        .zip(&names)
+        .map(|(d, name)| match d {
+            Ok(info) => serde_json::to_value(info).unwrap_or_default(),
+            Err(e) => json!({ "name": name, "error": qflow::error_chain(e) }),
+        })
+        .collect();
+    Ok(Json(entries))
+}

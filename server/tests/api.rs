@@ -1,0 +1,443 @@
+//! The real server on an ephemeral loopback port, driven by a real HTTP
+//! client: flows, runs, optimization, plugins, events, errors, the token,
+//! and shutdown.
+
+// A test that panics on a broken expectation is doing its job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use qflow::{Host, HostConfig};
+use qflow_server::{AppState, ServerConfig};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// A server running in this process, and how to stop it.
+struct Server {
+    base: String,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), qflow_server::ServeError>>,
+    client: reqwest::Client,
+}
+
+impl Server {
+    async fn start(config: ServerConfig) -> Server {
+        let mut host = HostConfig::new(qflow_tests::plugins_dir());
+        host.cache.dir = None;
+        host.preload = false;
+        let host = Arc::new(Host::new(host).unwrap());
+        let state = AppState::new(host, config).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (bound, address) = oneshot::channel::<SocketAddr>();
+        let task = tokio::spawn(qflow_server::serve(
+            state.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+            move |addr| {
+                let _ = bound.send(addr);
+            },
+        ));
+        let addr = address.await.expect("the server binds");
+        Server {
+            base: format!("http://{addr}"),
+            state,
+            stop: Some(stop),
+            task,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap(),
+        }
+    }
+
+    async fn default() -> Server {
+        let mut config = ServerConfig::default();
+        config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Server::start(config).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let response = self.client.post(self.url(path)).json(&body).send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_raw(&self, path: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Stops the server and waits for it, as SIGTERM would.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+const SQUARE: &str = r#"{
+    "flow": {"name": "square", "max_parallel": 4},
+    "steps": [
+        {"id": "a", "plugin": "identity"},
+        {"id": "b", "plugin": "hash", "needs": ["a"]},
+        {"id": "c", "plugin": "identity", "needs": ["a"]},
+        {"id": "d", "plugin": "identity", "needs": ["b", "c", "a"], "input": {"b": "${steps.b.output}", "c": "${steps.c.output}"}}
+    ]
+}"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flow_is_registered_run_and_reported() {
+    let server = Server::default().await;
+    let (status, created) = server.post_raw("/api/v1/flows", "application/json", SQUARE).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["id"], "square");
+    assert_eq!(created["steps"], json!(["a", "b", "c", "d"]));
+    // Registering again replaces it.
+    let (status, _) = server.post_raw("/api/v1/flows", "application/json", SQUARE).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, list) = server.get("/api/v1/flows").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let (_, shown) = server.get("/api/v1/flows/square").await;
+    assert_eq!(shown["plan"]["groups"], json!([["a"], ["b", "c"], ["d"]]));
+    assert!(shown["text"].as_str().unwrap().contains("\"square\""));
+
+    // With wait: the summary.
+    let (status, summary) =
+        server.post("/api/v1/flows/square/runs", json!({"input": "abc", "wait": true})).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["status"], "succeeded");
+    assert_eq!(summary["steps"][3]["output"]["b"]["bytes"], 3);
+    assert_eq!(summary["steps"][3]["output"]["c"], "abc");
+
+    // Without: 202 and the id; the run is read back when it is done.
+    let (status, accepted) = server.post("/api/v1/flows/square/runs", json!({"input": "xy"})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let run_id = accepted["run_id"].as_str().unwrap().to_owned();
+    let run = loop {
+        let (status, run) = server.get(&format!("/api/v1/runs/{run_id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        if run["status"] != "running" {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["summary"]["run_id"], run_id.as_str());
+    assert_eq!(run["summary"]["steps"][0]["output"], "xy");
+
+    let (_, runs) = server.get("/api/v1/runs?flow=square&status=succeeded&limit=1").await;
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    assert_eq!(runs[0]["run_id"], run_id.as_str(), "newest first");
+    let (_, none) = server.get("/api/v1/runs?flow=other").await;
+    assert_eq!(none, json!([]));
+
+    // The metrics count what ran: two runs, each with b and c side by side
+    // or not; the figures follow their definitions.
+    let (status, metrics) = server.get("/api/v1/optimization/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(metrics["optimizationEnabled"], true);
+    assert_eq!(metrics["optimizationLevel"], "balanced");
+    let execution = &metrics["executionOptimization"];
+    assert_eq!(execution["runs"], 2);
+    assert!(execution["parallelExecutionCount"].as_u64().unwrap() <= 2);
+    assert!(execution["averageExecutionTime"].as_f64().unwrap() > 0.0);
+    assert_eq!(metrics["lazyLoading"]["totalEntries"], 2, "identity and hash compiled");
+    let wasm = &metrics["resourcePools"]["wasm"];
+    assert_eq!(wasm["acquisitionCount"], 8, "four steps, two runs");
+    let (_, pools) = server.get("/api/v1/optimization/pools/stats").await;
+    assert_eq!(pools["wasm"]["acquisitionCount"], 8);
+    let keys: Vec<&str> = pools["wasm"]["byKey"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&"hash") && keys.contains(&"identity"), "{keys:?}");
+
+    // Prometheus counts the same runs.
+    let text =
+        server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("qflow_runs_total{flow=\"square\",status=\"succeeded\"} 2"), "{text}");
+    assert!(text.contains("qflow_steps_total{plugin=\"hash\",status=\"succeeded\"} 2"), "{text}");
+    assert!(text.contains("qflow_step_duration_seconds_bucket"), "{text}");
+    assert!(text.contains("qflow_cache_misses_total{cache=\"components\"} 2"), "{text}");
+
+    // The plugins.
+    let (_, plugins) = server.get("/api/v1/plugins").await;
+    let names: Vec<&str> =
+        plugins.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"jq") && names.contains(&"file-loader"), "{names:?}");
+
+    let (status, _) = server
+        .client
+        .delete(server.url("/api/v1/flows/square"))
+        .send()
+        .await
+        .map(|r| (r.status(), ()))
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = server.get("/api/v1/flows/square").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recommendations_and_an_applied_optimization_rewrite_the_flow_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("square.toml");
+    let toml = "# kept through the rewrite\n[flow]\nname = \"square\"\n\
+                [[step]]\nid = \"a\"\nplugin = \"identity\"\n\
+                [[step]]\nid = \"b\"\nplugin = \"identity\"\nneeds = [\"a\"]\n\
+                [[step]]\nid = \"c\"\nplugin = \"identity\"\nneeds = [\"b\", \"a\"]\ninput = \"${steps.b.output}\"\n";
+    std::fs::write(&file, toml).unwrap();
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.flows_dir = Some(dir.path().to_path_buf());
+    let server = Server::start(config).await;
+    let mut events = server.state.host().subscribe();
+
+    let (status, found) = server.get("/api/v1/flows/square/recommendations").await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let kinds: Vec<&str> = found["recommendations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"redundant-dependency"), "{found}");
+
+    // A preview changes nothing on disk.
+    let (status, preview) =
+        server.post("/api/v1/flows/square/optimize", json!({"level": "conservative"})).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["applied"], false);
+    assert!(preview["diff"].as_str().unwrap().contains("-needs = [\"b\", \"a\"]"), "{preview}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), toml);
+
+    let (status, applied) = server
+        .post("/api/v1/flows/square/optimize", json!({"level": "conservative", "apply": true}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{applied}");
+    assert_eq!(applied["applied"], true);
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert!(written.starts_with("# kept through the rewrite"), "{written}");
+    assert!(written.contains("needs = [\"b\"]"), "{written}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("square.toml.bak")).unwrap(), toml);
+    let (_, shown) = server.get("/api/v1/flows/square").await;
+    assert_eq!(shown["text"].as_str().unwrap(), written, "the server serves the new version");
+
+    let mut optimized = 0;
+    while let Ok(event) = events.try_recv() {
+        if event.data.kind() == "q.qflow.optimization.flow.optimized.v1" {
+            optimized += 1;
+        }
+    }
+    assert_eq!(optimized, 2, "one event per optimize call");
+
+    let (status, error) =
+        server.post("/api/v1/flows/square/optimize", json!({"level": "max"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_request_gets_a_json_error_with_the_right_status() {
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.max_body_bytes = 4096;
+    let server = Server::start(config).await;
+    let check = |(status, body): (StatusCode, Value), want: StatusCode, code: &str| {
+        assert_eq!(status, want, "{body}");
+        assert_eq!(body["code"], code, "{body}");
+        assert!(!body["message"].as_str().unwrap().is_empty(), "{body}");
+    };
+    check(server.get("/api/v1/flows/nope").await, StatusCode::NOT_FOUND, "not-found");
+    check(server.get("/api/v1/runs/nope").await, StatusCode::NOT_FOUND, "not-found");
+    check(server.get("/api/v1/nowhere").await, StatusCode::NOT_FOUND, "not-found");
+    check(
+        server.post("/api/v1/flows/nope/runs", json!({})).await,
+        StatusCode::NOT_FOUND,
+        "not-found",
+    );
+    check(
+        server.post_raw("/api/v1/flows", "application/json", "{not json").await,
+        StatusCode::BAD_REQUEST,
+        "bad-json",
+    );
+    check(
+        server.post_raw("/api/v1/flows", "application/toml", "[flow\nname=").await,
+        StatusCode::BAD_REQUEST,
+        "bad-toml",
+    );
+    // Valid JSON, invalid flow: every problem, named.
+    let invalid = r#"{"flow": {"name": "bad"}, "steps": [
+        {"id": "a", "plugin": "identity", "needs": ["zz"]},
+        {"id": "b", "plugin": "no-such-plugin"}]}"#;
+    let (status, body) = server.post_raw("/api/v1/flows", "application/json", invalid).await;
+    check((status, body.clone()), StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow");
+    let problems = body["details"]["problems"].as_array().unwrap();
+    assert!(problems.iter().any(|p| p.as_str().unwrap().contains("needs `zz`")), "{body}");
+    let unknown =
+        r#"{"flow": {"name": "bad"}, "steps": [{"id": "b", "plugin": "no-such-plugin"}]}"#;
+    let (status, body) = server.post_raw("/api/v1/flows", "application/json", unknown).await;
+    check((status, body.clone()), StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow");
+    assert!(body["message"].as_str().unwrap().contains("no plugin `no-such-plugin`"), "{body}");
+    // Too large.
+    let big = format!("{{\"flow\": {{\"name\": \"{}\"}}}}", "x".repeat(10_000));
+    check(
+        server.post_raw("/api/v1/flows", "application/json", &big).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+    );
+    // A run request of the wrong shape, and bad queries.
+    server.post_raw("/api/v1/flows", "application/json", SQUARE).await;
+    check(
+        server.post("/api/v1/flows/square/runs", json!({"inptu": 1})).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request",
+    );
+    check(
+        server.post_raw("/api/v1/flows/square/runs", "application/json", "[").await,
+        StatusCode::BAD_REQUEST,
+        "bad-json",
+    );
+    check(server.get("/api/v1/runs?status=sideways").await, StatusCode::BAD_REQUEST, "bad-query");
+    check(server.get("/api/v1/runs?limit=-1").await, StatusCode::BAD_REQUEST, "bad-query");
+    // Cancelling a run that ended is a conflict.
+    let (_, done) = server.post("/api/v1/flows/square/runs", json!({"wait": true})).await;
+    let run_id = done["run_id"].as_str().unwrap();
+    check(
+        server.post(&format!("/api/v1/runs/{run_id}/cancel"), json!({})).await,
+        StatusCode::CONFLICT,
+        "not-running",
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_is_required_off_loopback_and_checked_on_every_request() {
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut host = HostConfig::new(qflow_tests::plugins_dir());
+    host.cache.dir = None;
+    host.preload = false;
+    let state = AppState::new(Arc::new(Host::new(host).unwrap()), config).unwrap();
+    let refused = qflow_server::serve(state, async {}, |_| panic!("it must not bind")).await;
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains("without a token"), "{message}");
+
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.token = Some("s3cret".into());
+    let server = Server::start(config).await;
+    let (status, body) = server.get("/api/v1/flows").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "unauthorized");
+    let wrong =
+        server.client.get(server.url("/healthz")).bearer_auth("guess").send().await.unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let right =
+        server.client.get(server.url("/api/v1/flows")).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_stream_carries_a_runs_events_as_cloudevents() {
+    let server = Server::default().await;
+    server.post_raw("/api/v1/flows", "application/json", SQUARE).await;
+    // Subscribe first, then run, so that no event is missed.
+    let response =
+        server.client.get(server.url("/api/v1/events?type=q.qflow.")).send().await.unwrap();
+    let mut body = response.bytes_stream();
+    let (_, accepted) = server.post("/api/v1/flows/square/runs", json!({"input": "e"})).await;
+    let run_id = accepted["run_id"].as_str().unwrap().to_owned();
+    let mut text = String::new();
+    let mut seen: Vec<Value> = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let event: Value = serde_json::from_str(data).unwrap();
+                    let finished = event["type"] == "q.qflow.run.finished.v1"
+                        && event["data"]["run_id"] == run_id.as_str();
+                    seen.push(event);
+                    if finished {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "no run.finished event in {seen:?}");
+    let of_run: Vec<&Value> =
+        seen.iter().filter(|e| e["data"]["run_id"] == run_id.as_str()).collect();
+    assert_eq!(of_run[0]["type"], "q.qflow.run.started.v1");
+    assert_eq!(of_run[0]["specversion"], "1.0");
+    assert_eq!(of_run[0]["source"], format!("/qflow/runs/{run_id}"));
+    let sequences: Vec<u64> = of_run.iter().map(|e| e["sequence"].as_u64().unwrap()).collect();
+    assert!(sequences.windows(2).all(|w| w[1] == w[0] + 1), "{sequences:?}");
+    assert_eq!(
+        of_run.len(),
+        1 + 4 + 4 + 1,
+        "run started, 4 steps started and finished, run finished"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_refuses_new_runs_and_lets_runs_in_flight_finish() {
+    let server = Server::default().await;
+    let slow = r#"{"flow": {"name": "slow"}, "steps": [{"id": "nap", "plugin": "sleep", "config": {"ms": 1000}}]}"#;
+    server.post_raw("/api/v1/flows", "application/json", slow).await;
+    let mut events = server.state.host().subscribe();
+    let (status, accepted) = server.post("/api/v1/flows/slow/runs", json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let run_id = accepted["run_id"].as_str().unwrap().to_owned();
+    // Once the step runs, shut down.
+    loop {
+        let event = events.recv().await.unwrap();
+        if event.data.kind() == "q.qflow.step.started.v1" {
+            break;
+        }
+    }
+    let state = server.state.clone();
+    state.begin_shutdown();
+    let refused = server.post("/api/v1/flows/slow/runs", json!({})).await;
+    assert_eq!(refused.0, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.1);
+    assert_eq!(refused.1["code"], "shutting-down");
+    server.stop().await;
+    // serve() returned only after the run in flight had finished.
+    assert_eq!(
+        state.host().run_totals().runs,
+        1,
+        "run {run_id} finished before the server stopped"
+    );
+}
