@@ -304,6 +304,16 @@ async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::R
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
+        eprintln!("stopping: runs in flight finish first (a second signal stops at once)");
+        // A second signal means "now": the handlers stay installed, so
+        // without this the process could only be killed.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            std::process::exit(130);
+        });
     };
     qflow_server::serve(state, signal, |addr| eprintln!("qflow serving on http://{addr}")).await?;
     Ok(ExitCode::SUCCESS)
@@ -526,14 +536,14 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         let entries: Vec<Value> = described
             .iter()
-            .map(|d| match d {
+            .map(|(name, d)| match d {
                 Ok(info) => serde_json::to_value(info).unwrap_or_default(),
-                Err(e) => serde_json::json!({ "error": qflow::error_chain(e) }),
+                Err(e) => serde_json::json!({ "name": name, "error": qflow::error_chain(e) }),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&entries)?);
     } else {
-        for d in &described {
+        for (_, d) in &described {
             match d {
                 Ok(info) => println!(
                     "{:14} {:8} {:7} {}",
@@ -543,6 +553,6 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let broken = described.iter().filter(|d| d.is_err()).count();
+    let broken = described.iter().filter(|(_, d)| d.is_err()).count();
     Ok(if broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -11,7 +11,7 @@ use futures::future::{BoxFuture, Shared};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::model::{FailureKind, Flow, Step, StepFailure, error_chain};
+use crate::model::{Emitter, EventData, FailureKind, Flow, Step, StepFailure, error_chain};
 use crate::run::{Attempt, StepInvoker};
 use crate::runtime::{
     AssetCache, AssetSource, Assets, CallFailure, Caller, Catalog, Grants, Limits, Plugin,
@@ -59,13 +59,25 @@ impl WasmInvoker {
         asset_cache: Arc<AssetCache>,
         pools: Arc<Pools>,
         defaults: Defaults,
+        (run_id, events): (Arc<str>, Emitter),
     ) -> WasmInvoker {
         let mut plugins = HashMap::new();
         for step in &flow.steps {
             let name = &step.plugin.name;
             if !plugins.contains_key(name) {
                 let (catalog, owned) = (catalog.clone(), name.clone());
-                let task = tokio::spawn(async move { catalog.load(&owned).await });
+                let (run_id, events) = (run_id.clone(), events.clone());
+                let task = tokio::spawn(async move {
+                    let started = Instant::now();
+                    let (plugin, source) = catalog.load_traced(&owned).await?;
+                    events.emit(EventData::LazyLoaded {
+                        run_id,
+                        plugin: Arc::from(owned.as_str()),
+                        source: source.as_str().to_owned(),
+                        ms: started.elapsed().as_secs_f64() * 1e3,
+                    });
+                    Ok(plugin)
+                });
                 let load = async move {
                     task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string())))
                 };

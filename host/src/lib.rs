@@ -170,16 +170,18 @@ impl Host {
             tracing::debug!("instances are allocated on demand (pooling off)");
         }
         let max_instances = config.engine.max_instances as usize;
-        let store =
-            ComponentStore::new(engine, &config.cache).map_err(|e| HostError::Engine(cause(e)))?;
+        let events = EventBus::new();
+        let components = events.emitter("/qflow/components".into());
+        let store = ComponentStore::new(engine, &config.cache, components)
+            .map_err(|e| HostError::Engine(cause(e)))?;
         let catalog =
             Catalog::open(config.plugins_dir, Arc::new(store)).map_err(HostError::Plugins)?;
         let catalog = Arc::new(catalog);
         let history =
             catalog.store().disk().map(|disk| disk.load_state(HISTORY)).unwrap_or_default();
-        let events = EventBus::new();
+        let assets = runtime::asset_cache(&config.cache, events.emitter("/qflow/assets".into()));
         let host = Host {
-            assets: Arc::new(runtime::asset_cache(&config.cache)),
+            assets: Arc::new(assets),
             plugin_events: events.emitter("/qflow/plugins".into()),
             optimizer_events: events.emitter("/qflow/optimization".into()),
             events,
@@ -281,20 +283,33 @@ impl Host {
         self.check(flow)?;
         let plan = self.plan(flow);
         let flow = Arc::new(flow.clone());
+        let run_id: Arc<str> = match &options.run_id {
+            Some(id) => Arc::from(id.as_str()),
+            None => Arc::from(uuid::Uuid::new_v4().to_string()),
+        };
+        let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
         let invoker = WasmInvoker::new(
             flow.clone(),
             self.catalog.clone(),
             self.assets.clone(),
             self.pools.clone(),
             self.defaults,
+            (run_id.clone(), events.clone()),
         );
-        let run_id: Arc<str> = match &options.run_id {
-            Some(id) => Arc::from(id.as_str()),
-            None => Arc::from(uuid::Uuid::new_v4().to_string()),
-        };
-        let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
+        let invoker = Arc::new(invoker);
         let mut summary =
-            run::run(run_id, flow.clone(), &plan, input, options, Arc::new(invoker), events).await;
+            run::run(run_id.clone(), flow.clone(), &plan, input, options, invoker, events.clone())
+                .await;
+        if model::overlapped(&summary) {
+            events.emit(EventData::ParallelCompleted {
+                run_id,
+                flow: Arc::from(flow.name.as_str()),
+                efficiency: summary.efficiency,
+                step_ms: summary.step_ms,
+                wall_ms: summary.wall_ms,
+                max_parallel: summary.max_parallel,
+            });
+        }
         summary.store = self.stats();
         self.remember_durations(&flow, &summary);
         lock(&self.totals).add(&summary);

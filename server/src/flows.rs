@@ -49,7 +49,13 @@ impl Registry {
                 match Flow::load(&path) {
                     Ok(flow) => {
                         let served = Served { flow: Arc::new(flow), file: Some(path) };
-                        flows.insert(served.flow.name.clone(), served);
+                        if let Some(other) = flows.insert(served.flow.name.clone(), served) {
+                            tracing::warn!(
+                                "two files define the flow {}: {} is ignored",
+                                other.flow.name,
+                                other.file.map(|f| f.display().to_string()).unwrap_or_default()
+                            );
+                        }
                     }
                     Err(e) => tracing::warn!("skipping a flow that is not valid: {e}"),
                 }
@@ -165,6 +171,10 @@ pub(crate) async fn register(
     let flow =
         Flow::parse(text, format, "request body", state.flows.base()).map_err(|e| invalid(&e))?;
     state.host.check(&flow).map_err(|e| invalid(&e))?;
+    // The flow's name is a plain name (validated like a step id), so the
+    // file stays inside the flows directory. A flow that replaces one read
+    // from another file takes that file's place.
+    let previous = state.flows.get(&flow.name).ok().and_then(|served| served.file);
     let file = state.flows.dir.as_ref().map(|dir| {
         let extension = match format {
             Format::Toml => "toml",
@@ -180,6 +190,15 @@ pub(crate) async fn register(
                 format!("cannot write {}: {e}", file.display()),
             )
         })?;
+        if let Some(previous) = previous.filter(|previous| previous != file)
+            && let Err(e) = std::fs::remove_file(&previous)
+        {
+            tracing::warn!(
+                "{} was replaced by {} but stays: {e}",
+                previous.display(),
+                file.display()
+            );
+        }
     }
     let served = Served { flow: Arc::new(flow), file };
     let replaced = state.flows.insert(served.clone());
@@ -202,7 +221,9 @@ pub(crate) async fn remove(
 
 /// Writes through a temporary file and a rename: a reader never sees half.
 pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
     std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
@@ -215,11 +236,9 @@ pub(crate) async fn plugins(
     let described = state.host.catalog().describe_all().await.map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugins", qflow::error_chain(&e))
     })?;
-    let names = state.host.catalog().names().unwrap_or_default();
     let entries: Vec<Value> = described
         .iter()
-        .zip(&names)
-        .map(|(d, name)| match d {
+        .map(|(name, d)| match d {
             Ok(info) => serde_json::to_value(info).unwrap_or_default(),
             Err(e) => json!({ "name": name, "error": qflow::error_chain(e) }),
         })

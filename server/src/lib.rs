@@ -103,6 +103,9 @@ pub struct AppState {
     shutdown: CancellationToken,
     /// The runs in flight, which shutdown waits for.
     tracker: TaskTracker,
+    /// Every run's cancel token is a child of this one: cancelled when the
+    /// grace period at shutdown is over.
+    runs_cancel: CancellationToken,
 }
 
 impl AppState {
@@ -117,6 +120,7 @@ impl AppState {
             runs: runs::Registry::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            runs_cancel: CancellationToken::new(),
         }))
     }
 
@@ -131,10 +135,18 @@ impl AppState {
         self.tracker.close();
     }
 
-    /// Waits for the runs in flight, up to `grace`; whether they all ended.
+    /// Waits for the runs in flight, up to `grace`, then cancels what is
+    /// left (its summary says so) and waits for that; whether all had ended
+    /// in time.
     pub async fn drain(&self, grace: Duration) -> bool {
         self.tracker.close();
-        tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+            return true;
+        }
+        self.runs_cancel.cancel();
+        // Cancelled steps are cut at once; this bounds a host call that is not.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await;
+        false
     }
 }
 
@@ -172,7 +184,56 @@ async fn not_found(request: Request) -> ApiError {
 }
 
 /// With a token configured, every request must carry it as a bearer token.
+/// Without one (loopback), a request must name a loopback host, so that a
+/// web page cannot reach the API through a rebound DNS name. A body must
+/// say it is JSON or TOML: a page can send `text/plain` across origins
+/// without asking, but not these.
 async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let has_body = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|length| length != "0")
+        || request.headers().contains_key(header::TRANSFER_ENCODING);
+    if has_body {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !matches!(essence, "application/json" | "application/toml") {
+            let error = ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                format!(
+                    "a body must be application/json or application/toml, not {content_type:?}"
+                ),
+            );
+            return error.into_response();
+        }
+    }
+    if state.config.token.is_none() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        };
+        if !matches!(name, "localhost" | "127.0.0.1" | "[::1]" | "") {
+            let error = ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden-host",
+                format!(
+                    "this server answers only to a loopback host, not {host:?}; set a token to serve others"
+                ),
+            );
+            return error.into_response();
+        }
+    }
     if let Some(token) = &state.config.token {
         let given = request
             .headers()
@@ -217,7 +278,7 @@ pub async fn serve(
     let grace = state.config.grace;
     axum::serve(listener, app(state.clone())).with_graceful_shutdown(shutdown).await.map_err(io)?;
     if !state.drain(grace).await {
-        tracing::warn!("runs still in flight after the grace period of {grace:?} were cut");
+        tracing::warn!("runs still in flight after the grace period of {grace:?} were cancelled");
     }
     Ok(())
 }

@@ -163,7 +163,22 @@ impl Collector for HostFigures {
             "Components loaded precompiled from disk",
             &[(Vec::new(), stats.components.disk_hits)],
         )?;
-        let pools = self.host.pool_stats();
+        // One plugin may have several pools (one per config): a series per
+        // plugin, summed; the slowest pool's quantiles.
+        let mut pools: Vec<(String, qflow::PoolStats)> = Vec::new();
+        for (plugin, s) in self.host.pool_stats() {
+            match pools.iter_mut().find(|(p, _)| *p == plugin) {
+                Some((_, sum)) => {
+                    sum.total += s.total;
+                    sum.available += s.available;
+                    sum.in_use += s.in_use;
+                    sum.acquisitions += s.acquisitions;
+                    sum.acquire_p50_us = sum.acquire_p50_us.max(s.acquire_p50_us);
+                    sum.acquire_p99_us = sum.acquire_p99_us.max(s.acquire_p99_us);
+                }
+                None => pools.push((plugin, s)),
+            }
+        }
         let by_pool = |f: &dyn Fn(&qflow::PoolStats) -> f64| -> Vec<(Labels, f64)> {
             pools
                 .iter()

@@ -53,6 +53,9 @@ pub(crate) struct Record {
     started_at: SystemTime,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<RunSummary>,
+    /// Why it ended without a summary (it could not start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
     #[serde(skip)]
     cancel: CancellationToken,
 }
@@ -116,6 +119,14 @@ impl Registry {
             .collect()
     }
 
+    /// A run that could not start (or whose task failed): it ended.
+    fn failed(&self, run_id: &str, error: String) {
+        if let Some(record) = self.lock().by_id.get_mut(run_id) {
+            record.status = RunState::Failed;
+            record.error = Some(error);
+        }
+    }
+
     fn get(&self, id: &str) -> Option<Record> {
         self.lock().by_id.get(id).cloned()
     }
@@ -148,7 +159,9 @@ pub(crate) async fn start(
     }
     state.host.check(&served.flow).map_err(|e| crate::flows::invalid(&e))?;
     let run_id = uuid::Uuid::new_v4().to_string();
-    let cancel = CancellationToken::new();
+    // A child of the server's: what is still running after the grace
+    // period at shutdown is cut.
+    let cancel = state.runs_cancel.child_token();
     let mut options = RunOptions::new().run_id(run_id.clone()).cancel(cancel.clone());
     options.max_parallel = request.max_parallel;
     state.runs.started(Record {
@@ -157,6 +170,7 @@ pub(crate) async fn start(
         status: RunState::Running,
         started_at: SystemTime::now(),
         summary: None,
+        error: None,
         cancel,
     });
     // The run belongs to the server, not to the request: a client that
@@ -164,17 +178,29 @@ pub(crate) async fn start(
     let task = {
         let state = state.clone();
         let flow = served.flow.clone();
+        let run_id = run_id.clone();
         state.tracker.clone().spawn(async move {
-            let summary = state.host.run_with(&flow, request.input, options).await;
-            match summary {
-                Ok(summary) => {
+            // Its own task: a panic in the run is a failed run, not a lost one.
+            let host = state.host.clone();
+            let running =
+                tokio::spawn(async move { host.run_with(&flow, request.input, options).await });
+            match running.await {
+                Ok(Ok(summary)) => {
                     state.metrics.record(&summary);
                     state.runs.finished(&summary);
-                    Some(summary)
+                    Ok(summary)
+                }
+                Ok(Err(e)) => {
+                    let error = e.to_string();
+                    tracing::warn!("run {run_id} could not start: {error}");
+                    state.runs.failed(&run_id, error.clone());
+                    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow", error))
                 }
                 Err(e) => {
-                    tracing::warn!("run {} of {} could not start: {e}", flow.name, flow.name);
-                    None
+                    let error = format!("the run failed in the server: {e}");
+                    tracing::error!("run {run_id}: {error}");
+                    state.runs.failed(&run_id, error.clone());
+                    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error))
                 }
             }
         })
@@ -187,18 +213,22 @@ pub(crate) async fn start(
         });
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
-    match task.await {
-        Ok(Some(summary)) => Ok(Json(summary).into_response()),
-        Ok(None) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid-flow",
-            format!("flow `{id}` could not start"),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("the run failed in the server: {e}"),
-        )),
+    // A shutdown must not wait on this request: answer with the id then,
+    // and let the run finish within the grace period.
+    tokio::select! {
+        joined = task => match joined {
+            Ok(Ok(summary)) => Ok(Json(summary).into_response()),
+            Ok(Err(error)) => Err(error),
+            Err(e) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the run failed in the server: {e}"),
+            )),
+        },
+        () = state.shutdown.cancelled() => {
+            let body = serde_json::json!({ "run_id": run_id, "status": RunState::Running });
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
     }
 }
 
@@ -233,7 +263,15 @@ pub(crate) async fn list(
         .filter(|r| query.flow.as_ref().is_none_or(|f| &r.flow == f))
         .filter(|r| query.status.is_none_or(|s| r.status == s))
         .take(limit)
-        .map(|r| Record { summary: None, ..r.clone() })
+        .map(|r| Record {
+            run_id: r.run_id.clone(),
+            flow: r.flow.clone(),
+            status: r.status,
+            started_at: r.started_at,
+            summary: None,
+            error: r.error.clone(),
+            cancel: r.cancel.clone(),
+        })
         .collect();
     Ok(Json(runs))
 }

@@ -27,9 +27,14 @@ struct Server {
 
 impl Server {
     async fn start(config: ServerConfig) -> Server {
+        Server::start_with(config, |_| {}).await
+    }
+
+    async fn start_with(config: ServerConfig, tune: impl FnOnce(&mut HostConfig)) -> Server {
         let mut host = HostConfig::new(qflow_tests::plugins_dir());
         host.cache.dir = None;
         host.preload = false;
+        tune(&mut host);
         let host = Arc::new(Host::new(host).unwrap());
         let state = AppState::new(host, config).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -57,6 +62,13 @@ impl Server {
         let mut config = ServerConfig::default();
         config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
         Server::start(config).await
+    }
+
+    /// A server whose compiled-component cache holds about two plugins.
+    async fn small_cache() -> Server {
+        let mut config = ServerConfig::default();
+        config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Server::start_with(config, |host| host.cache.memory_limit = 1 << 20).await
     }
 
     fn url(&self, path: &str) -> String {
@@ -313,6 +325,31 @@ async fn every_bad_request_gets_a_json_error_with_the_right_status() {
         StatusCode::PAYLOAD_TOO_LARGE,
         "body-too-large",
     );
+    // A flow name that is not a plain name (it names the file in a flows
+    // directory).
+    let escaping =
+        r#"{"flow": {"name": "../../etc/x"}, "steps": [{"id": "a", "plugin": "identity"}]}"#;
+    let (status, body) = server.post_raw("/api/v1/flows", "application/json", escaping).await;
+    check((status, body.clone()), StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow");
+    assert!(
+        body["message"].as_str().unwrap().contains("flow id \"../../etc/x\" is not valid"),
+        "{body}"
+    );
+    // A body a web page could send across origins, and a host a rebound
+    // DNS name would give.
+    check(
+        server.post_raw("/api/v1/flows", "text/plain", SQUARE).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+    );
+    let rebound = server
+        .client
+        .get(server.url("/api/v1/flows"))
+        .header("host", "attacker.example:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), StatusCode::FORBIDDEN);
     // A run request of the wrong shape, and bad queries.
     server.post_raw("/api/v1/flows", "application/json", SQUARE).await;
     check(
@@ -404,11 +441,11 @@ async fn the_event_stream_carries_a_runs_events_as_cloudevents() {
     assert_eq!(of_run[0]["source"], format!("/qflow/runs/{run_id}"));
     let sequences: Vec<u64> = of_run.iter().map(|e| e["sequence"].as_u64().unwrap()).collect();
     assert!(sequences.windows(2).all(|w| w[1] == w[0] + 1), "{sequences:?}");
-    assert_eq!(
-        of_run.len(),
-        1 + 4 + 4 + 1,
-        "run started, 4 steps started and finished, run finished"
-    );
+    let count = |kind: &str| of_run.iter().filter(|e| e["type"] == kind).count();
+    assert_eq!(count("q.qflow.step.started.v1"), 4);
+    assert_eq!(count("q.qflow.step.finished.v1"), 4);
+    assert_eq!(count("q.qflow.optimization.group.completed.v1"), 3, "a; b and c; d");
+    assert_eq!(count("q.qflow.optimization.lazy.loaded.v1"), 2, "identity and hash");
     server.stop().await;
 }
 
@@ -440,4 +477,67 @@ async fn shutdown_refuses_new_runs_and_lets_runs_in_flight_finish() {
         1,
         "run {run_id} finished before the server stopped"
     );
+}
+
+/// The five optimization event types reach an SSE client: a run whose
+/// steps overlapped, a component loaded, a plan group completed, a flow
+/// optimized, and a cache eviction.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_stream_carries_every_optimization_event_type() {
+    let server = Server::small_cache().await;
+    // Two naps side by side: they overlap; four small plugins in a cache
+    // that holds about two: some are evicted.
+    let flow = r#"{"flow": {"name": "wide"}, "steps": [
+        {"id": "n1", "plugin": "sleep", "config": {"ms": 1000}},
+        {"id": "n2", "plugin": "sleep", "config": {"ms": 1000}},
+        {"id": "h", "plugin": "hash", "needs": ["n1", "n2"]},
+        {"id": "i", "plugin": "identity", "needs": ["h"]},
+        {"id": "f", "plugin": "fib", "needs": ["i"], "config": {"n": 1}}
+    ]}"#;
+    let (status, body) = server.post_raw("/api/v1/flows", "application/json", flow).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let response = server
+        .client
+        .get(server.url("/api/v1/events?type=q.qflow.optimization."))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let (status, summary) = server.post("/api/v1/flows/wide/runs", json!({"wait": true})).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    server.post("/api/v1/flows/wide/optimize", json!({})).await;
+    let wanted = [
+        "q.qflow.optimization.parallel.completed.v1",
+        "q.qflow.optimization.lazy.loaded.v1",
+        "q.qflow.optimization.group.completed.v1",
+        "q.qflow.optimization.flow.optimized.v1",
+        "q.qflow.optimization.cache.evicted.v1",
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    let mut text = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let event: Value = serde_json::from_str(data).unwrap();
+                    assert!(event["type"].as_str().unwrap().starts_with("q.qflow.optimization."));
+                    if event["type"] == "q.qflow.optimization.parallel.completed.v1" {
+                        assert_eq!(event["data"]["run_id"], summary["run_id"]);
+                    }
+                    if event["type"] == "q.qflow.optimization.cache.evicted.v1" {
+                        assert!(event["data"]["bytes_freed"].as_u64().unwrap() > 0, "{event}");
+                    }
+                    seen.insert(event["type"].as_str().unwrap().to_owned());
+                }
+            }
+            if wanted.iter().all(|w| seen.contains(*w)) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "saw only {seen:?}");
+    server.stop().await;
 }

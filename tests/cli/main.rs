@@ -298,9 +298,15 @@ fn run_events_writes_the_runs_cloudevents_as_json_lines() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.first().unwrap()["type"], "q.qflow.run.started.v1");
-    assert_eq!(lines.last().unwrap()["type"], "q.qflow.run.finished.v1");
-    // Started and finished for each of the four steps, between the two.
-    assert_eq!(lines.len(), 10, "{lines:?}");
+    let count = |kind: &str| lines.iter().filter(|e| e["type"] == kind).count();
+    // Started and finished for each of the four steps, each of the three
+    // plan groups completed, each of the four plugins (and the loader's
+    // one, loaded for the asset: not by the run) loaded.
+    assert_eq!(count("q.qflow.step.started.v1"), 4, "{lines:?}");
+    assert_eq!(count("q.qflow.step.finished.v1"), 4);
+    assert_eq!(count("q.qflow.optimization.group.completed.v1"), 3);
+    assert_eq!(count("q.qflow.optimization.lazy.loaded.v1"), 4);
+    assert_eq!(count("q.qflow.run.finished.v1"), 1);
     for (n, event) in lines.iter().enumerate() {
         assert_eq!(event["specversion"], "1.0");
         assert_eq!(event["data"]["run_id"], run_id.as_str());

@@ -3,7 +3,6 @@
 //! event stream, the run store and metrics.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -154,6 +153,60 @@ pub enum EventData {
         /// The plugin's name.
         plugin: Arc<str>,
     },
+    /// A run whose steps overlapped in time ended: what parallel execution
+    /// gave it.
+    #[serde(rename = "q.qflow.optimization.parallel.completed.v1")]
+    ParallelCompleted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The flow's name.
+        flow: Arc<str>,
+        /// The run's efficiency (see the run summary).
+        efficiency: f64,
+        /// The sum of the steps' times, in ms.
+        step_ms: f64,
+        /// Its wall time, in ms.
+        wall_ms: f64,
+        /// At most this many steps ran at once.
+        max_parallel: usize,
+    },
+    /// Every step of one parallel group of the plan finished.
+    #[serde(rename = "q.qflow.optimization.group.completed.v1")]
+    GroupCompleted {
+        /// The run.
+        run_id: Arc<str>,
+        /// The group's index in the plan (0: the steps that need nothing).
+        group: usize,
+        /// Its steps.
+        steps: Vec<String>,
+        /// When its last step ended, in ms since the run began.
+        at_ms: f64,
+    },
+    /// A run got a plugin's compiled component: from memory, from the
+    /// precompiled disk cache, or compiled.
+    #[serde(rename = "q.qflow.optimization.lazy.loaded.v1")]
+    LazyLoaded {
+        /// The run.
+        run_id: Arc<str>,
+        /// The plugin.
+        plugin: Arc<str>,
+        /// `memory`, `disk` or `compile`.
+        source: String,
+        /// How long getting it took, in ms.
+        ms: f64,
+    },
+    /// Entries left a cache to keep it under its memory limit.
+    #[serde(rename = "q.qflow.optimization.cache.evicted.v1")]
+    CacheEvicted {
+        /// `components` or `assets`.
+        cache: String,
+        /// What left: component digests (hex) or asset names.
+        entries: Vec<String>,
+        /// Why.
+        reason: String,
+        /// Bytes freed.
+        bytes_freed: u64,
+    },
     /// A flow was optimized (and perhaps written back).
     #[serde(rename = "q.qflow.optimization.flow.optimized.v1")]
     FlowOptimized {
@@ -180,6 +233,10 @@ impl EventData {
             EventData::PluginReloadFailed { .. } => "q.qflow.plugin.reload-failed.v1",
             EventData::PluginRemoved { .. } => "q.qflow.plugin.removed.v1",
             EventData::FlowOptimized { .. } => "q.qflow.optimization.flow.optimized.v1",
+            EventData::ParallelCompleted { .. } => "q.qflow.optimization.parallel.completed.v1",
+            EventData::GroupCompleted { .. } => "q.qflow.optimization.group.completed.v1",
+            EventData::LazyLoaded { .. } => "q.qflow.optimization.lazy.loaded.v1",
+            EventData::CacheEvicted { .. } => "q.qflow.optimization.cache.evicted.v1",
         }
     }
 
@@ -190,7 +247,10 @@ impl EventData {
             | EventData::StepStarted { run_id, .. }
             | EventData::StepRetrying { run_id, .. }
             | EventData::StepFinished { run_id, .. }
-            | EventData::RunFinished { run_id, .. } => Some(run_id),
+            | EventData::RunFinished { run_id, .. }
+            | EventData::ParallelCompleted { run_id, .. }
+            | EventData::GroupCompleted { run_id, .. }
+            | EventData::LazyLoaded { run_id, .. } => Some(run_id),
             _ => None,
         }
     }
@@ -216,11 +276,7 @@ impl EventBus {
 
     /// What emits the events of `source`, numbering them from 1.
     pub(crate) fn emitter(&self, source: String) -> Emitter {
-        Emitter {
-            sender: self.sender.clone(),
-            source: Arc::from(source),
-            sequence: Arc::new(AtomicU64::new(0)),
-        }
+        Emitter { sender: self.sender.clone(), source: Arc::from(source), sequence: Arc::default() }
     }
 }
 
@@ -229,7 +285,10 @@ impl EventBus {
 pub(crate) struct Emitter {
     sender: broadcast::Sender<Event>,
     source: Arc<str>,
-    sequence: Arc<AtomicU64>,
+    /// The last sequence number given; held while the event is sent, so
+    /// that events of one source go out in the order they are numbered
+    /// (steps run on several threads).
+    sequence: Arc<std::sync::Mutex<u64>>,
 }
 
 impl Emitter {
@@ -238,12 +297,16 @@ impl Emitter {
         if self.sender.receiver_count() == 0 {
             return;
         }
+        let id = uuid::Uuid::new_v4().to_string();
+        // Nothing panics while holding the lock; recover the count if it ever did.
+        let mut sequence = self.sequence.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *sequence += 1;
         let event = Event {
             specversion: SpecVersion,
-            id: uuid::Uuid::new_v4().to_string(),
+            id,
             source: self.source.clone(),
             time: SystemTime::now(),
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            sequence: *sequence,
             data,
         };
         // A receiver may have gone since: nobody is watching.

@@ -494,6 +494,9 @@ impl RawFlow {
     fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> Flow {
         let ids: HashMap<&str, usize> =
             self.step.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        // A flow's name is its id in a server and a file name in a flows
+        // directory: the same rule as step ids keeps it a plain name.
+        check_ids("flow", std::iter::once(self.flow.name.as_str()), problems);
         check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
         check_ids("loader", self.loader.iter().map(|l| l.id.as_str()), problems);
         let all_ids = || self.step.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ");

@@ -1220,11 +1220,15 @@ fn transient_failures(ctx: &Context<'_>, out: &mut Vec<Finding>) {
             estimated_saving_ms: None,
             apply_level: None,
         };
-        out.push(finding(
-            recommendation,
-            Level::Balanced,
-            vec![Edit::Retry { step: step.id.clone() }],
-        ));
+        // A retried step fails fast once its retries are spent: for a step
+        // whose failure the flow tolerates (continue-on-error) that would
+        // cancel its siblings, so there it stays a recommendation.
+        let edits = if step.strategy == Strategy::ContinueOnError {
+            Vec::new()
+        } else {
+            vec![Edit::Retry { step: step.id.clone() }]
+        };
+        out.push(finding(recommendation, Level::Balanced, edits));
     }
 }
 
@@ -2017,7 +2021,7 @@ needs = ["b", "a"]
             [[step]]
             id = "c"
             plugin = "p"
-            strategy = "continue-on-error"
+            strategy = "fail-fast"
             "#,
         );
         let slow = PoolStats { acquisitions: 50, acquire_p99_us: 5_000.0, ..PoolStats::default() };
@@ -2037,6 +2041,24 @@ needs = ["b", "a"]
             preload_threshold: 3,
         };
         (flow, history)
+    }
+
+    /// A retried step fails fast once its retries are spent: a step whose
+    /// failure the flow tolerates keeps its strategy, and is recommended only.
+    #[test]
+    fn a_continue_on_error_step_is_not_given_retries() {
+        let (flow, history) = busy();
+        let flow = parse(&flow.text.replace("fail-fast", "continue-on-error"));
+        let found = recommend(&flow, &Plan::new(&flow), &history);
+        let transient = found
+            .iter()
+            .find(|r| r.kind == RecommendationKind::TransientFailureWithoutRetry)
+            .unwrap();
+        assert_eq!(transient.apply_level, None);
+        let balanced = optimize(&flow, Level::Balanced, &history).unwrap();
+        let c = &balanced.flow.steps[balanced.flow.step_index("c").unwrap()];
+        assert_eq!(c.strategy, Strategy::ContinueOnError);
+        assert!(!balanced.text.contains("retry"), "{}", balanced.text);
     }
 
     #[test]
@@ -2059,7 +2081,7 @@ needs = ["b", "a"]
         assert_eq!(step(f, "a").pool.min, Some(2));
         assert_eq!(step(f, "b").pool.min, Some(2));
         assert_eq!(step(f, "b").needs, vec!["a"], "ordering stays");
-        assert_eq!(step(f, "c").strategy, Strategy::ContinueOnError, "retry is balanced's");
+        assert_eq!(step(f, "c").strategy, Strategy::FailFast, "retry is balanced's");
         assert_eq!(step(f, "a").pool.reuse, None, "reuse is aggressive's");
         assert!(conservative.text.contains("max_parallel = 2\n"), "{}", conservative.text);
 

@@ -174,6 +174,16 @@ pub(crate) async fn run<I: StepInvoker>(
         tasks: HashMap::new(),
         failed: false,
         stopping: false,
+        group_left: plan.groups.iter().map(Vec::len).collect(),
+        group_of: {
+            let mut group_of = vec![0; n];
+            for (k, group) in plan.groups.iter().enumerate() {
+                for i in group.iter().filter_map(|id| ctx.flow.step_index(id)) {
+                    group_of[i] = k;
+                }
+            }
+            group_of
+        },
         ctx: ctx.clone(),
         plan,
         input,
@@ -200,6 +210,10 @@ struct Scheduler<'p, I> {
     failed: bool,
     /// No new step starts: a fail-fast failure, or a cancel.
     stopping: bool,
+    /// Each step's parallel group in the plan, and how many steps of each
+    /// group have not finished: a group whose count reaches 0 is announced.
+    group_of: Vec<usize>,
+    group_left: Vec<usize>,
 }
 
 impl<I: StepInvoker> Scheduler<'_, I> {
@@ -299,6 +313,16 @@ impl<I: StepInvoker> Scheduler<'_, I> {
         }
         let succeeded = done.result.is_ok();
         record(&self.ctx, &mut self.reports[index], done);
+        let group = self.group_of[index];
+        self.group_left[group] = self.group_left[group].saturating_sub(1);
+        if self.group_left[group] == 0 {
+            self.ctx.events.emit(EventData::GroupCompleted {
+                run_id: self.ctx.run_id.clone(),
+                group,
+                steps: self.plan.groups[group].clone(),
+                at_ms: self.reports[index].end_ms.unwrap_or_default(),
+            });
+        }
         if succeeded {
             for &next in &self.plan.dependents[index] {
                 self.unmet[next] -= 1;

@@ -556,8 +556,11 @@ async fn the_run_reports_its_events_in_order() {
         kinds.push((event.sequence, event.data.kind()));
     }
     assert_eq!(kinds.first(), Some(&(1, "q.qflow.run.started.v1")));
-    assert_eq!(kinds.last(), Some(&(6, "q.qflow.run.finished.v1")));
+    // Two steps started and finished, their one group completed, the run finished.
+    assert_eq!(kinds.last(), Some(&(7, "q.qflow.run.finished.v1")));
     let sequences: Vec<u64> = kinds.iter().map(|k| k.0).collect();
-    assert_eq!(sequences, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5, 6, 7]);
+    let groups = kinds.iter().filter(|k| k.1 == "q.qflow.optimization.group.completed.v1");
+    assert_eq!(groups.count(), 1);
     assert_eq!(summary.run_id, "r1");
 }

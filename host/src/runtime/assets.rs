@@ -39,6 +39,11 @@ pub(crate) struct AssetKey {
 }
 
 impl AssetKey {
+    /// `loader-id/name`, for people.
+    pub(crate) fn label(&self) -> String {
+        format!("{}/{}", self.loader_id, self.name)
+    }
+
     /// The key under which uses of this asset are counted.
     pub(crate) fn use_key(&self) -> String {
         format!("asset:{}", serde_json::to_string(self).unwrap_or_default())

@@ -90,11 +90,26 @@ impl<K: Hash + Eq, V, E> Inner<K, V, E> {
     }
 }
 
+/// Told what was evicted (each key with its size), outside the cache's lock.
+pub(crate) type EvictionHook<K> = Box<dyn Fn(Vec<(K, u64)>) + Send + Sync>;
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Memory.
+    Hit,
+    /// This request started the load.
+    Loaded,
+    /// This request joined a load another one had started.
+    Joined,
+}
+
 /// Values by key, at most `limit` bytes of them, least recently used out first.
 pub(crate) struct Cache<K, V, E> {
     inner: Mutex<Inner<K, V, E>>,
     limit: u64,
     timeout: Duration,
+    on_evict: Option<EvictionHook<K>>,
 }
 
 impl<K, V, E> Cache<K, V, E>
@@ -119,7 +134,14 @@ where
             }),
             limit,
             timeout,
+            on_evict: None,
         }
+    }
+
+    /// The same cache, telling `hook` what it evicts.
+    pub(crate) fn on_evict(mut self, hook: EvictionHook<K>) -> Cache<K, V, E> {
+        self.on_evict = Some(hook);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<K, V, E>> {
@@ -138,31 +160,45 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(V, u64), E>> + Send + 'static,
     {
-        let pending = {
+        self.get_or_load_traced(key, load).await.0
+    }
+
+    /// [`Cache::get_or_load`], saying where the value came from.
+    pub(crate) async fn get_or_load_traced<F, Fut>(
+        self: &Arc<Self>,
+        key: &K,
+        load: F,
+    ) -> (Result<V, LoadError<E>>, Outcome)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(V, u64), E>> + Send + 'static,
+    {
+        let (pending, outcome) = {
             let mut inner = self.lock();
             inner.count_request(key);
             if let Some((value, _)) = inner.lru.get(key) {
                 let value = value.clone();
                 inner.hits += 1;
-                return Ok(value);
+                return (Ok(value), Outcome::Hit);
             }
             match inner.in_flight.get(key).cloned() {
                 Some(pending) => {
                     inner.joins += 1;
-                    pending
+                    (pending, Outcome::Joined)
                 }
                 None => {
                     inner.misses += 1;
                     let pending = self.start(key.clone(), load());
                     inner.in_flight.insert(key.clone(), pending.clone());
-                    pending
+                    (pending, Outcome::Loaded)
                 }
             }
         };
-        match tokio::time::timeout(self.timeout, pending).await {
+        let result = match tokio::time::timeout(self.timeout, pending).await {
             Ok(result) => result,
             Err(_) => Err(LoadError::TimedOut(self.timeout)),
-        }
+        };
+        (result, outcome)
     }
 
     /// Runs a load in its own task; when it ends, its value enters the cache
@@ -182,7 +218,11 @@ where
             inner.in_flight.remove(&key);
             match result {
                 Ok((value, size)) => {
-                    cache.insert_locked(&mut inner, key, value.clone(), size);
+                    let evicted = cache.insert_locked(&mut inner, key, value.clone(), size);
+                    drop(inner);
+                    if let Some(hook) = cache.on_evict.as_ref().filter(|_| !evicted.is_empty()) {
+                        hook(evicted);
+                    }
                     Ok(value)
                 }
                 Err(e) => Err(LoadError::Failed(e)),
@@ -198,10 +238,18 @@ where
         .shared()
     }
 
-    fn insert_locked(&self, inner: &mut Inner<K, V, E>, key: K, value: V, size: u64) {
+    /// Inserts a loaded value; returns what it evicted.
+    fn insert_locked(
+        &self,
+        inner: &mut Inner<K, V, E>,
+        key: K,
+        value: V,
+        size: u64,
+    ) -> Vec<(K, u64)> {
+        let mut evicted_entries = Vec::new();
         // A value larger than the whole cache is served but not kept.
         if size > self.limit {
-            return;
+            return evicted_entries;
         }
         if let Some((_, old)) = inner.lru.pop(&key) {
             inner.bytes -= old;
@@ -219,19 +267,21 @@ where
             busiest_victim = busiest_victim.max(inner.frequency(victim));
         }
         if busiest_victim > candidate {
-            return;
+            return evicted_entries;
         }
         inner.lru.put(key, (value, size));
         inner.bytes += size;
         while inner.bytes > self.limit {
             match inner.lru.pop_lru() {
-                Some((_, (_, evicted))) => {
+                Some((victim, (_, evicted))) => {
                     inner.bytes -= evicted;
                     inner.evictions += 1;
+                    evicted_entries.push((victim, evicted));
                 }
                 None => break,
             }
         }
+        evicted_entries
     }
 
     /// Whether `key` is in memory, without counting a request or touching its recency.

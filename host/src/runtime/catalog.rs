@@ -21,7 +21,7 @@ use serde::Deserialize;
 
 use super::components::{ComponentStore, ReadBytes};
 use super::engine::Engine;
-use super::plugin::{Digest, Plugin, PluginError, PluginInfo, digest, valid_name};
+use super::plugin::{Digest, LoadSource, Plugin, PluginError, PluginInfo, digest, valid_name};
 use crate::model::PoolSettings;
 
 /// What identifies a file's contents without reading it: when these are the
@@ -143,7 +143,10 @@ impl Catalog {
 
     /// Whether the directory has a plugin called `name`.
     pub fn contains(&self, name: &str) -> bool {
-        valid_name(name) && self.dir.symlink_metadata(wasm(name)).is_ok_and(|m| !m.is_dir())
+        // A valid name is a plain file name, so the path stays in the
+        // directory; reading goes through the capability (see `read`).
+        valid_name(name)
+            && std::fs::symlink_metadata(self.path_of(&wasm(name))).is_ok_and(|m| !m.is_dir())
     }
 
     fn path_of(&self, file: &str) -> PathBuf {
@@ -151,24 +154,41 @@ impl Catalog {
     }
 
     /// The fingerprint of `file` in the directory; `None` if there is no
-    /// such file. A link that leads outside the directory is an error.
+    /// such file. This is on every run's path, so it is one plain `stat`:
+    /// `file` is a validated plain name, so the path cannot leave the
+    /// directory, and a link that does is refused when the file is read,
+    /// which only ever happens through the directory's capability.
     fn stat(&self, file: &str) -> Result<Option<Fingerprint>, PluginError> {
-        match self.dir.metadata(file) {
-            Ok(meta) if meta.is_file() => Ok(Some(Fingerprint {
-                len: meta.len(),
-                modified: meta.modified().ok().map(|t| t.into_std()),
-            })),
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => {
-                let is_link = self.dir.symlink_metadata(file).is_ok_and(|m| m.is_symlink());
-                let path = self.path_of(file);
-                Err(if is_link {
-                    PluginError::Escapes { path }
-                } else {
-                    PluginError::Read { path, source: Arc::new(e) }
-                })
+        match std::fs::metadata(self.path_of(file)) {
+            Ok(meta) if meta.is_file() => {
+                Ok(Some(Fingerprint { len: meta.len(), modified: meta.modified().ok() }))
             }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A link whose target is missing outside (`../x/…`) is not
+                // "no such plugin": say where it leads.
+                let is_link = std::fs::symlink_metadata(self.path_of(file))
+                    .is_ok_and(|m| m.file_type().is_symlink());
+                match self.dir.metadata(file) {
+                    Err(e) if is_link && e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(PluginError::Escapes { path: self.path_of(file) })
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Err(e) => Err(PluginError::Read { path: self.path_of(file), source: Arc::new(e) }),
+        }
+    }
+
+    /// Why reading `file` through the capability failed: a link that leads
+    /// outside, or an I/O error.
+    fn read_error(&self, file: &str, e: std::io::Error) -> PluginError {
+        let is_link = self.dir.symlink_metadata(file).is_ok_and(|m| m.is_symlink());
+        let path = self.path_of(file);
+        if is_link && e.kind() != std::io::ErrorKind::NotFound {
+            PluginError::Escapes { path }
+        } else {
+            PluginError::Read { path, source: Arc::new(e) }
         }
     }
 
@@ -183,20 +203,24 @@ impl Catalog {
         tokio::task::spawn_blocking(read)
             .await
             .map_err(|e| PluginError::Host(e.to_string()))?
-            .map_err(|e| PluginError::Read { path: self.path_of(file), source: Arc::new(e) })
+            .map_err(|e| self.read_error(file, e))
     }
 
     /// Describes every plugin in the directory, loading those not yet loaded.
-    pub async fn describe_all(&self) -> Result<Vec<Result<PluginInfo, PluginError>>, PluginError> {
+    /// Each plugin's name with what it is, or why it cannot be used.
+    pub async fn describe_all(
+        &self,
+    ) -> Result<Vec<(String, Result<PluginInfo, PluginError>)>, PluginError> {
         let names = self.names()?;
         let loads = names.iter().map(|name| self.describe(name));
-        Ok(futures::future::join_all(loads).await)
+        let described = futures::future::join_all(loads).await;
+        Ok(names.into_iter().zip(described).collect())
     }
 
     /// Loads the plugin `name` (and what it needs) if it is not loaded yet,
     /// and says what it is.
     pub async fn describe(&self, name: &str) -> Result<PluginInfo, PluginError> {
-        let plugin = self.load_with_needs(name, Vec::new()).await?;
+        let (plugin, _) = self.load_with_needs(name, Vec::new()).await?;
         Ok(self.info(name, &plugin))
     }
 
@@ -217,13 +241,21 @@ impl Catalog {
     /// The plugin `name`, ready to instantiate, with the plugins it needs
     /// loaded too; counts as a use.
     pub(crate) async fn load(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+        Ok(self.load_traced(name).await?.0)
+    }
+
+    /// [`Catalog::load`], saying where the plugin's own code came from.
+    pub(crate) async fn load_traced(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Plugin>, LoadSource), PluginError> {
         self.count_use(format!("plugin:{name}"));
         self.load_with_needs(name, Vec::new()).await
     }
 
     /// Loads `name` and what it needs without counting a use: for preloading.
     pub(crate) async fn preload(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
-        let plugin = self.load_with_needs(name, Vec::new()).await?;
+        let (plugin, _) = self.load_with_needs(name, Vec::new()).await?;
         lock(&self.preloaded).insert(name.to_owned());
         Ok(plugin)
     }
@@ -244,11 +276,11 @@ impl Catalog {
         &'a self,
         name: &'a str,
         chain: Vec<&'a str>,
-    ) -> BoxFuture<'a, Result<Arc<Plugin>, PluginError>> {
+    ) -> BoxFuture<'a, Result<(Arc<Plugin>, LoadSource), PluginError>> {
         async move {
-            let plugin = self.load_one(name).await?;
+            let (plugin, source) = self.load_one(name).await?;
             if plugin.described.needs.is_empty() {
-                return Ok(plugin);
+                return Ok((plugin, source));
             }
             let mut chain = chain;
             chain.push(name);
@@ -272,14 +304,14 @@ impl Catalog {
                 }
             });
             futures::future::try_join_all(needs).await?;
-            Ok(plugin)
+            Ok((plugin, source))
         }
         .boxed()
     }
 
     /// One plugin, without its needs: the digest its name stands for, then
     /// the component store.
-    async fn load_one(&self, name: &str) -> Result<Arc<Plugin>, PluginError> {
+    async fn load_one(&self, name: &str) -> Result<(Arc<Plugin>, LoadSource), PluginError> {
         let digest = self.resolve(name).await?;
         let file = wasm(name);
         self.store.get(digest, name, &self.path_of(&file), self.reader(file)).await
@@ -380,7 +412,7 @@ impl Catalog {
             return Ok(Reload::Unchanged);
         }
         let read: ReadBytes = Box::new(move || Ok(bytes));
-        let plugin = self.store.get(digest, name, &self.path_of(&file), read).await?;
+        let (plugin, _) = self.store.get(digest, name, &self.path_of(&file), read).await?;
         lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
         let version = plugin.described.version.clone();
         Ok(match old {

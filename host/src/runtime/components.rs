@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 
 use super::bindings::{self, loader::LoaderPre, step::StepPre};
-use super::cache::{Cache, LoadError};
+use super::cache::{Cache, LoadError, Outcome};
 use super::disk::{DiskCache, Lookup};
 use super::engine::Engine;
-use super::plugin::{Described, Digest, Kind, Plugin, PluginError, World, digest};
+use super::plugin::{Described, Digest, Kind, LoadSource, Plugin, PluginError, World, digest};
 use super::sandbox::Grants;
 use super::state::{Caller, Limits, PluginState, describe_failure};
-use crate::model::ComponentStats;
+use crate::model::{ComponentStats, Emitter, EventData};
 
 /// How compiled components and loader assets are cached.
 #[derive(Debug, Clone)]
@@ -79,7 +79,11 @@ pub(crate) struct ComponentStore {
 }
 
 impl ComponentStore {
-    pub(crate) fn new(engine: Engine, config: &CacheConfig) -> wasmtime::Result<ComponentStore> {
+    pub(crate) fn new(
+        engine: Engine,
+        config: &CacheConfig,
+        events: Emitter,
+    ) -> wasmtime::Result<ComponentStore> {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
@@ -89,7 +93,16 @@ impl ComponentStore {
             .and_then(|dir| DiskCache::open(dir, engine.wasmtime()))
             .map(Arc::new);
         Ok(ComponentStore {
-            memory: Arc::new(Cache::new(config.memory_limit, config.load_timeout)),
+            memory: Arc::new(Cache::new(config.memory_limit, config.load_timeout).on_evict(
+                Box::new(move |evicted: Vec<(Digest, u64)>| {
+                    events.emit(EventData::CacheEvicted {
+                        cache: "components".into(),
+                        bytes_freed: evicted.iter().map(|(_, size)| size).sum(),
+                        entries: evicted.iter().map(|(digest, _)| hex::encode(digest)).collect(),
+                        reason: "over the memory limit".into(),
+                    })
+                }),
+            )),
             engine,
             linker,
             disk,
@@ -114,17 +127,25 @@ impl ComponentStore {
         name: &str,
         path: &Path,
         read: ReadBytes,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    ) -> Result<(Arc<Plugin>, LoadSource), PluginError> {
         let store = self.clone();
         let (name, path_owned) = (name.to_owned(), path.to_path_buf());
-        let loaded = self
+        let (loaded, outcome) = self
             .memory
-            .get_or_load(&digest, move || async move {
+            .get_or_load_traced(&digest, move || async move {
                 let plugin = store.load(digest, &name, &path_owned, read).await?;
                 let size = plugin.size();
                 Ok((Arc::new(plugin), size))
             })
             .await;
+        let source = |plugin: &Arc<Plugin>| match outcome {
+            Outcome::Hit => LoadSource::Memory,
+            Outcome::Loaded | Outcome::Joined => plugin.loaded_from,
+        };
+        let loaded = loaded.map(|plugin| {
+            let source = source(&plugin);
+            (plugin, source)
+        });
         loaded.map_err(|e| match e {
             LoadError::Failed(e) => e,
             LoadError::TimedOut(limit) => PluginError::Timeout {
@@ -154,7 +175,8 @@ impl ComponentStore {
             let (compiles, disk_hits) = by_name.entry(name.to_owned()).or_default();
             *(if compiled { compiles } else { disk_hits }) += 1;
         }
-        self.link(component, digest, name, path).await
+        let source = if compiled { LoadSource::Compile } else { LoadSource::Disk };
+        self.link(component, digest, name, path, source).await
     }
 
     async fn load_precompiled(
@@ -229,6 +251,7 @@ impl ComponentStore {
         digest: Digest,
         name: &str,
         path: &Path,
+        loaded_from: LoadSource,
     ) -> Result<Plugin, PluginError> {
         let no_world = |e: wasmtime::Error| PluginError::NoWorld {
             path: path.to_path_buf(),
@@ -272,7 +295,7 @@ impl ComponentStore {
             assets: info.assets,
             needs: info.needs,
         };
-        Ok(Plugin { digest, described, world })
+        Ok(Plugin { digest, described, world, loaded_from })
     }
 
     /// (compiles, disk hits) by plugin name, since this host started.

@@ -33,7 +33,17 @@ pub(crate) use self::sandbox::Grants;
 pub(crate) use self::state::{AssetSource, Caller, Limits};
 pub(crate) use self::watch::{Reloader, start as watch};
 
-/// The host's asset cache, with the limits of `config`.
-pub(crate) fn asset_cache(config: &CacheConfig) -> AssetCache {
-    cache::Cache::new(config.asset_memory_limit, config.load_timeout)
+/// The host's asset cache, with the limits of `config`; what it evicts is
+/// announced through `events`.
+pub(crate) fn asset_cache(config: &CacheConfig, events: crate::model::Emitter) -> AssetCache {
+    cache::Cache::new(config.asset_memory_limit, config.load_timeout).on_evict(Box::new(
+        move |evicted: Vec<(AssetKey, u64)>| {
+            events.emit(crate::model::EventData::CacheEvicted {
+                cache: "assets".into(),
+                bytes_freed: evicted.iter().map(|(_, size)| size).sum(),
+                entries: evicted.iter().map(|(key, _)| key.label()).collect(),
+                reason: "over the memory limit".into(),
+            })
+        },
+    ))
 }

@@ -210,6 +210,29 @@ pub(crate) struct Plugin {
     pub(crate) digest: Digest,
     pub(crate) described: Described,
     pub(crate) world: World,
+    /// Where its compiled code came from when it was loaded.
+    pub(crate) loaded_from: LoadSource,
+}
+
+/// Where a plugin's compiled code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoadSource {
+    /// Memory: it was loaded before.
+    Memory,
+    /// The precompiled disk cache.
+    Disk,
+    /// Cranelift.
+    Compile,
+}
+
+impl LoadSource {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            LoadSource::Memory => "memory",
+            LoadSource::Disk => "disk",
+            LoadSource::Compile => "compile",
+        }
+    }
 }
 
 /// The world a plugin implements, with its pre-linked instantiator.

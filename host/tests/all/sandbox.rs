@@ -165,7 +165,8 @@ async fn files_that_are_not_components_are_ignored_or_named() {
     let host = Host::new(config(dir.path(), None)).unwrap();
     assert_eq!(host.catalog().names().unwrap(), ["fake", "identity"]);
     let listed = host.catalog().describe_all().await.unwrap();
-    let fake = listed.iter().find_map(|d| d.as_ref().err()).unwrap();
+    let (name, fake) = listed.iter().find_map(|(n, d)| Some((n, d.as_ref().err()?))).unwrap();
+    assert_eq!(name, "fake");
     assert!(fake.to_string().contains("fake.wasm is not a valid WebAssembly component"), "{fake}");
 }
 
@@ -231,8 +232,11 @@ async fn a_plugin_link_that_leads_outside_the_plugins_directory_is_refused() {
     assert_eq!(summary.output("alias"), Some(&json!("ok")), "a link inside the directory works");
     // Listing says the same, per plugin.
     let listed = host.catalog().describe_all().await.unwrap();
-    let errors: Vec<String> =
-        listed.iter().filter_map(|d| d.as_ref().err()).map(|e| qflow::error_chain(e)).collect();
+    let errors: Vec<String> = listed
+        .iter()
+        .filter_map(|(_, d)| d.as_ref().err())
+        .map(|e| qflow::error_chain(e))
+        .collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors.iter().all(|e| e.contains("leads outside the plugins directory")), "{errors:?}");
 }
