@@ -67,17 +67,21 @@ impl WasmInvoker {
             if !plugins.contains_key(name) {
                 let (catalog, owned) = (catalog.clone(), name.clone());
                 let (run_id, events) = (run_id.clone(), events.clone());
-                let task = tokio::spawn(async move {
-                    let started = Instant::now();
-                    let (plugin, source) = catalog.load_traced(&owned).await?;
-                    events.emit(EventData::LazyLoaded {
-                        run_id,
-                        plugin: Arc::from(owned.as_str()),
-                        source: source.as_str().to_owned(),
-                        ms: started.elapsed().as_secs_f64() * 1e3,
-                    });
-                    Ok(plugin)
-                });
+                let span = tracing::info_span!("load", run_id = &*run_id, plugin = %owned);
+                let task = tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let started = Instant::now();
+                        let (plugin, source) = catalog.load_traced(&owned).await?;
+                        events.emit(EventData::LazyLoaded {
+                            run_id,
+                            plugin: Arc::from(owned.as_str()),
+                            source: source.as_str().to_owned(),
+                            ms: started.elapsed().as_secs_f64() * 1e3,
+                        });
+                        Ok(plugin)
+                    },
+                    span,
+                ));
                 let load = async move {
                     task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string())))
                 };

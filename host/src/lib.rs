@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 pub use self::model::{
     CacheStats, ComponentStats, Conflict, Event, EventData, FailureKind, Flow, FlowError, Format,
@@ -297,8 +298,12 @@ impl Host {
             (run_id.clone(), events.clone()),
         );
         let invoker = Arc::new(invoker);
+        // The run's span: its steps' spans, their loads and acquisitions
+        // nest under it, with the run and step ids as fields.
+        let span = tracing::info_span!("run", run_id = &*run_id, flow = %flow.name);
         let mut summary =
             run::run(run_id.clone(), flow.clone(), &plan, input, options, invoker, events.clone())
+                .instrument(span)
                 .await;
         if model::overlapped(&summary) {
             events.emit(EventData::ParallelCompleted {

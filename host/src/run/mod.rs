@@ -263,7 +263,11 @@ impl<I: StepInvoker> Scheduler<'_, I> {
         match resolve_input(&self.ctx.flow, index, &self.input, &output_of) {
             Ok(input) => {
                 self.held.extend(step.resources.iter().cloned());
-                let task = self.running.spawn(execute(self.ctx.clone(), index, input));
+                let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin);
+                let task = self.running.spawn(tracing::Instrument::instrument(
+                    execute(self.ctx.clone(), index, input),
+                    span,
+                ));
                 self.tasks.insert(task.id(), index);
                 // Until it reports back, it counts as started.
                 self.reports[index].attempts = 1;

@@ -345,23 +345,22 @@ impl Catalog {
         }
         let digest = digest(&self.read(&file).await?);
         lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
+        // A changed plugin may come with changed settings.
+        self.forget_settings(name);
         Ok(digest)
     }
 
     /// The plugin's own pool settings, from `NAME.plugin.toml` beside its
-    /// component (none if there is no such file). Read when it changes,
-    /// through the async file path: never under a lock.
+    /// component (none if there is no such file). Read on first use, and
+    /// again once the plugin's component changes or the watcher sees the
+    /// settings file change — not on every run, which would cost a `stat`
+    /// each; read through the async file path, never under a lock.
     pub(crate) async fn settings(&self, name: &str) -> Result<PoolSettings, PluginError> {
-        let watched = self.watched.load(Ordering::Acquire);
-        if watched && let Some((_, settings)) = lock(&self.settings).get(name) {
+        if let Some((_, settings)) = lock(&self.settings).get(name) {
             return Ok(*settings);
         }
         let file = settings_file(name);
         let fingerprint = self.stat(&file)?;
-        let known = lock(&self.settings).get(name).filter(|(f, _)| *f == fingerprint).map(|s| s.1);
-        if let Some(settings) = known {
-            return Ok(settings);
-        }
         let settings = match fingerprint {
             None => PoolSettings::default(),
             Some(_) => {
@@ -404,6 +403,7 @@ impl Catalog {
                 None => Reload::Unchanged,
             });
         };
+        self.forget_settings(name);
         let bytes = self.read(&file).await?;
         let digest = digest(&bytes);
         let old = lock(&self.digests).get(name).map(|(_, d)| *d);

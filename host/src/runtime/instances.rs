@@ -153,7 +153,9 @@ impl StepPool {
         input: &str,
         deadline: Option<Instant>,
     ) -> (Called, StepLog) {
-        let mut pooled = match self.pool.acquire().await {
+        let acquire = self.pool.acquire();
+        let span = tracing::debug_span!("acquire", plugin = &*self.plugin);
+        let mut pooled = match tracing::Instrument::instrument(acquire, span).await {
             Ok(pooled) => pooled,
             Err(e) => return (Err(acquire_failed(e)), StepLog::default()),
         };

@@ -200,3 +200,38 @@ async fn once_the_watch_ends_files_are_checked_on_use_again() {
     replace(&dir.path().join("swap.wasm"), &hash_bytes());
     assert_eq!(run(&host, SWAP, json!("abc")).await.output("s").unwrap()["bytes"], 3);
 }
+
+/// A plugin's settings file is read with the plugin: a changed
+/// `NAME.plugin.toml` is picked up (through the watcher) by the next steps,
+/// which get a pool with the new settings.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_changed_settings_file_reaches_the_next_runs_pools() {
+    let dir = plugins();
+    let settings = dir.path().join("swap.plugin.toml");
+    std::fs::write(&settings, "[pool]\nreuse = 2\n").unwrap();
+    let host = Host::new(config(dir.path(), None)).unwrap();
+    let _watch = host.watch().unwrap();
+    let reuses = |host: &Host| -> Vec<u32> {
+        host.history(Vec::new())
+            .pools
+            .iter()
+            .filter(|p| p.plugin == "swap")
+            .map(|p| p.reuse)
+            .collect()
+    };
+    run(&host, SWAP, json!(1)).await;
+    assert_eq!(reuses(&host), vec![2]);
+    replace(&settings, b"[pool]\nreuse = 7\n");
+    // The watcher's debounce decides when: run until the new pool appears.
+    let picked_up = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            run(&host, SWAP, json!(1)).await;
+            if reuses(&host).contains(&7) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(picked_up.is_ok(), "pools: {:?}", reuses(&host));
+}
