@@ -109,6 +109,32 @@ impl Server {
     }
 }
 
+/// The JSON of the server-sent events on `body`, read until `done` says
+/// so (or a generous minute passes: then the test fails, listing them).
+async fn read_events(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    mut done: impl FnMut(&[Value]) -> bool,
+) -> Vec<Value> {
+    let (mut text, mut seen) = (String::new(), Vec::new());
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    seen.push(serde_json::from_str::<Value>(data).unwrap());
+                    if done(&seen) {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the events stopped short: {seen:?}");
+    seen
+}
+
 const SQUARE: &str = r#"{
     "flow": {"name": "square", "max_parallel": 4},
     "steps": [
@@ -413,27 +439,12 @@ async fn the_event_stream_carries_a_runs_events_as_cloudevents() {
     let mut body = response.bytes_stream();
     let (_, accepted) = server.post("/api/v1/flows/square/runs", json!({"input": "e"})).await;
     let run_id = accepted["run_id"].as_str().unwrap().to_owned();
-    let mut text = String::new();
-    let mut seen: Vec<Value> = Vec::new();
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            while let Some(end) = text.find("\n\n") {
-                let frame: String = text.drain(..end + 2).collect();
-                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
-                    let event: Value = serde_json::from_str(data).unwrap();
-                    let finished = event["type"] == "q.qflow.run.finished.v1"
-                        && event["data"]["run_id"] == run_id.as_str();
-                    seen.push(event);
-                    if finished {
-                        return;
-                    }
-                }
-            }
-        }
+    let seen = read_events(&mut body, |seen| {
+        seen.iter().any(|e| {
+            e["type"] == "q.qflow.run.finished.v1" && e["data"]["run_id"] == run_id.as_str()
+        })
     })
     .await;
-    assert!(found.is_ok(), "no run.finished event in {seen:?}");
     let of_run: Vec<&Value> =
         seen.iter().filter(|e| e["data"]["run_id"] == run_id.as_str()).collect();
     assert_eq!(of_run[0]["type"], "q.qflow.run.started.v1");
@@ -513,31 +524,18 @@ async fn the_event_stream_carries_every_optimization_event_type() {
         "q.qflow.optimization.flow.optimized.v1",
         "q.qflow.optimization.cache.evicted.v1",
     ];
-    let mut seen = std::collections::BTreeSet::new();
-    let mut text = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-            while let Some(end) = text.find("\n\n") {
-                let frame: String = text.drain(..end + 2).collect();
-                if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
-                    let event: Value = serde_json::from_str(data).unwrap();
-                    assert!(event["type"].as_str().unwrap().starts_with("q.qflow.optimization."));
-                    if event["type"] == "q.qflow.optimization.parallel.completed.v1" {
-                        assert_eq!(event["data"]["run_id"], summary["run_id"]);
-                    }
-                    if event["type"] == "q.qflow.optimization.cache.evicted.v1" {
-                        assert!(event["data"]["bytes_freed"].as_u64().unwrap() > 0, "{event}");
-                    }
-                    seen.insert(event["type"].as_str().unwrap().to_owned());
-                }
-            }
-            if wanted.iter().all(|w| seen.contains(*w)) {
-                return;
-            }
+    let seen =
+        read_events(&mut body, |seen| wanted.iter().all(|w| seen.iter().any(|e| e["type"] == *w)))
+            .await;
+    for event in &seen {
+        assert!(event["type"].as_str().unwrap().starts_with("q.qflow.optimization."));
+        if event["type"] == "q.qflow.optimization.parallel.completed.v1" {
+            assert_eq!(event["data"]["run_id"], summary["run_id"]);
         }
-    })
-    .await;
-    assert!(read.is_ok(), "saw only {seen:?}");
+        if event["type"] == "q.qflow.optimization.cache.evicted.v1" {
+            assert!(event["data"]["bytes_freed"].as_u64().unwrap() > 0, "{event}");
+        }
+    }
+
     server.stop().await;
 }
