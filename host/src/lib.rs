@@ -495,18 +495,25 @@ mod layering {
     /// Which layers each layer may not reach. The arrows point one way:
     /// model ← runtime ← run ← lib; and the scheduler reaches instances
     /// only through `StepInvoker`, so `run` does not know `runtime` either.
+    /// A module is named by its path segment, however the `use` is
+    /// written (`crate::run::X`, `use crate::{run::X}`, `super::super::run`).
     const RULES: &[(&str, &[&str])] = &[
-        ("model", &["crate::runtime", "crate::run", "crate::pool", "crate::invoke", "wasmtime"]),
-        ("runtime", &["crate::run", "crate::invoke"]),
-        ("run", &["crate::runtime", "crate::pool", "crate::invoke", "wasmtime"]),
+        ("model", &["runtime", "run", "pool", "invoke", "wasmtime"]),
+        ("runtime", &["run", "invoke"]),
+        ("run", &["runtime", "pool", "invoke", "wasmtime"]),
     ];
 
-    /// Whether `code` names `path` as a whole module path (`crate::run` but
-    /// not `crate::runtime`).
-    fn names(code: &str, path: &str) -> bool {
-        code.match_indices(path).any(|(at, _)| {
-            let next = code[at + path.len()..].chars().next();
-            !next.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    /// Whether `code` names the module `name` as a path segment: `run::` or
+    /// `crate::run` (but not `runtime::`, `tokio::task::spawn`, or `run(`).
+    fn names(code: &str, name: &str) -> bool {
+        code.match_indices(name).any(|(at, _)| {
+            let before = code[..at].chars().next_back();
+            let after = &code[at + name.len()..];
+            let starts = !before.is_some_and(|c| c.is_alphanumeric() || c == '_');
+            let segment = after.starts_with("::")
+                || (before == Some(':')
+                    && !after.starts_with(|c: char| c.is_alphanumeric() || c == '_'));
+            starts && (segment || (name == "wasmtime" && !after.starts_with('_')))
         })
     }
 
@@ -538,8 +545,12 @@ mod layering {
 
     #[test]
     fn the_rule_tells_a_layer_from_its_prefix() {
-        assert!(names("use crate::run::RunOptions;", "crate::run"));
-        assert!(names("use crate::run;", "crate::run"));
-        assert!(!names("use crate::runtime::Catalog;", "crate::run"));
+        assert!(names("use crate::run::RunOptions;", "run"));
+        assert!(names("use crate::run;", "run"));
+        assert!(names("use crate::{model::X, runtime::Y};", "runtime"));
+        assert!(names("use super::super::run::Z;", "run"));
+        assert!(!names("use crate::runtime::Catalog;", "run"));
+        assert!(!names("let x = run(flow);", "run"));
+        assert!(!names("tokio::task::spawn(x)", "run"));
     }
 }
