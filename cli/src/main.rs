@@ -295,6 +295,7 @@ async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::R
     let host = std::sync::Arc::new(host(args)?);
     let _watch = host.watch()?;
     let state = qflow_server::AppState::new(host, config)?;
+    state.watch_flows();
     // SIGTERM (a service manager) and Ctrl-C both stop it gracefully.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot handle SIGTERM")?;

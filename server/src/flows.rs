@@ -41,9 +41,7 @@ impl Registry {
             let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
             paths.sort();
             for path in paths {
-                let is_flow = path.extension().is_some_and(|e| e == "toml" || e == "json")
-                    && !path.to_string_lossy().ends_with(".plugin.toml");
-                if !is_flow {
+                if !is_flow_file(&path) {
                     continue;
                 }
                 match Flow::load(&path) {
@@ -84,11 +82,75 @@ impl Registry {
         flows.remove(id)
     }
 
+    /// Reads `path` again after the watcher saw it change: a valid flow
+    /// replaces the one of the same name, a removed file takes its flow
+    /// away, an invalid one is logged and the old version stays.
+    fn changed(&self, path: &Path) {
+        if !is_flow_file(path) {
+            return;
+        }
+        if !path.exists() {
+            let mut flows = self.flows.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            flows.retain(|_, served| served.file.as_deref() != Some(path));
+            return;
+        }
+        match Flow::load(path) {
+            Ok(flow) => {
+                self.insert(Served { flow: Arc::new(flow), file: Some(path.to_path_buf()) });
+            }
+            Err(e) => tracing::warn!("keeping the old version of a flow that is not valid: {e}"),
+        }
+    }
+
     /// Where relative paths in registered flows resolve: the flows
     /// directory, else the server's working directory.
     fn base(&self) -> &Path {
         self.dir.as_deref().unwrap_or(Path::new("."))
     }
+}
+
+/// `*.toml` or `*.json`, but not a plugin's settings file.
+fn is_flow_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "toml" || e == "json")
+        && !path.to_string_lossy().ends_with(".plugin.toml")
+}
+
+/// Watches the flows directory, like the plugins directory: a changed file
+/// is read again after 200 ms of quiet. Dropping the watcher stops it.
+pub(crate) fn watch(
+    state: &Arc<AppState>,
+) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+    use notify_debouncer_mini::notify::RecursiveMode;
+    let dir = state.flows.dir.clone()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut debouncer = notify_debouncer_mini::new_debouncer(
+        std::time::Duration::from_millis(200),
+        move |result| {
+            // The receiver goes only when the server does.
+            let _ = tx.send(result);
+        },
+    )
+    .inspect_err(|e| tracing::warn!("the flows directory is not watched: {e}"))
+    .ok()?;
+    if let Err(e) = debouncer.watcher().watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!("the flows directory {} is not watched: {e}", dir.display());
+        return None;
+    }
+    let weak = Arc::downgrade(state);
+    tokio::spawn(async move {
+        while let Some(result) = rx.recv().await {
+            let Some(state) = weak.upgrade() else { break };
+            match result {
+                Ok(events) => {
+                    for event in events {
+                        state.flows.changed(&event.path);
+                    }
+                }
+                Err(e) => tracing::warn!("watching the flows directory failed: {e}"),
+            }
+        }
+    });
+    Some(debouncer)
 }
 
 /// A flow, as the API lists it.

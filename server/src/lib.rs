@@ -106,6 +106,8 @@ pub struct AppState {
     /// Every run's cancel token is a child of this one: cancelled when the
     /// grace period at shutdown is over.
     runs_cancel: CancellationToken,
+    /// The flows directory's watcher, while the state lives.
+    flows_watch: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 impl AppState {
@@ -121,7 +123,16 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             runs_cancel: CancellationToken::new(),
+            flows_watch: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// Watches the flows directory (if there is one) until the state goes:
+    /// flow files changed, added or removed there are served as they are
+    /// now. Must be called inside a tokio runtime.
+    pub fn watch_flows(self: &Arc<Self>) {
+        let watch = flows::watch(self).map(|w| Box::new(w) as Box<dyn std::any::Any + Send>);
+        *self.flows_watch.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = watch;
     }
 
     /// The host the server runs flows on.

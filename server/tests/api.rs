@@ -539,3 +539,54 @@ async fn the_event_stream_carries_every_optimization_event_type() {
 
     server.stop().await;
 }
+
+/// The flows directory is watched: a flow file written there is served,
+/// a changed one replaces it, a removed one goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn flow_files_are_served_as_they_change_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.flows_dir = Some(dir.path().to_path_buf());
+    let server = Server::start(config).await;
+    server.state.watch_flows();
+    let file = dir.path().join("late.toml");
+    let write = |steps: &str| {
+        let tmp = dir.path().join("late.tmp");
+        std::fs::write(&tmp, format!("[flow]\nname = \"late\"\n{steps}")).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    // Until the watcher's debounce has passed: poll, bounded.
+    let until = async |want: &dyn Fn(StatusCode, &Value) -> bool| {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let (status, body) = server.get("/api/v1/flows/late").await;
+                if want(status, &body) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the flows directory change was not picked up");
+    };
+    write("[[step]]\nid = \"a\"\nplugin = \"identity\"\n");
+    until(&|status, _| status == StatusCode::OK).await;
+    write("[[step]]\nid = \"a\"\nplugin = \"identity\"\n[[step]]\nid = \"b\"\nplugin = \"hash\"\n");
+    until(&|_, body| body["steps"] == json!(["a", "b"])).await;
+    // An invalid version leaves the old one serving: once a file written
+    // after it is served, the invalid one has been read (and refused).
+    std::fs::write(&file, "[flow\n").unwrap();
+    std::fs::write(dir.path().join("marker.toml"), "[flow]\nname = \"marker\"\n").unwrap();
+    let marker = tokio::time::timeout(Duration::from_secs(60), async {
+        while server.get("/api/v1/flows/marker").await.0 != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(marker.is_ok(), "marker.toml was not picked up");
+    assert_eq!(server.get("/api/v1/flows/late").await.1["steps"], json!(["a", "b"]));
+    std::fs::remove_file(&file).unwrap();
+    until(&|status, _| status == StatusCode::NOT_FOUND).await;
+    server.stop().await;
+}
