@@ -18,12 +18,14 @@ pub struct ApiError {
     details: Option<Value>,
 }
 
-/// The body of an error answer.
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of an error answer: a stable code, a message for people, and
+/// details (such as every problem of a flow).
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Body<'a> {
     code: &'a str,
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     details: Option<&'a Value>,
 }
 

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::{ApiError, AppState};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Filter {
     /// Only events whose type starts with this.
@@ -27,6 +27,9 @@ pub(crate) struct Filter {
     run: Option<String>,
 }
 
+/// The host's events as server-sent events (CloudEvents, JSON).
+#[utoipa::path(get, path = "/api/v1/events", params(Filter),
+    responses((status = 200, description = "text/event-stream of CloudEvents")))]
 pub(crate) async fn stream(
     State(state): State<Arc<AppState>>,
     filter: Result<Query<Filter>, QueryRejection>,

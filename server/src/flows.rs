@@ -154,13 +154,14 @@ pub(crate) fn watch(
 }
 
 /// A flow, as the API lists it.
-#[derive(Serialize)]
-struct Summary<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct Summary<'a> {
     id: &'a str,
     description: Option<&'a str>,
     steps: Vec<&'a str>,
     max_parallel: Option<usize>,
     format: Format,
+    #[schema(value_type = Option<String>)]
     file: Option<&'a Path>,
 }
 
@@ -176,11 +177,16 @@ fn summary(served: &Served) -> Summary<'_> {
     }
 }
 
+/// The flows.
+#[utoipa::path(get, path = "/api/v1/flows", responses((status = 200, body = [Summary<'static>])))]
 pub(crate) async fn list(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let flows = state.flows.all();
     Json(flows.iter().map(summary).collect::<Vec<_>>()).into_response()
 }
 
+/// A flow, with its text and plan.
+#[utoipa::path(get, path = "/api/v1/flows/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = crate::error::Body<'static>)))]
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -203,6 +209,11 @@ pub(crate) fn invalid(error: &FlowError) -> ApiError {
 /// `POST /flows`: the body is a flow document — JSON, or TOML with
 /// `content-type: application/toml`. It is validated completely (the
 /// plugins it names included) before it replaces anything.
+#[utoipa::path(post, path = "/api/v1/flows",
+    request_body(content = Object, description = "a flow document: JSON, or TOML with content-type application/toml"),
+    responses((status = 201, body = Summary<'static>), (status = 200, body = Summary<'static>),
+        (status = 400, body = crate::error::Body<'static>), (status = 413, body = crate::error::Body<'static>),
+        (status = 422, body = crate::error::Body<'static>)))]
 pub(crate) async fn register(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -268,6 +279,9 @@ pub(crate) async fn register(
     Ok((status, Json(serde_json::to_value(summary(&served)).unwrap_or_default())))
 }
 
+/// Removes a flow (and its file).
+#[utoipa::path(delete, path = "/api/v1/flows/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = crate::error::Body<'static>)))]
 pub(crate) async fn remove(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -292,6 +306,7 @@ pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// `GET /plugins`: every plugin, described (compiling what is not yet).
+#[utoipa::path(get, path = "/api/v1/plugins", responses((status = 200, body = [qflow::PluginInfo])))]
 pub(crate) async fn plugins(
     State(state): State<Arc<AppState>>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -14,6 +14,36 @@ mod metrics;
 mod optimization;
 mod runs;
 
+/// The OpenAPI document, generated from the handlers and their types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Qflow",
+        description = "Flows of WebAssembly-component steps: run them, and optimize them."
+    ),
+    paths(
+        flows::list,
+        flows::register,
+        flows::show,
+        flows::remove,
+        flows::plugins,
+        runs::start,
+        runs::list,
+        runs::show,
+        runs::cancel,
+        optimization::metrics,
+        optimization::pools,
+        optimization::recommendations,
+        optimization::optimize,
+        events::stream,
+        metrics::prometheus,
+        healthz,
+        openapi
+    ),
+    components(schemas(error::Body<'static>, qflow::Plan, qflow::model::optimize::Recommendation))
+)]
+struct ApiDoc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -175,7 +205,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/optimization/metrics", get(optimization::metrics))
         .route("/optimization/pools/stats", get(optimization::pools))
         .route("/plugins", get(flows::plugins))
-        .route("/events", get(events::stream));
+        .route("/events", get(events::stream))
+        .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/api/v1", api)
         .route("/metrics", get(metrics::prometheus))
@@ -186,6 +217,14 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", responses((status = 200, description = "OpenAPI 3.1")))]
+async fn openapi() -> impl IntoResponse {
+    axum::Json(<ApiDoc as utoipa::OpenApi>::openapi())
+}
+
+/// Whether the server is up.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Object)))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }

@@ -230,6 +230,8 @@ impl Collector for HostFigures {
     }
 }
 
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "OpenMetrics text")))]
 pub(crate) async fn prometheus(
     State(state): State<Arc<AppState>>,
 ) -> Result<impl IntoResponse, ApiError> {

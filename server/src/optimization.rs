@@ -18,14 +18,23 @@ use crate::error::json_body;
 use crate::flows::Served;
 use crate::{ApiError, AppState};
 
+/// The optimization metrics document.
+#[utoipa::path(get, path = "/api/v1/optimization/metrics",
+    responses((status = 200, body = qflow::OptimizationMetrics)))]
 pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(state.host.metrics(state.config.level.as_str()))
 }
 
+/// The resource pools, by kind.
+#[utoipa::path(get, path = "/api/v1/optimization/pools/stats",
+    responses((status = 200, body = qflow::model::ResourcePools)))]
 pub(crate) async fn pools(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     Json(json!({ "wasm": PoolSummary::of(&state.host.pool_stats()) }))
 }
 
+/// What could make a flow better, with the evidence.
+#[utoipa::path(get, path = "/api/v1/flows/{id}/recommendations", params(("id" = String, Path)),
+    responses((status = 200, body = Object), (status = 404, body = crate::error::Body<'static>)))]
 pub(crate) async fn recommendations(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -38,7 +47,7 @@ pub(crate) async fn recommendations(
 }
 
 /// `POST /flows/{id}/optimize`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct OptimizeRequest {
     level: Option<Level>,
@@ -46,6 +55,12 @@ pub(crate) struct OptimizeRequest {
     apply: bool,
 }
 
+/// Rewrites a flow at a level: the changes, a diff, the new text; with
+/// `apply`, written back (the old file kept as `.bak`).
+#[utoipa::path(post, path = "/api/v1/flows/{id}/optimize", params(("id" = String, Path)),
+    request_body = OptimizeRequest,
+    responses((status = 200, body = Object), (status = 404, body = crate::error::Body<'static>),
+        (status = 422, body = crate::error::Body<'static>)))]
 pub(crate) async fn optimize(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,

@@ -24,7 +24,7 @@ use crate::{ApiError, AppState};
 const KEEP: usize = 10_000;
 
 /// A run's state, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum RunState {
     Running,
@@ -44,12 +44,13 @@ impl From<RunStatus> for RunState {
 }
 
 /// One run.
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct Record {
     run_id: String,
     flow: String,
     status: RunState,
     #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String)]
     started_at: SystemTime,
     #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<RunSummary>,
@@ -133,16 +134,23 @@ impl Registry {
 }
 
 /// `POST /flows/{id}/runs`.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StartRun {
     #[serde(default)]
+    #[schema(value_type = Object)]
     input: Value,
     #[serde(default)]
     wait: bool,
     max_parallel: Option<usize>,
 }
 
+/// Starts a run: with `wait`, the summary; else 202 and the run's id.
+#[utoipa::path(post, path = "/api/v1/flows/{id}/runs", params(("id" = String, Path)),
+    request_body = StartRun,
+    responses((status = 200, body = qflow::RunSummary), (status = 202, body = Object),
+        (status = 404, body = crate::error::Body<'static>), (status = 422, body = crate::error::Body<'static>),
+        (status = 503, body = crate::error::Body<'static>)))]
 pub(crate) async fn start(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -232,6 +240,9 @@ pub(crate) async fn start(
     }
 }
 
+/// A run, with its summary once it ended.
+#[utoipa::path(get, path = "/api/v1/runs/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Record), (status = 404, body = crate::error::Body<'static>)))]
 pub(crate) async fn show(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
@@ -240,7 +251,7 @@ pub(crate) async fn show(
 }
 
 /// `GET /runs?flow=&status=&limit=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     flow: Option<String>,
@@ -248,6 +259,9 @@ pub(crate) struct ListQuery {
     limit: Option<usize>,
 }
 
+/// Runs, newest first.
+#[utoipa::path(get, path = "/api/v1/runs", params(ListQuery),
+    responses((status = 200, body = [Record]), (status = 400, body = crate::error::Body<'static>)))]
 pub(crate) async fn list(
     State(state): State<Arc<AppState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -276,6 +290,10 @@ pub(crate) async fn list(
     Ok(Json(runs))
 }
 
+/// Cancels a running run.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 202, body = Object), (status = 404, body = crate::error::Body<'static>),
+        (status = 409, body = crate::error::Body<'static>)))]
 pub(crate) async fn cancel(
     State(state): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,

@@ -590,3 +590,49 @@ async fn flow_files_are_served_as_they_change_on_disk() {
     until(&|status, _| status == StatusCode::NOT_FOUND).await;
     server.stop().await;
 }
+
+/// The OpenAPI document is generated from the handlers: every route is in
+/// it, with the model's types as schemas.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_every_route() {
+    let server = Server::default().await;
+    let (status, doc) = server.get("/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/v1/flows", "get"),
+        ("/api/v1/flows", "post"),
+        ("/api/v1/flows/{id}", "get"),
+        ("/api/v1/flows/{id}", "delete"),
+        ("/api/v1/flows/{id}/runs", "post"),
+        ("/api/v1/flows/{id}/recommendations", "get"),
+        ("/api/v1/flows/{id}/optimize", "post"),
+        ("/api/v1/runs", "get"),
+        ("/api/v1/runs/{id}", "get"),
+        ("/api/v1/runs/{id}/cancel", "post"),
+        ("/api/v1/optimization/metrics", "get"),
+        ("/api/v1/optimization/pools/stats", "get"),
+        ("/api/v1/plugins", "get"),
+        ("/api/v1/events", "get"),
+        ("/api/v1/openapi.json", "get"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} is missing"
+        );
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for schema in
+        ["RunSummary", "StepReport", "FailureKind", "OptimizationMetrics", "Record", "StartRun"]
+    {
+        assert!(schemas.contains_key(schema), "no schema {schema}: {:?}", schemas.keys());
+    }
+    let runs = &paths["/api/v1/runs"]["get"]["parameters"];
+    let names: Vec<&str> =
+        runs.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["flow", "status", "limit"]);
+    server.stop().await;
+}

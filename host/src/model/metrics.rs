@@ -11,6 +11,7 @@ use super::stats::{ComponentStats, PoolStats};
 /// `GET /api/v1/optimization/metrics` and `qflow optimization metrics --json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OptimizationMetrics {
     /// Always true: Qflow always optimizes execution.
     pub optimization_enabled: bool,
@@ -27,6 +28,7 @@ pub struct OptimizationMetrics {
 /// Figures over the runs this host has finished.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutionOptimization {
     /// Runs in which at least two steps overlapped in time.
     pub parallel_execution_count: u64,
@@ -47,6 +49,7 @@ pub struct ExecutionOptimization {
 /// The compiled-component cache.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LazyLoading {
     /// Compiled components held in memory.
     pub total_entries: u64,
@@ -85,6 +88,7 @@ impl LazyLoading {
 /// get those capabilities.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResourcePools {
     /// The pre-warmed WebAssembly instance pools.
     pub wasm: PoolSummary,
@@ -93,6 +97,7 @@ pub struct ResourcePools {
 /// A kind of pool, summed over its pools, with a breakdown by key.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolSummary {
     /// Resources alive.
     pub total_resources: u64,
@@ -113,6 +118,7 @@ pub struct PoolSummary {
 /// One pool's figures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyedPool {
     /// What it pools for: a plugin, a host, a database.
     pub key: String,

@@ -144,6 +144,7 @@ const DEFAULT_PRELOAD_THRESHOLD: u64 = 3;
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Level {
     /// Changes that never alter what a flow computes or its dependency order.
     Conservative,
@@ -258,6 +259,7 @@ pub struct PluginFigures {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RecommendationKind {
     /// A step needs a step that another of its needs already waits for.
     RedundantDependency,
@@ -308,6 +310,7 @@ impl fmt::Display for RecommendationKind {
 /// Something that could make a flow faster or sturdier, and why the
 /// optimizer thinks so.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Recommendation {
     /// What it is about.
     pub kind: RecommendationKind,
@@ -318,6 +321,7 @@ pub struct Recommendation {
     /// The plugin concerned, if one is.
     pub plugin: Option<String>,
     /// The figures it is based on (`p99_ms`, `runs`, `failures`, `share` …).
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub evidence: Map<String, Value>,
     /// About how many ms a run would save, where the figures tell.
     pub estimated_saving_ms: Option<f64>,
@@ -328,6 +332,7 @@ pub struct Recommendation {
 
 /// One change [`optimize`] made to a flow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Change {
     /// The recommendation it applies.
     pub kind: RecommendationKind,
@@ -338,6 +343,7 @@ pub struct Change {
     /// Why: the recommendation's message.
     pub reason: String,
     /// The figures behind it.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub evidence: Map<String, Value>,
 }
 

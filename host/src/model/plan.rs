@@ -14,6 +14,7 @@ use super::graph::graph;
 /// Steps that name the same exclusive resource and that nothing orders, so
 /// the scheduler must keep them apart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Conflict {
     /// The resource.
     pub resource: String,
@@ -23,6 +24,7 @@ pub struct Conflict {
 
 /// A dependency already implied by another one of the same step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Redundant {
     /// The step.
     pub step: String,
@@ -34,6 +36,7 @@ pub struct Redundant {
 
 /// A flow's dependency analysis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Plan {
     /// The step ids in an order where each comes after what it needs.
     pub order: Vec<String>,

@@ -10,6 +10,7 @@ use super::stats::Stats;
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RunStatus {
     /// Every step succeeded.
     Succeeded,
@@ -22,6 +23,7 @@ pub enum RunStatus {
 /// How a step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum StepStatus {
     /// It returned an output.
     Succeeded,
@@ -37,6 +39,7 @@ pub enum StepStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureKind {
     /// Its plugin (or a plugin or asset it needs) could not be loaded.
     Plugin,
@@ -89,6 +92,7 @@ impl fmt::Display for FailureKind {
 
 /// Why a step failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepFailure {
     /// What kind of failure.
     pub kind: FailureKind,
@@ -127,6 +131,7 @@ impl StepFailure {
 
 /// What a step call printed and logged, line by line, under a byte budget.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepLog {
     /// The lines, each marked `stdout:`, `stderr:` or with its `host.log` level.
     pub lines: Vec<String>,
@@ -136,6 +141,7 @@ pub struct StepLog {
 
 /// What happened to one step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepReport {
     /// The step's id.
     pub id: String,
@@ -151,6 +157,7 @@ pub struct StepReport {
     pub end_ms: Option<f64>,
     /// Its output, if it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub output: Option<Value>,
     /// Why it failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -193,6 +200,7 @@ impl StepReport {
 
 /// The plan's figures, as the run's summary reports them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanFigures {
     /// The critical path the scheduler followed.
     pub critical_path: Vec<String>,
@@ -206,6 +214,7 @@ pub struct PlanFigures {
 
 /// What happened in a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunSummary {
     /// The run's id (a UUID).
     pub run_id: String,

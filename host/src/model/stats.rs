@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// A cache's counters, as [`Host::stats`](crate::Host::stats) reports them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CacheStats {
     /// Entries held.
     pub entries: usize,
@@ -28,6 +29,7 @@ pub struct CacheStats {
 
 /// The component store's figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ComponentStats {
     /// The in-memory LRU of compiled components.
     #[serde(flatten)]
@@ -45,6 +47,7 @@ pub struct ComponentStats {
 
 /// The host's caches: compiled components and loader assets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     /// Compiled components.
     pub components: ComponentStats,
@@ -54,6 +57,7 @@ pub struct Stats {
 
 /// A pool's figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolStats {
     /// Resources alive (idle, in use, being made).
     pub total: usize,

@@ -148,6 +148,7 @@ fn list_or_none(names: &[String]) -> String {
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Kind {
     /// A step of a flow.
     Step,
@@ -175,6 +176,7 @@ impl From<bindings::PluginKind> for Kind {
 
 /// What a plugin says about itself through `describe()`, and where it is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PluginInfo {
     /// The name flows use: the file's stem.
     pub name: String,
@@ -189,6 +191,7 @@ pub struct PluginInfo {
     /// The plugins it needs loaded.
     pub needs: Vec<String>,
     /// Its component file.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub path: PathBuf,
     /// The SHA-256 digest of the file, in hex.
     pub digest: String,
