@@ -72,7 +72,7 @@ impl WasmInvoker {
                     async move {
                         let started = Instant::now();
                         let (plugin, source) = catalog.load_traced(&owned).await?;
-                        events.emit(EventData::LazyLoaded {
+                        events.emit(|| EventData::LazyLoaded {
                             run_id,
                             plugin: Arc::from(owned.as_str()),
                             source: source.as_str().to_owned(),

@@ -306,7 +306,7 @@ impl Host {
                 .instrument(span)
                 .await;
         if model::overlapped(&summary) {
-            events.emit(EventData::ParallelCompleted {
+            events.emit(|| EventData::ParallelCompleted {
                 run_id,
                 flow: Arc::from(flow.name.as_str()),
                 efficiency: summary.efficiency,
@@ -438,7 +438,7 @@ impl Host {
         runs: Vec<RunSummary>,
     ) -> Result<model::optimize::Optimized, model::optimize::OptimizeError> {
         let optimized = model::optimize::optimize(flow, level, &self.history(runs))?;
-        self.optimizer_events.emit(EventData::FlowOptimized {
+        self.optimizer_events.emit(|| EventData::FlowOptimized {
             flow: Arc::from(flow.name.as_str()),
             level: level.to_string(),
             changes: optimized.changes.iter().map(|c| c.what.clone()).collect(),

@@ -292,11 +292,15 @@ pub(crate) struct Emitter {
 }
 
 impl Emitter {
-    pub(crate) fn emit(&self, data: EventData) {
-        // Nobody listening costs nothing: no id, no clock read.
+    /// Sends the event `data` makes. It is made only when someone listens:
+    /// most runs have no subscriber, and an event's fields (ids, step
+    /// lists) would otherwise be built on every step for nobody.
+    pub(crate) fn emit(&self, data: impl FnOnce() -> EventData) {
+        // Nobody listening costs nothing: no id, no clock read, no data.
         if self.sender.receiver_count() == 0 {
             return;
         }
+        let data = data();
         let id = uuid::Uuid::new_v4().to_string();
         // Nothing panics while holding the lock; recover the count if it ever did.
         let mut sequence = self.sequence.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -323,8 +327,8 @@ mod tests {
         let bus = EventBus::new();
         let mut events = bus.subscribe();
         let emitter = bus.emitter("/qflow/runs/r1".into());
-        emitter.emit(EventData::RunStarted { run_id: "r1".into(), flow: "f".into(), steps: 2 });
-        emitter.emit(EventData::RunFinished {
+        emitter.emit(|| EventData::RunStarted { run_id: "r1".into(), flow: "f".into(), steps: 2 });
+        emitter.emit(|| EventData::RunFinished {
             run_id: "r1".into(),
             status: RunStatus::Succeeded,
             wall_ms: 1.5,

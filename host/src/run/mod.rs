@@ -156,7 +156,7 @@ pub(crate) async fn run<I: StepInvoker>(
     let ctx = Arc::new(RunContext { run_id, flow, invoker, events, started: Instant::now() });
     let n = ctx.flow.steps.len();
     let limit = options.max_parallel.or(ctx.flow.max_parallel).unwrap_or(n).clamp(1, n.max(1));
-    ctx.events.emit(EventData::RunStarted {
+    ctx.events.emit(|| EventData::RunStarted {
         run_id: ctx.run_id.clone(),
         flow: Arc::from(ctx.flow.name.as_str()),
         steps: n,
@@ -320,7 +320,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
         let group = self.group_of[index];
         self.group_left[group] = self.group_left[group].saturating_sub(1);
         if self.group_left[group] == 0 {
-            self.ctx.events.emit(EventData::GroupCompleted {
+            self.ctx.events.emit(|| EventData::GroupCompleted {
                 run_id: self.ctx.run_id.clone(),
                 group,
                 steps: self.plan.groups[group].clone(),
@@ -364,7 +364,7 @@ fn summarize<I>(
     }
     for report in &reports {
         if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) {
-            ctx.events.emit(EventData::StepFinished {
+            ctx.events.emit(|| EventData::StepFinished {
                 run_id: ctx.run_id.clone(),
                 step: Arc::from(report.id.as_str()),
                 status: report.status,
@@ -390,7 +390,7 @@ fn summarize<I>(
     }
     let best = longest.iter().copied().fold(step_ms / limit as f64, f64::max);
     let efficiency = if wall_ms > 0.0 { (best / wall_ms).min(1.0) } else { 1.0 };
-    ctx.events.emit(EventData::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
+    ctx.events.emit(|| EventData::RunFinished { run_id: ctx.run_id.clone(), status, wall_ms });
     RunSummary {
         run_id: ctx.run_id.to_string(),
         flow: ctx.flow.name.clone(),
@@ -428,7 +428,7 @@ fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
             report.error = Some(failure);
         }
     }
-    ctx.events.emit(EventData::StepFinished {
+    ctx.events.emit(|| EventData::StepFinished {
         run_id: ctx.run_id.clone(),
         step: Arc::from(report.id.as_str()),
         status: report.status,
@@ -474,7 +474,7 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: V
     let start = Instant::now();
     let step = &ctx.flow.steps[index];
     tracing::debug!(run = &*ctx.run_id, "step {} started", step.id);
-    ctx.events.emit(EventData::StepStarted {
+    ctx.events.emit(|| EventData::StepStarted {
         run_id: ctx.run_id.clone(),
         step: Arc::from(step.id.as_str()),
     });
@@ -496,7 +496,7 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: V
         match result {
             Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
                 let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
-                ctx.events.emit(EventData::StepRetrying {
+                ctx.events.emit(|| EventData::StepRetrying {
                     run_id: ctx.run_id.clone(),
                     step: Arc::from(step.id.as_str()),
                     attempt: attempts + 1,

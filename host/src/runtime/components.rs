@@ -95,7 +95,7 @@ impl ComponentStore {
         Ok(ComponentStore {
             memory: Arc::new(Cache::new(config.memory_limit, config.load_timeout).on_evict(
                 Box::new(move |evicted: Vec<(Digest, u64)>| {
-                    events.emit(EventData::CacheEvicted {
+                    events.emit(|| EventData::CacheEvicted {
                         cache: "components".into(),
                         bytes_freed: evicted.iter().map(|(_, size)| size).sum(),
                         entries: evicted.iter().map(|(digest, _)| hex::encode(digest)).collect(),

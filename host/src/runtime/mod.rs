@@ -38,7 +38,7 @@ pub(crate) use self::watch::{Reloader, start as watch};
 pub(crate) fn asset_cache(config: &CacheConfig, events: crate::model::Emitter) -> AssetCache {
     cache::Cache::new(config.asset_memory_limit, config.load_timeout).on_evict(Box::new(
         move |evicted: Vec<(AssetKey, u64)>| {
-            events.emit(crate::model::EventData::CacheEvicted {
+            events.emit(|| crate::model::EventData::CacheEvicted {
                 cache: "assets".into(),
                 bytes_freed: evicted.iter().map(|(_, size)| size).sum(),
                 entries: evicted.iter().map(|(key, _)| key.label()).collect(),

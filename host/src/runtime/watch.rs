@@ -34,7 +34,7 @@ impl Reloader {
     /// are drained; runs in flight finish on the version they started with.
     pub(crate) async fn reload(&self, name: &str) -> Result<(), PluginError> {
         let plugin: Arc<str> = Arc::from(name);
-        let emit = |event| self.events.emit(event);
+        let emit = |event| self.events.emit(|| event);
         match self.catalog.reload(name).await {
             Ok(Reload::Unchanged) => {}
             Ok(Reload::Added { version, .. }) => {
