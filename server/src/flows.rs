@@ -256,7 +256,7 @@ pub(crate) async fn register(
         dir.join(format!("{}.{extension}", flow.name))
     });
     if let Some(file) = &file {
-        write_atomically(file, text).map_err(|e| {
+        qflow::model::optimize::write_atomically(file, text).map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "storage",
@@ -293,16 +293,6 @@ pub(crate) async fn remove(
         tracing::warn!("flow {id} is gone from the API but {} stays: {e}", file.display());
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Writes through a temporary file and a rename: a reader never sees half.
-pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
-    std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
 }
 
 /// `GET /plugins`: every plugin, described (compiling what is not yet).

@@ -459,11 +459,27 @@ pub fn optimize(flow: &Flow, level: Level, history: &History) -> Result<Optimize
     Ok(Optimized { level, flow: rewritten, text, changes })
 }
 
+/// Writes `text` to `path` as [`write_atomically`] does, after copying the
+/// current file (if there is one) to the same path with `.bak` appended.
+pub fn apply(path: &Path, text: &str) -> io::Result<()> {
+    let mut backup = path.as_os_str().to_owned();
+    backup.push(".bak");
+    let backup = PathBuf::from(backup);
+    match fs::copy(path, &backup) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let what = format!("cannot back up {} to {}: {e}", path.display(), backup.display());
+            return Err(io::Error::new(e.kind(), what));
+        }
+    }
+    write_atomically(path, text)
+}
+
 /// Writes `text` to `path` atomically — into a temporary file in the same
 /// directory, then renamed over it, so that a reader sees the old file or
-/// the new one, never half of one — after copying the current file (if
-/// there is one) to the same path with `.bak` appended.
-pub fn apply(path: &Path, text: &str) -> io::Result<()> {
+/// the new one, never half of one — keeping the old file's permissions.
+pub fn write_atomically(path: &Path, text: &str) -> io::Result<()> {
     // Two writes in one process must not share a temporary file.
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let context = |e: io::Error, what: String| io::Error::new(e.kind(), format!("{what}: {e}"));
@@ -474,16 +490,8 @@ pub fn apply(path: &Path, text: &str) -> io::Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let mut backup = path.as_os_str().to_owned();
-    backup.push(".bak");
-    let backup = PathBuf::from(backup);
     let permissions = match fs::metadata(path) {
-        Ok(meta) => {
-            fs::copy(path, &backup).map_err(|e| {
-                context(e, format!("cannot back up {} to {}", path.display(), backup.display()))
-            })?;
-            Some(meta.permissions())
-        }
+        Ok(meta) => Some(meta.permissions()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(context(e, format!("cannot read {}", path.display()))),
     };
