@@ -44,15 +44,18 @@ pub(crate) struct WasmInvoker {
     assets: Arc<Assets>,
     /// Every plugin the flow's steps use, loading since the run started:
     /// the whole run uses those versions, whatever is reloaded meanwhile.
-    plugins: HashMap<String, PluginLoad>,
+    plugins: OnceLock<HashMap<String, PluginLoad>>,
+    /// Whose loads the `lazy.loaded` events are about.
+    run_id: Arc<str>,
+    events: Emitter,
     prepared: Vec<OnceLock<Prepared>>,
     limits: Limits,
     max_output_bytes: u64,
 }
 
 impl WasmInvoker {
-    /// Starts loading every plugin `flow` uses, at once: compiles overlap
-    /// each other and the first steps.
+    /// One run's invoker over `flow`; nothing is loaded until the run
+    /// starts ([`StepInvoker::start`]).
     pub(crate) fn new(
         flow: Arc<Flow>,
         catalog: Arc<Catalog>,
@@ -61,33 +64,6 @@ impl WasmInvoker {
         defaults: Defaults,
         (run_id, events): (Arc<str>, Emitter),
     ) -> WasmInvoker {
-        let mut plugins = HashMap::new();
-        for step in &flow.steps {
-            let name = &step.plugin.name;
-            if !plugins.contains_key(name) {
-                let (catalog, owned) = (catalog.clone(), name.clone());
-                let (run_id, events) = (run_id.clone(), events.clone());
-                let span = tracing::info_span!("load", run_id = &*run_id, plugin = %owned);
-                let task = tokio::spawn(tracing::Instrument::instrument(
-                    async move {
-                        let started = Instant::now();
-                        let (plugin, source) = catalog.load_traced(&owned).await?;
-                        events.emit(|| EventData::LazyLoaded {
-                            run_id,
-                            plugin: Arc::from(owned.as_str()),
-                            source: source.as_str().to_owned(),
-                            ms: started.elapsed().as_secs_f64() * 1e3,
-                        });
-                        Ok(plugin)
-                    },
-                    span,
-                ));
-                let load = async move {
-                    task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string())))
-                };
-                plugins.insert(name.clone(), load.boxed().shared());
-            }
-        }
         let assets = Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone()));
         WasmInvoker {
             prepared: flow.steps.iter().map(|_| OnceLock::new()).collect(),
@@ -101,14 +77,49 @@ impl WasmInvoker {
             catalog,
             pools,
             assets,
-            plugins,
+            plugins: OnceLock::new(),
+            run_id,
+            events,
         }
+    }
+
+    /// Starts loading every plugin the flow uses, at once, each in its own
+    /// task: compiles overlap each other and the first steps.
+    fn spawn_loads(&self) -> HashMap<String, PluginLoad> {
+        let mut plugins = HashMap::new();
+        for step in &self.flow.steps {
+            let name = &step.plugin.name;
+            if plugins.contains_key(name) {
+                continue;
+            }
+            let (catalog, owned) = (self.catalog.clone(), name.clone());
+            let (run_id, events) = (self.run_id.clone(), self.events.clone());
+            let span = tracing::info_span!("load", run_id = &*run_id, plugin = %owned);
+            let task = tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let started = Instant::now();
+                    let (plugin, source) = catalog.load_traced(&owned).await?;
+                    events.emit(|| EventData::LazyLoaded {
+                        run_id,
+                        plugin: Arc::from(owned.as_str()),
+                        source: source.as_str().to_owned(),
+                        ms: started.elapsed().as_secs_f64() * 1e3,
+                    });
+                    Ok(plugin)
+                },
+                span,
+            ));
+            let load =
+                async move { task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string()))) };
+            plugins.insert(name.clone(), load.boxed().shared());
+        }
+        plugins
     }
 
     async fn load(&self, step: &Step) -> Result<Prepared, StepFailure> {
         let plugin_failed = |e: PluginError| failure(step, FailureKind::Plugin, &error_chain(&e));
         let name = &step.plugin.name;
-        let plugin = match self.plugins.get(name) {
+        let plugin = match self.plugins.get().and_then(|loads| loads.get(name)) {
             Some(load) => load.clone().await,
             None => self.catalog.load(name).await,
         };
@@ -175,6 +186,12 @@ fn failure(step: &Step, kind: FailureKind, what: &str) -> StepFailure {
 }
 
 impl StepInvoker for WasmInvoker {
+    fn start(&self) {
+        // Only the scheduler calls this, once per run; a second call would
+        // find the loads already under way.
+        let _ = self.plugins.get_or_init(|| self.spawn_loads());
+    }
+
     async fn prepare(&self, index: usize) -> Result<(), StepFailure> {
         if self.prepared[index].get().is_none() {
             let prepared = self.load(&self.flow.steps[index]).await?;

@@ -33,6 +33,11 @@ mod tests;
 /// scheduling and WebAssembly. The host's implementation pulls instances
 /// from the pools; the scheduler's tests use a fake.
 pub(crate) trait StepInvoker: Send + Sync + 'static {
+    /// The run has been announced and no step has started: begin whatever
+    /// may overlap the first steps (the host starts loading every plugin
+    /// the flow uses). Called once per run.
+    fn start(&self) {}
+
     /// Readies step `index` for its attempts (loads its plugin, and what
     /// that needs). Called once per step, in the step's task, before its
     /// first attempt.
@@ -161,6 +166,7 @@ pub(crate) async fn run<I: StepInvoker>(
         flow: Arc::from(ctx.flow.name.as_str()),
         steps: n,
     });
+    ctx.invoker.start();
 
     let mut scheduler = Scheduler {
         reports: ctx.flow.steps.iter().map(|s| StepReport::pending(&s.id, &s.plugin)).collect(),

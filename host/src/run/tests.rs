@@ -564,3 +564,60 @@ async fn the_run_reports_its_events_in_order() {
     assert_eq!(groups.count(), 1);
     assert_eq!(summary.run_id, "r1");
 }
+
+/// An invoker that records, around a [`Fake`], when the scheduler starts it
+/// and prepares its steps, with the events announced by then.
+struct Probe {
+    fake: Arc<Fake>,
+    events: std::sync::Mutex<tokio::sync::broadcast::Receiver<crate::model::Event>>,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl Probe {
+    fn record(&self, call: &str) {
+        let mut events = self.events.lock().unwrap();
+        let mut calls = self.calls.lock().unwrap();
+        while let Ok(event) = events.try_recv() {
+            calls.push(event.data.kind().to_owned());
+        }
+        calls.push(call.to_owned());
+    }
+}
+
+impl StepInvoker for Probe {
+    fn start(&self) {
+        self.record("start");
+    }
+
+    async fn prepare(&self, index: usize) -> Result<(), StepFailure> {
+        self.record("prepare");
+        self.fake.prepare(index).await
+    }
+
+    async fn invoke(&self, index: usize, input: &Value, deadline: Option<Instant>) -> Attempt {
+        self.fake.invoke(index, input, deadline).await
+    }
+}
+
+/// The invoker begins its loads (which announce themselves) only after the
+/// run is announced, and before any step is prepared: a run's first event
+/// is always its start.
+#[tokio::test(start_paused = true)]
+async fn the_invoker_starts_once_after_the_run_is_announced() {
+    let flow = wide("", 2);
+    let bus = crate::model::EventBus::new();
+    let probe = Arc::new(Probe {
+        fake: Fake::new(&flow, &[]),
+        events: std::sync::Mutex::new(bus.subscribe()),
+        calls: std::sync::Mutex::default(),
+    });
+    let plan = Plan::new(&flow);
+    let events = bus.emitter("/qflow/runs/r".into());
+    run(Arc::from("r"), flow.clone(), &plan, json!(null), RunOptions::new(), probe.clone(), events)
+        .await;
+    let calls = probe.calls.lock().unwrap().clone();
+    assert_eq!(calls[..2], ["q.qflow.run.started.v1", "start"], "{calls:?}");
+    assert_eq!(calls.iter().filter(|c| *c == "start").count(), 1, "{calls:?}");
+    let first_prepare = calls.iter().position(|c| c == "prepare").unwrap();
+    assert!(first_prepare > 1, "{calls:?}");
+}
