@@ -1,15 +1,19 @@
 //! The `qflow` command line.
 
 mod optimization;
+mod runs;
+mod telemetry;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use qflow::store::SqliteStore;
 use qflow::{EventData, Flow, Host, HostConfig, RunOptions, RunStatus, RunSummary, StepStatus};
 use serde_json::Value;
 
@@ -94,6 +98,11 @@ enum Command {
         #[command(subcommand)]
         command: optimization::Command,
     },
+    /// The runs in the run store: list, show, rerun.
+    Runs {
+        #[command(subcommand)]
+        command: runs::Command,
+    },
     /// Work with the plugins directory.
     Plugins {
         #[command(subcommand)]
@@ -136,19 +145,62 @@ pub(crate) struct HostArgs {
     /// platform's cache directory, such as ~/.cache/qflow).
     #[arg(long, env = "QFLOW_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Where the run store (`qflow.db`) is kept (default: the platform's
+    /// data directory, such as ~/.local/share/qflow).
+    #[arg(long, env = "QFLOW_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+impl HostArgs {
+    /// The run store's file.
+    pub(crate) fn store_path(&self) -> anyhow::Result<PathBuf> {
+        let dir = match &self.data_dir {
+            Some(dir) => dir.clone(),
+            None => dirs::data_dir()
+                .map(|dir| dir.join("qflow"))
+                .context("no data directory on this platform: give --data-dir or QFLOW_DATA_DIR")?,
+        };
+        Ok(dir.join("qflow.db"))
+    }
+}
+
+/// The run store of `args`, opened (and migrated).
+pub(crate) async fn open_store(args: &HostArgs) -> anyhow::Result<Arc<SqliteStore>> {
+    let path = args.store_path()?;
+    Ok(Arc::new(SqliteStore::open(&path).await?))
+}
+
+/// A host that keeps its runs in the run store of `args`.
+pub(crate) async fn host_with_store(args: &HostArgs) -> anyhow::Result<Host> {
+    let store = open_store(args).await?;
+    Ok(host(args)?.with_store(store, STORED_OUTPUT_BYTES))
+}
+
+/// Step outputs up to this size (as JSON) are kept whole in the run store;
+/// larger ones as their hash and size. 64 KiB keeps a report readable and
+/// the store small.
+const STORED_OUTPUT_BYTES: usize = 64 << 10;
+
+/// How long a finishing command waits for its runs to reach the store.
+const FLUSH_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits for `host`'s runs to reach the store, warning if they did not.
+pub(crate) async fn flush(host: &Host) {
+    if !host.flush_runs(FLUSH_WITHIN).await {
+        eprintln!(
+            "warning: the run store did not take this run within {} s; it is not kept",
+            FLUSH_WITHIN.as_secs()
+        );
+    }
 }
 
 /// Exit codes: 0 the command did what was asked, 1 a run failed, 2 it could
 /// not be carried out (a bad flow, a missing plugin, a build error).
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Dropped after `dispatch`, whose runtimes are gone by then: the
+    // exporter's last spans are flushed from the plain main thread.
+    let _telemetry = telemetry::init();
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -187,6 +239,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(serve(&host, config))
         }
         Command::Optimization { command } => runtime()?.block_on(optimization::run(command)),
+        Command::Runs { command } => runtime()?.block_on(runs::run(command)),
         Command::Plugins { command: PluginsCommand::List { host, json } } => {
             runtime()?.block_on(list(&host, json))
         }
@@ -245,7 +298,7 @@ async fn run(
 ) -> anyhow::Result<ExitCode> {
     let flow = Flow::load(flow)?;
     let input = read_input(input)?;
-    let host = host(args)?;
+    let host = host_with_store(args).await?;
     // Known before the run starts, so that --events can follow it.
     let run_id = uuid::Uuid::new_v4().to_string();
     let options = options.run_id(run_id.clone());
@@ -270,6 +323,7 @@ async fn run(
     if let Some(progress) = progress {
         progress.finish_and_clear();
     }
+    flush(&host).await;
     if let Some(recorder) = recorder {
         recorder.await.context("writing the events failed")??;
     }
@@ -278,11 +332,16 @@ async fn run(
     } else {
         print_summary(&flow, &summary);
     }
-    Ok(match summary.status {
+    Ok(status_code(summary.status))
+}
+
+/// A run's exit code: 0 succeeded, 1 failed, 130 cancelled (as by Ctrl-C).
+pub(crate) fn status_code(status: RunStatus) -> ExitCode {
+    match status {
         RunStatus::Succeeded => ExitCode::SUCCESS,
         RunStatus::Failed => ExitCode::from(1),
         RunStatus::Cancelled => ExitCode::from(130),
-    })
+    }
 }
 
 /// Ctrl-C (SIGINT), listened for from now on.
@@ -292,9 +351,9 @@ fn interrupt_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
 }
 
 async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::Result<ExitCode> {
-    let host = std::sync::Arc::new(host(args)?);
+    let host = Arc::new(host_with_store(args).await?);
     let _watch = host.watch()?;
-    let state = qflow_server::AppState::new(host, config)?;
+    let state = qflow_server::AppState::new(host.clone(), config)?;
     state.watch_flows();
     // SIGTERM (a service manager) and Ctrl-C both stop it gracefully.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -317,6 +376,7 @@ async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::R
         });
     };
     qflow_server::serve(state, signal, |addr| eprintln!("qflow serving on http://{addr}")).await?;
+    flush(&host).await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -361,7 +421,7 @@ async fn watch(
 ) -> anyhow::Result<ExitCode> {
     let flow = flow.map(Flow::load).transpose()?;
     let input = read_input(input)?;
-    let host = host(args)?;
+    let host = host_with_store(args).await?;
     let _watch = host.watch()?;
     // One listener for the whole watch: a Ctrl-C that comes while a run is
     // printing is kept for the next look, not lost between two listeners.
@@ -485,7 +545,7 @@ fn show_progress(host: &Host, flow: &Flow) -> ProgressBar {
     bar
 }
 
-fn print_summary(flow: &Flow, summary: &RunSummary) {
+pub(crate) fn print_summary(flow: &Flow, summary: &RunSummary) {
     let width = summary.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
     for step in &summary.steps {
         let mark = match step.status {

@@ -7,11 +7,19 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use qflow::model::RunQuery;
 use qflow::model::optimize::{self, Level, Recommendation};
 use qflow::{Flow, OptimizationMetrics};
 use serde_json::{Value, json};
 
-use crate::{HostArgs, host};
+use crate::{HostArgs, host, host_with_store};
+
+/// How many past runs of a flow the in-process optimizer reads from the
+/// run store: enough for its rates and averages, few enough to read fast.
+const HISTORY_RUNS: u32 = 200;
+
+/// How many runs the in-process metrics document adds up.
+const METRICS_RUNS: u32 = 10_000;
 
 #[derive(Subcommand)]
 pub(crate) enum Command {
@@ -117,7 +125,16 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         .await?
                 }
                 None => {
-                    serde_json::to_value(host(&target.host)?.metrics(Level::default().as_str()))?
+                    // This process has run nothing: the runs are the store's.
+                    let host = host_with_store(&target.host).await?;
+                    let mut totals = qflow::RunTotals::default();
+                    if let Some(store) = host.store() {
+                        let records = store.runs(RunQuery::newest(METRICS_RUNS)).await?;
+                        for summary in records.iter().filter_map(|r| r.summary.as_ref()) {
+                            totals.add(summary);
+                        }
+                    }
+                    serde_json::to_value(host.metrics_of(Level::default().as_str(), &totals))?
                 }
             };
             if target.json {
@@ -154,11 +171,10 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let flow = Flow::load(&flow)?;
-                    let host = host(&target.host)?;
+                    let host = host_with_store(&target.host).await?;
                     host.check(&flow)?;
-                    // This process has run nothing yet: the flow and the
-                    // host's figures are the evidence.
-                    host.recommend(&flow, Vec::new())
+                    let runs = host.past_runs(&flow.name, HISTORY_RUNS).await?;
+                    host.recommend(&flow, runs)
                 }
             };
             if target.json {
@@ -189,9 +205,10 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 None => {
                     let path = Path::new(&flow);
                     let flow = Flow::load(path)?;
-                    let host = host(&target.host)?;
+                    let host = host_with_store(&target.host).await?;
                     host.check(&flow)?;
-                    let optimized = host.optimize(&flow, level, Vec::new())?;
+                    let runs = host.past_runs(&flow.name, HISTORY_RUNS).await?;
+                    let optimized = host.optimize(&flow, level, runs)?;
                     let applied = apply && !optimized.is_unchanged();
                     if applied {
                         optimize::apply(path, &optimized.text)

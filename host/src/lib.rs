@@ -21,6 +21,7 @@ pub mod model;
 pub mod pool;
 mod run;
 mod runtime;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,7 +44,9 @@ pub use tokio_util::sync::CancellationToken;
 
 use self::invoke::{Defaults, WasmInvoker};
 use self::model::{Emitter, EventBus};
+use self::model::{RunQuery, RunStart, RunStore, StoreError, StoreWrite};
 use self::runtime::{AssetCache, AssetKey, ComponentStore, Engine, Pools, Reloader};
+use self::store::RunWriter;
 
 /// How a [`Host`] is set up: [`HostConfig::new`], then change what you need.
 #[derive(Debug, Clone)]
@@ -150,6 +153,8 @@ pub struct Host {
     history: Mutex<HashMap<String, f64>>,
     /// What the finished runs add up to, counted as each ends.
     totals: Mutex<RunTotals>,
+    /// Where runs are kept, and the task that writes them there.
+    runs: Option<(Arc<dyn RunStore>, RunWriter)>,
 }
 
 /// The file, in the cache directory, of the step durations.
@@ -157,6 +162,25 @@ const HISTORY: &str = "history.json";
 
 /// How much the latest duration of a step counts in its moving average.
 const HISTORY_WEIGHT: f64 = 0.3;
+
+/// Now, in ms since the Unix epoch, as the run store keeps times.
+fn unix_ms() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What the store keeps of a run as it starts.
+fn run_start(run_id: &str, flow: &Flow, input: &serde_json::Value) -> RunStart {
+    RunStart {
+        run_id: run_id.to_owned(),
+        flow: flow.name.clone(),
+        flow_text: flow.text.to_string(),
+        flow_origin: flow.origin.clone(),
+        flow_hash: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(flow.text.as_bytes())),
+        input: input.clone(),
+        started_at_ms: unix_ms(),
+    }
+}
 
 fn history_key(flow: &Flow, step: &Step) -> String {
     format!("{}/{}", flow.name, step.id)
@@ -196,6 +220,7 @@ impl Host {
             pools: Arc::new(Pools::new(config.pool, max_instances)),
             history: Mutex::new(history),
             totals: Mutex::default(),
+            runs: None,
         };
         if config.preload
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -213,6 +238,40 @@ impl Host {
     /// A host does this by itself in the background when it starts.
     pub async fn preload(&self) -> usize {
         preload(&self.catalog, &self.assets, self.preload_threshold).await
+    }
+
+    /// Keeps every run of this host in `store`: its start, its flow and
+    /// input, and its summary, written in batches by a task of the host's
+    /// (so this must be called inside a tokio runtime), never on a step's
+    /// path. Step outputs over `max_output_bytes` of JSON are kept as their
+    /// SHA-256 and size.
+    pub fn with_store(mut self, store: Arc<dyn RunStore>, max_output_bytes: usize) -> Host {
+        let writer = RunWriter::spawn(store.clone(), max_output_bytes);
+        self.runs = Some((store, writer));
+        self
+    }
+
+    /// The run store, if the host keeps its runs.
+    pub fn store(&self) -> Option<&Arc<dyn RunStore>> {
+        self.runs.as_ref().map(|(store, _)| store)
+    }
+
+    /// Waits until every run that ended so far is in the store, or `within`
+    /// has passed; says whether it is (true without a store). A process
+    /// calls it before it exits.
+    pub async fn flush_runs(&self, within: std::time::Duration) -> bool {
+        match &self.runs {
+            Some((_, writer)) => writer.flush(within).await,
+            None => true,
+        }
+    }
+
+    /// The past runs of `flow` in the store, oldest first, at most `limit`:
+    /// the optimizer's evidence. None without a store.
+    pub async fn past_runs(&self, flow: &str, limit: u32) -> Result<Vec<RunSummary>, StoreError> {
+        let Some(store) = self.store() else { return Ok(Vec::new()) };
+        let records = store.runs(RunQuery::newest(limit).flow(flow)).await?;
+        Ok(records.into_iter().rev().filter_map(|r| r.summary).collect())
     }
 
     /// The component store's and the asset cache's figures.
@@ -288,6 +347,10 @@ impl Host {
             Some(id) => Arc::from(id.as_str()),
             None => Arc::from(uuid::Uuid::new_v4().to_string()),
         };
+        if let Some((_, writer)) = &self.runs {
+            // Waits here, before the run starts, if the store is behind.
+            writer.send(StoreWrite::Started(run_start(&run_id, &flow, &input))).await;
+        }
         let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
         let invoker = WasmInvoker::new(
             flow.clone(),
@@ -318,6 +381,10 @@ impl Host {
         summary.store = self.stats();
         self.remember_durations(&flow, &summary);
         lock(&self.totals).add(&summary);
+        if let Some((_, writer)) = &self.runs {
+            let (summary, ended_at_ms) = (Box::new(summary.clone()), unix_ms());
+            writer.send(StoreWrite::Finished { summary, ended_at_ms }).await;
+        }
         Ok(summary)
     }
 
@@ -328,8 +395,15 @@ impl Host {
 
     /// The optimization metrics document, with `level` as the level in force.
     pub fn metrics(&self, level: &str) -> OptimizationMetrics {
+        self.metrics_of(level, &self.run_totals())
+    }
+
+    /// The metrics document with `totals` for the runs (those of a run
+    /// store, say, rather than this host's own) and this host's caches and
+    /// pools.
+    pub fn metrics_of(&self, level: &str, totals: &RunTotals) -> OptimizationMetrics {
         let components = self.catalog.store().stats();
-        OptimizationMetrics::new(level, &self.run_totals(), &components, &self.pool_stats())
+        OptimizationMetrics::new(level, totals, &components, &self.pool_stats())
     }
 
     /// The flow's dependency analysis, with step durations estimated from

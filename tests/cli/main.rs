@@ -21,6 +21,7 @@ fn command(args: &[&str]) -> Command {
         .current_dir(repo())
         .env("QFLOW_PLUGINS", plugins_dir())
         .env("QFLOW_CACHE_DIR", scratch("cli-cache"))
+        .env("QFLOW_DATA_DIR", scratch("cli-data"))
         .env_remove("QFLOW_LOG");
     command
 }
@@ -385,4 +386,83 @@ fn optimize_in_process_prints_a_diff_and_applies_it_with_a_backup() {
     );
     assert_eq!(std::fs::read_to_string(dir.path().join("redundant.toml.bak")).unwrap(), text);
     assert!(std::fs::read_to_string(&flow).unwrap().contains("needs = [\"b\"]\n"));
+}
+
+/// The run store across processes: a later `qflow` lists, shows and reruns
+/// a run, and the in-process optimization commands count it.
+#[test]
+fn runs_are_kept_for_later_commands() {
+    let data = tempfile::tempdir().unwrap();
+    let with_data = |args: &[&str]| {
+        let out = command(args).env("QFLOW_DATA_DIR", data.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        stdout_json(&out)
+    };
+    let summary = with_data(&["run", "examples/orders-report.toml", "--json"]);
+    let run_id = summary["run_id"].as_str().unwrap().to_owned();
+
+    let listed = with_data(&["runs", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["run_id"], run_id.as_str());
+    assert_eq!(listed[0]["status"], "succeeded");
+    let shown = with_data(&["runs", "show", &run_id, "--json"]);
+    assert_eq!(shown["summary"]["steps"].as_array().unwrap().len(), 4);
+    assert_eq!(shown["summary"]["steps"][0]["id"], "orders");
+
+    let metrics = with_data(&["optimization", "metrics", "--json"]);
+    assert_eq!(metrics["executionOptimization"]["runs"], 1, "{metrics}");
+
+    let rerun = with_data(&["runs", "rerun", &run_id, "--json"]);
+    assert_ne!(rerun["run_id"], run_id.as_str());
+    assert_eq!(rerun["status"], "succeeded");
+    let listed = with_data(&["runs", "list", "--flow", "orders-report", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["run_id"], rerun["run_id"], "the newest first");
+
+    let missing = command(&["runs", "show", "no-such-run"])
+        .env("QFLOW_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("no run no-such-run"), "{}", stderr(&missing));
+}
+
+/// A process killed in the middle of a run: the next one to open the store
+/// finds the finished run intact and the unfinished one interrupted.
+#[test]
+fn a_run_whose_process_was_killed_is_interrupted() {
+    let data = tempfile::tempdir().unwrap();
+    let flow = data.path().join("forever.toml");
+    let toml = "[flow]\nname = \"forever\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\nconfig = { ms = 600000 }\n";
+    std::fs::write(&flow, toml).unwrap();
+    let with_data = |args: &[&str]| {
+        let out = command(args).env("QFLOW_DATA_DIR", data.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        stdout_json(&out)
+    };
+    let finished = with_data(&["run", "examples/orders-report.toml", "--json"]);
+    let mut child = command(&["run", flow.to_str().unwrap()])
+        .env("QFLOW_DATA_DIR", data.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Value::Null;
+    for _ in 0..600 {
+        running = with_data(&["runs", "list", "--status", "running", "--json"]);
+        if !running.as_array().unwrap().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(running[0]["flow"], "forever", "the run started: {running}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let listed = with_data(&["runs", "list", "--json"]);
+    let state = |id: &Value| {
+        listed.as_array().unwrap().iter().find(|r| r["run_id"] == *id).unwrap()["status"].clone()
+    };
+    assert_eq!(state(&running[0]["run_id"]), "interrupted", "{listed}");
+    assert_eq!(state(&finished["run_id"]), "succeeded", "{listed}");
 }

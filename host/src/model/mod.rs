@@ -13,6 +13,7 @@ mod plan;
 mod report;
 mod settings;
 mod stats;
+mod store;
 
 pub use self::event::{Event, EventData, SpecVersion};
 pub use self::flow::{
@@ -28,6 +29,9 @@ pub use self::report::{
 };
 pub use self::settings::PoolSettings;
 pub use self::stats::{CacheStats, ComponentStats, PoolStats, Stats};
+pub use self::store::{
+    ParseStateError, RunQuery, RunRecord, RunStart, RunState, RunStore, StoreError, StoreWrite,
+};
 
 pub(crate) use self::event::{Emitter, EventBus};
 pub(crate) use self::flow::InstanceKey;

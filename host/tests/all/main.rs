@@ -9,6 +9,7 @@ mod flows;
 mod optimize;
 mod pools;
 mod reload;
+mod runs;
 mod sandbox;
 mod scheduler;
 mod store;
