@@ -12,7 +12,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use qflow::{RunOptions, RunStatus, RunSummary};
+use qflow::model::RunState;
+use qflow::{RunOptions, RunSummary};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -22,26 +23,6 @@ use crate::{ApiError, AppState};
 
 /// How many finished runs are kept in memory.
 const KEEP: usize = 10_000;
-
-/// A run's state, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "kebab-case")]
-pub(crate) enum RunState {
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl From<RunStatus> for RunState {
-    fn from(status: RunStatus) -> RunState {
-        match status {
-            RunStatus::Succeeded => RunState::Succeeded,
-            RunStatus::Failed => RunState::Failed,
-            RunStatus::Cancelled => RunState::Cancelled,
-        }
-    }
-}
 
 /// One run.
 #[derive(Clone, Serialize, utoipa::ToSchema)]
