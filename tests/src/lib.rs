@@ -74,8 +74,11 @@ pub fn hostile_dir() -> &'static Path {
     })
 }
 
-/// The `qflow` binary of this build, built (or found up to date) by cargo
-/// on first use, into the same target directory and profile as the tests.
+/// The `qflow` binary of this build. `cargo test --workspace` has built it
+/// already, with the tests' own features (the command line has tests of its
+/// own), into the same target directory and profile: that one is used when
+/// it is newer than every source it is made from. Otherwise (`cargo test -p
+/// qflow-tests` after a change) cargo builds it on first use.
 pub fn qflow_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -84,6 +87,10 @@ pub fn qflow_bin() -> &'static Path {
             .parent()
             .and_then(Path::parent)
             .unwrap_or_else(|| panic!("{} is not in <target>/<profile>/deps", exe.display()));
+        let bin = profile_dir.join(format!("qflow{}", std::env::consts::EXE_SUFFIX));
+        if built_after_its_sources(&bin) {
+            return bin;
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
         build.args(["build", "--quiet", "-p", "qflow-cli", "--bin", "qflow"]);
@@ -93,8 +100,32 @@ pub fn qflow_bin() -> &'static Path {
         }
         let status = build.status().unwrap_or_else(|e| panic!("cannot run cargo: {e}"));
         assert!(status.success(), "building the qflow binary failed");
-        let bin = profile_dir.join(format!("qflow{}", std::env::consts::EXE_SUFFIX));
         assert!(bin.is_file(), "cargo built no {}", bin.display());
         bin
     })
+}
+
+/// Whether `bin` exists and no source of the binary changed after it was
+/// built: the crates it links, the contract, the lock file.
+fn built_after_its_sources(bin: &Path) -> bool {
+    fn newest(path: &Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        let entries = std::fs::read_dir(path).ok()?;
+        entries.flatten().filter_map(|e| newest(&e.path())).max()
+    }
+    let Some(built) = std::fs::metadata(bin).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    let sources = ["cli/src", "cli/Cargo.toml", "host/src", "host/migrations", "host/Cargo.toml"];
+    let sources = sources.iter().map(|s| repo().join(s));
+    sources
+        .chain(
+            ["server/src", "server/Cargo.toml", "wit", "plugin-build/src", "Cargo.lock"]
+                .map(|s| repo().join(s)),
+        )
+        .filter_map(|path| newest(&path))
+        .all(|modified| modified <= built)
 }
