@@ -37,7 +37,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 7] = [
+    let scenarios: [(&str, Scenario); 8] = [
+        ("planning", planning),
         ("floor", floor),
         ("chain", chain),
         ("pools", pools),
@@ -99,6 +100,54 @@ fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
         let scenario = format!("trivial step, per call (1-step flow, {what})");
         table.row(&scenario, "bare wasmtime", bare, qflow);
         table.row(&scenario, "bare wasmtime, in a task", bare_in_task, qflow);
+    }
+}
+
+/// Planning hostile shapes: 250 steps each needing every earlier one (a
+/// 233 KiB file, 31 125 needs, every one but the last of each step
+/// redundant), and one cycle through 10 000 steps. The baseline is parsing
+/// the same text as plain TOML: what any reader of the file pays.
+fn planning(_: &tokio::runtime::Runtime, _: &Path, table: &mut Table) {
+    let mut dense = String::from("[flow]\nname = \"dense\"\n");
+    for i in 0..250 {
+        let needs: Vec<String> = (0..i).map(|j| format!("\"s{j}\"")).collect();
+        dense += &format!(
+            "[[step]]\nid = \"s{i}\"\nplugin = \"identity\"\nneeds = [{}]\n",
+            needs.join(", ")
+        );
+    }
+    let mut cycle = String::from("[flow]\nname = \"cycle\"\n");
+    for i in 0..10_000 {
+        let need = if i == 0 { 9_999 } else { i - 1 };
+        cycle +=
+            &format!("[[step]]\nid = \"s{i}\"\nplugin = \"identity\"\nneeds = [\"s{need}\"]\n");
+    }
+    let time = |f: &dyn Fn()| {
+        let samples: Vec<Duration> = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed()
+            })
+            .collect();
+        median(samples)
+    };
+    for (what, text) in
+        [("250 steps, each needing every earlier one", &dense), ("a cycle of 10 000 steps", &cycle)]
+    {
+        let baseline = time(&|| {
+            std::hint::black_box(text.parse::<toml::Table>().unwrap());
+        });
+        let planned = time(&|| match Flow::parse(text, Format::Toml, "<bench>", Path::new(".")) {
+            Ok(flow) => {
+                std::hint::black_box(qflow::Plan::new(&flow));
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("cycle"), "{e}");
+            }
+        });
+        let scenario = format!("plan (or refuse) {what}, {} KiB", text.len() >> 10);
+        table.row(&scenario, "parse as plain TOML", baseline, planned);
     }
 }
 

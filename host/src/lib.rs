@@ -110,6 +110,23 @@ impl HostConfig {
         self.pool = pool;
         self
     }
+
+    /// Every number in range, as in a flow.
+    fn check(&self) -> Result<(), HostError> {
+        let mut problems = Vec::new();
+        let mut numbers = model::Numbers::of("", &mut problems);
+        let memory_mb = self.max_memory_bytes.div_ceil(1 << 20);
+        numbers.check("max_memory_bytes", Some(memory_mb), model::MEMORY_MB, "MiB");
+        numbers.check(
+            "max_output_bytes",
+            Some(self.max_output_bytes),
+            model::OUTPUT_BYTES,
+            "bytes",
+        );
+        numbers.check("max_log_bytes", Some(self.max_log_bytes), model::LOG_BYTES, "bytes");
+        numbers.pool("pool", &self.pool);
+        if problems.is_empty() { Ok(()) } else { Err(HostError::Config(problems)) }
+    }
 }
 
 /// Why a host could not start, or could not watch its plugins.
@@ -122,6 +139,9 @@ pub enum HostError {
     /// The plugins directory could not be opened.
     #[error("cannot use the plugins directory")]
     Plugins(#[source] PluginError),
+    /// A setting is out of range (each problem names the field).
+    #[error("invalid host configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Config(Vec<Problem>),
     /// The plugins directory could not be watched.
     #[error("cannot watch the plugins directory {path}")]
     Watch {
@@ -190,6 +210,7 @@ impl Host {
     /// Creates the engine and opens the plugins directory (nothing is
     /// compiled until a flow uses it).
     pub fn new(config: HostConfig) -> Result<Host, HostError> {
+        config.check()?;
         let engine = Engine::new(&config.engine).map_err(|e| HostError::Engine(cause(e)))?;
         if !engine.pooling() {
             tracing::debug!("instances are allocated on demand (pooling off)");

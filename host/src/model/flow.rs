@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::check::{LOG_BYTES, MAX_PARALLEL, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS, mib};
 use super::graph;
 use super::input::{Source, Template};
 use super::settings::PoolSettings;
@@ -357,15 +358,25 @@ pub enum Problem {
         /// What is wrong.
         reason: String,
     },
-    /// `max_attempts` is 0.
-    #[error("step `{step}`: retry.max_attempts must be at least 1")]
-    BadRetry {
-        /// The step.
-        step: String,
+    /// A number is outside what the field allows.
+    #[error("{field} = {value} is out of range: it must be {range}")]
+    OutOfRange {
+        /// The field, with its owner: ``step `a`: pool.min``.
+        field: String,
+        /// The number as written.
+        value: u64,
+        /// What it may be, such as `1 ..= 4096 (MiB)`.
+        range: String,
     },
-    /// `max_parallel` is 0.
-    #[error("flow.max_parallel must be at least 1")]
-    BadMaxParallel,
+    /// The flow is larger than the host accepts.
+    #[error("the flow is too large: {what} (raise the limit if it is meant to be)")]
+    TooLarge {
+        /// What is over which limit.
+        what: String,
+    },
+    /// More problems than are worth listing.
+    #[error("… and {0} more problems")]
+    More(usize),
     /// A loader's directory grant is unusable.
     #[error("{owner}: dir {guest:?} = {host:?}: {reason}")]
     BadMount {
@@ -391,36 +402,113 @@ pub enum Format {
     Json,
 }
 
+/// How large a flow may be. Flows arrive over the network, and planning
+/// one costs O(V·E/64) time and V²/8 bytes: the defaults leave room for any
+/// real flow and keep the worst case under a second and a few MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlowLimits {
+    /// Steps and loaders in one flow: 10 000.
+    pub max_steps: usize,
+    /// `needs` entries in one flow, every step's together: 100 000.
+    pub max_edges: usize,
+    /// The flow's text, in bytes: 64 MiB.
+    pub max_bytes: u64,
+}
+
+impl Default for FlowLimits {
+    fn default() -> FlowLimits {
+        FlowLimits { max_steps: 10_000, max_edges: 100_000, max_bytes: 64 << 20 }
+    }
+}
+
+/// At most this many problems are listed; the rest are counted.
+const MAX_PROBLEMS: usize = 100;
+
+/// Reads the text file at `path`, refusing one over `limit` bytes without
+/// reading past the limit (`/dev/zero` ends too).
+pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(limit.saturating_add(1)).read_to_string(&mut text)?;
+    if text.len() as u64 > limit {
+        return Err(std::io::Error::other(format!("it is larger than the limit of {limit} bytes")));
+    }
+    Ok(text)
+}
+
 impl Flow {
-    /// Reads and validates a flow file; `.json` files are JSON, all others TOML.
-    /// Relative directories in the flow are resolved against the file's directory.
+    /// Reads and validates a flow file within the default [`FlowLimits`];
+    /// `.json` files are JSON, all others TOML. Relative directories in the
+    /// flow are resolved against the file's directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Flow, FlowError> {
+        Flow::load_with(path, &FlowLimits::default())
+    }
+
+    /// [`Flow::load`] within `limits`: a file over `max_bytes` is not read
+    /// past its limit.
+    pub fn load_with(path: impl AsRef<Path>, limits: &FlowLimits) -> Result<Flow, FlowError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| FlowError {
+        let text = read_text(path, limits.max_bytes).map_err(|e| FlowError {
             origin: origin.clone(),
             problems: vec![Problem::Read(e.to_string())],
         })?;
         let format =
             if path.extension().is_some_and(|e| e == "json") { Format::Json } else { Format::Toml };
         let base = path.parent().unwrap_or(Path::new("."));
-        Flow::parse(&text, format, &origin, base)
+        Flow::parse_with(&text, format, &origin, base, limits)
     }
 
-    /// Parses and validates a flow's text. `origin` names it in errors; `base`
-    /// is the directory relative paths in it are resolved against.
+    /// Parses and validates a flow's text within the default [`FlowLimits`].
+    /// `origin` names it in errors; `base` is the directory relative paths
+    /// in it are resolved against.
     pub fn parse(text: &str, format: Format, origin: &str, base: &Path) -> Result<Flow, FlowError> {
+        Flow::parse_with(text, format, origin, base, &FlowLimits::default())
+    }
+
+    /// [`Flow::parse`] within `limits`.
+    pub fn parse_with(
+        text: &str,
+        format: Format,
+        origin: &str,
+        base: &Path,
+        limits: &FlowLimits,
+    ) -> Result<Flow, FlowError> {
         let error = |problems| FlowError { origin: origin.to_owned(), problems };
+        if text.len() as u64 > limits.max_bytes {
+            let what = format!("{} bytes, over the limit of {}", text.len(), limits.max_bytes);
+            return Err(error(vec![Problem::TooLarge { what }]));
+        }
         let raw: RawFlow = match format {
             Format::Toml => toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned()),
             Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
         }
         .map_err(|message| error(vec![Problem::Syntax(message)]))?;
+        // Before anything costs more than the text: planning is O(V·E/64).
+        let steps = raw.step.len() + raw.loader.len();
+        let edges: usize = raw.step.iter().map(|s| s.needs.len()).sum();
+        if steps > limits.max_steps {
+            let what = format!("{steps} steps and loaders, over the limit of {}", limits.max_steps);
+            return Err(error(vec![Problem::TooLarge { what }]));
+        }
+        if edges > limits.max_edges {
+            let what = format!("{edges} needs in all, over the limit of {}", limits.max_edges);
+            return Err(error(vec![Problem::TooLarge { what }]));
+        }
         let mut problems = Vec::new();
         let mut flow = raw.validate(origin, base, &mut problems);
         flow.text = Arc::from(text);
         flow.format = format;
-        if problems.is_empty() { Ok(flow) } else { Err(error(problems)) }
+        if problems.is_empty() {
+            return Ok(flow);
+        }
+        if problems.len() > MAX_PROBLEMS {
+            let more = problems.len() - MAX_PROBLEMS;
+            problems.truncate(MAX_PROBLEMS);
+            problems.push(Problem::More(more));
+        }
+        Err(error(problems))
     }
 
     /// The index of the step `id`.
@@ -492,6 +580,18 @@ struct RawLoader {
 }
 
 impl RawFlow {
+    /// Every number the header sets, in range.
+    fn check_header(&self, problems: &mut Vec<Problem>) {
+        let header = &self.flow;
+        let mut numbers = Numbers::of("flow.", problems);
+        numbers.check("max_parallel", header.max_parallel.map(|n| n as u64), MAX_PARALLEL, "steps");
+        numbers.retry(header.retry.as_ref());
+        numbers.check("timeout_ms", header.timeout_ms, TIMEOUT_MS, "ms");
+        numbers.check("max_output_bytes", header.max_output_bytes, OUTPUT_BYTES, "bytes");
+        numbers.check("max_memory_mb", header.max_memory_mb, MEMORY_MB, "MiB");
+        numbers.check("max_log_bytes", header.max_log_bytes, LOG_BYTES, "bytes");
+    }
+
     fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> Flow {
         let ids: HashMap<&str, usize> =
             self.step.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
@@ -500,22 +600,39 @@ impl RawFlow {
         check_ids("flow", std::iter::once(self.flow.name.as_str()), problems);
         check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
         check_ids("loader", self.loader.iter().map(|l| l.id.as_str()), problems);
-        let all_ids = || self.step.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ");
+        self.check_header(problems);
+        // Listed once, for every unknown dependency.
+        let mut all_ids: Option<String> = None;
 
         let steps: Vec<Step> = self
             .step
             .iter()
             .map(|raw| {
                 let owner = format!("step `{}`", raw.id);
-                let mut deps = Vec::new();
+                let prefix = format!("{owner}: ");
+                let mut numbers = Numbers::of(&prefix, problems);
+                numbers.check("timeout_ms", raw.timeout_ms, TIMEOUT_MS, "ms");
+                numbers.check("max_memory_mb", raw.max_memory_mb, MEMORY_MB, "MiB");
+                numbers.retry(raw.retry.as_ref());
+                numbers.pool("pool", &raw.pool);
+                let mut deps = Vec::with_capacity(raw.needs.len());
+                let mut seen = HashSet::with_capacity(raw.needs.len());
                 for need in &raw.needs {
                     match ids.get(need.as_str()) {
-                        Some(&i) if !deps.contains(&i) => deps.push(i),
-                        Some(_) => {}
+                        Some(&i) => {
+                            if seen.insert(i) {
+                                deps.push(i);
+                            }
+                        }
                         None => problems.push(Problem::UnknownDependency {
                             step: raw.id.clone(),
                             needs: need.clone(),
-                            steps: all_ids(),
+                            steps: all_ids
+                                .get_or_insert_with(|| {
+                                    let ids = self.step.iter().map(|s| s.id.as_str());
+                                    ids.collect::<Vec<_>>().join(", ")
+                                })
+                                .clone(),
                         }),
                     }
                 }
@@ -536,10 +653,6 @@ impl RawFlow {
                     (None, Some(_)) => Strategy::RetryFailed,
                     (None, None) => self.flow.strategy,
                 };
-                let retry = raw.retry.or(self.flow.retry).unwrap_or_default();
-                if retry.max_attempts == 0 {
-                    problems.push(Problem::BadRetry { step: raw.id.clone() });
-                }
                 Step {
                     id: raw.id.clone(),
                     plugin: plugin_ref(&owner, &raw.plugin, problems),
@@ -547,15 +660,12 @@ impl RawFlow {
                     needs: raw.needs.clone(),
                     timeout: raw.timeout_ms.or(self.flow.timeout_ms).map(Duration::from_millis),
                     strategy,
-                    retry,
+                    retry: raw.retry.or(self.flow.retry).unwrap_or_default(),
                     resources: raw.resources.clone(),
                     pool: raw.pool,
                     dirs: mounts(&owner, raw.dirs.clone(), base, problems),
                     env: raw.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    max_memory_bytes: raw
-                        .max_memory_mb
-                        .or(self.flow.max_memory_mb)
-                        .map(|mb| mb << 20),
+                    max_memory_bytes: raw.max_memory_mb.or(self.flow.max_memory_mb).map(mib),
                     deps,
                     input,
                     instance_key: InstanceKey { hash: 0, text: Arc::from("") },
@@ -583,9 +693,6 @@ impl RawFlow {
             })
             .collect();
 
-        if self.flow.max_parallel == Some(0) {
-            problems.push(Problem::BadMaxParallel);
-        }
         let mut steps = steps;
         for step in &mut steps {
             step.instance_key = InstanceKey::new(step, &loaders);
@@ -626,9 +733,14 @@ fn check_ids<'a>(
 /// Every `${steps.X.output}` must name a step this one needs, so that its
 /// output exists when this step starts.
 fn check_refs(raw: &RawStep, template: &Template, problems: &mut Vec<Problem>) {
-    for r in template.refs() {
+    let refs = template.refs();
+    if refs.is_empty() {
+        return;
+    }
+    let needs: HashSet<&str> = raw.needs.iter().map(String::as_str).collect();
+    for r in refs {
         if let Source::Step(id) = &r.source
-            && !raw.needs.contains(id)
+            && !needs.contains(id.as_str())
         {
             problems.push(Problem::BadReference {
                 step: raw.id.clone(),
@@ -856,6 +968,98 @@ mod tests {
         assert!(found.iter().any(
             |p| matches!(p, Problem::BadMount { reason, .. } if reason == "no such directory on the host")
         ));
+    }
+
+    #[test]
+    fn numbers_that_would_wrap_are_refused_naming_the_field() {
+        let found = problems(
+            "[flow]\nname = \"t\"\nmax_parallel = 0\ntimeout_ms = 18446744073709551615\n\
+             [[step]]\nid = \"a\"\nplugin = \"x\"\nmax_memory_mb = 17592186044416\n\
+             retry = { max_attempts = 0 }\npool = { min = 1000000, reuse = 0 }\n\
+             [[step]]\nid = \"b\"\nplugin = \"x\"\nmax_memory_mb = 17592186044480\n",
+        );
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        for expected in [
+            "flow.max_parallel = 0 is out of range: it must be 1 ..= 1000000 (steps)",
+            "flow.timeout_ms = 18446744073709551615 is out of range",
+            "step `a`: max_memory_mb = 17592186044416 is out of range: it must be 1 ..= 4096 (MiB)",
+            "step `a`: retry.max_attempts = 0 is out of range",
+            "step `a`: pool.min = 1000000 is out of range",
+            "step `a`: pool.reuse = 0 is out of range",
+            // 2^44 + 64 MiB once became 64 MiB.
+            "step `b`: max_memory_mb = 17592186044480 is out of range",
+        ] {
+            assert!(text.iter().any(|t| t.starts_with(expected)), "{expected}\n{text:#?}");
+        }
+        assert_eq!(text.len(), 7, "{text:#?}");
+    }
+
+    #[test]
+    fn a_flow_over_the_limits_is_refused_before_it_is_checked() {
+        let limits = FlowLimits { max_steps: 3, max_edges: 2, ..FlowLimits::default() };
+        let parse = |text: &str| {
+            Flow::parse_with(text, Format::Toml, "big.toml", Path::new("."), &limits).unwrap_err()
+        };
+        let four = steps(&"[[step]]\nid = \"a\"\nplugin = \"x\"\n".repeat(4));
+        assert_eq!(
+            parse(&four).problems,
+            [Problem::TooLarge { what: "4 steps and loaders, over the limit of 3".into() }]
+        );
+        let edges = steps(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\n\
+             [[step]]\nid = \"b\"\nplugin = \"x\"\nneeds = [\"a\", \"a\", \"a\"]\n",
+        );
+        let err = parse(&edges);
+        assert_eq!(
+            err.to_string(),
+            "big.toml: the flow is too large: 3 needs in all, over the limit of 2 (raise the limit if it is meant to be)"
+        );
+        let bytes = FlowLimits { max_bytes: 10, ..limits };
+        let err = Flow::parse_with(&four, Format::Toml, "big.toml", Path::new("."), &bytes);
+        assert!(err.unwrap_err().to_string().contains("over the limit of 10"));
+    }
+
+    #[test]
+    fn a_file_is_read_no_further_than_its_limit() {
+        let err = read_text(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("larger than the limit of 1048576 bytes"), "{err}");
+        let err =
+            Flow::load_with("/dev/zero", &FlowLimits { max_bytes: 4096, ..FlowLimits::default() })
+                .unwrap_err();
+        assert_eq!(err.origin, "/dev/zero");
+        assert!(matches!(&err.problems[0], Problem::Read(m) if m.contains("limit of 4096")));
+    }
+
+    #[test]
+    fn problems_past_a_hundred_are_counted() {
+        let needs: Vec<String> = (0..150).map(|i| format!("\"missing{i}\"")).collect();
+        let found = problems(&steps(&format!(
+            "[[step]]\nid = \"a\"\nplugin = \"x\"\nneeds = [{}]\n",
+            needs.join(", ")
+        )));
+        assert_eq!(found.len(), 101);
+        assert_eq!(found[100], Problem::More(50));
+    }
+
+    #[test]
+    fn a_dense_flow_has_every_implied_need_found() {
+        // 250 steps, each needing every earlier one: all but the last need of
+        // each step is implied by it.
+        let mut text = String::from(HEADER);
+        for i in 0..250 {
+            let needs: Vec<String> = (0..i).map(|j| format!("\"s{j}\"")).collect();
+            text += &format!(
+                "[[step]]\nid = \"s{i}\"\nplugin = \"x\"\nneeds = [{}]\n",
+                needs.join(",")
+            );
+        }
+        let flow = parse(&text).unwrap();
+        let plan = crate::model::Plan::new(&flow);
+        assert_eq!(plan.redundant.len(), 249 * 248 / 2);
+        assert_eq!(plan.groups.len(), 250);
+        let last = plan.redundant.iter().find(|r| r.step == "s249" && r.needs == "s0").unwrap();
+        // The first need (in the step's own order) that implies it.
+        assert_eq!(last.implied_by, "s1");
     }
 
     #[test]

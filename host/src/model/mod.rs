@@ -3,6 +3,7 @@
 //! scheduling — so that the optimizer, a run store and an API can use flows
 //! without an engine. The layering test in `lib.rs` keeps it so.
 
+mod check;
 mod event;
 mod flow;
 mod graph;
@@ -17,13 +18,14 @@ mod store;
 
 pub use self::event::{Event, EventData, SpecVersion};
 pub use self::flow::{
-    Flow, FlowError, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step, Strategy,
+    Flow, FlowError, FlowLimits, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step,
+    Strategy, read_text,
 };
 pub use self::metrics::{
     ExecutionOptimization, KeyedPool, LazyLoading, OptimizationMetrics, PoolSummary, ResourcePools,
     RunTotals, overlapped,
 };
-pub use self::plan::{Conflict, Plan, Redundant};
+pub use self::plan::{Analysis, Conflict, Plan, Redundant};
 pub use self::report::{
     FailureKind, PlanFigures, RunStatus, RunSummary, StepFailure, StepLog, StepReport, StepStatus,
 };
@@ -33,6 +35,7 @@ pub use self::store::{
     ParseStateError, RunQuery, RunRecord, RunStart, RunState, RunStore, StoreError, StoreWrite,
 };
 
+pub(crate) use self::check::{LOG_BYTES, MEMORY_MB, Numbers, OUTPUT_BYTES};
 pub(crate) use self::event::{Emitter, EventBus};
 pub(crate) use self::flow::InstanceKey;
 pub(crate) use self::input::Source;

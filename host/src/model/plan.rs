@@ -4,12 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use petgraph::algo::{DfsSpace, has_path_connecting, toposort};
-use petgraph::graph::NodeIndex;
 use serde::{Deserialize, Serialize};
 
 use super::flow::{Flow, Step};
-use super::graph::graph;
+use super::graph::{self, Reach};
 
 /// Steps that name the same exclusive resource and that nothing orders, so
 /// the scheduler must keep them apart.
@@ -69,6 +67,80 @@ pub struct Plan {
     pub(crate) priority: Vec<f64>,
 }
 
+/// What a flow's graph says whatever the steps' durations: the order, the
+/// parallel groups, redundant needs and resource conflicts. A host keeps
+/// it per flow text, so a run only adds the estimates.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    order: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    groups: Vec<Vec<String>>,
+    redundant: Vec<Redundant>,
+    conflicts: Vec<Conflict>,
+}
+
+impl Analysis {
+    /// Analyses `flow`'s graph: O(V·E/64) with reachability bitsets.
+    pub fn new(flow: &Flow) -> Analysis {
+        let steps = &flow.steps;
+        let n = steps.len();
+        let deps: Vec<&[usize]> = steps.iter().map(|s| s.deps.as_slice()).collect();
+        // Validation rejects cycles; were one to slip through, the steps in
+        // it would never become ready and the run would report them skipped.
+        let order = graph::order(&deps).unwrap_or_default();
+        let mut dependents = vec![Vec::new(); n];
+        for (i, step) in steps.iter().enumerate() {
+            for &dep in &step.deps {
+                dependents[dep].push(i);
+            }
+        }
+        let mut depth = vec![0usize; n];
+        for &i in &order {
+            depth[i] = steps[i].deps.iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
+        }
+        let mut groups = vec![Vec::new(); depth.iter().max().map_or(0, |d| d + 1)];
+        for (i, step) in steps.iter().enumerate() {
+            groups[depth[i]].push(step.id.clone());
+        }
+
+        let reach = Reach::new(&deps, &order);
+        let mut redundant = Vec::new();
+        for step in steps {
+            for (need, by) in reach.implied(&step.deps) {
+                redundant.push(Redundant {
+                    step: step.id.clone(),
+                    needs: steps[step.deps[need]].id.clone(),
+                    implied_by: steps[step.deps[by]].id.clone(),
+                });
+            }
+        }
+        let mut by_resource: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            for resource in &step.resources {
+                by_resource.entry(resource).or_default().push(i);
+            }
+        }
+        let mut conflicts = Vec::new();
+        for (resource, users) in by_resource {
+            let mut overlapping: Vec<usize> = Vec::new();
+            for (k, &a) in users.iter().enumerate() {
+                for &b in &users[k + 1..] {
+                    if !reach.needs(a, b) && !reach.needs(b, a) {
+                        overlapping.extend([a, b]);
+                    }
+                }
+            }
+            overlapping.sort_unstable();
+            overlapping.dedup();
+            if !overlapping.is_empty() {
+                let steps = overlapping.iter().map(|&i| steps[i].id.clone()).collect();
+                conflicts.push(Conflict { resource: resource.to_owned(), steps });
+            }
+        }
+        Analysis { order, dependents, groups, redundant, conflicts }
+    }
+}
+
 impl Plan {
     /// Analyses a flow, counting every step as 1 ms.
     pub fn new(flow: &Flow) -> Plan {
@@ -78,10 +150,19 @@ impl Plan {
     /// Analyses a flow with each step's duration estimated by `estimate`
     /// (in ms; `None` where nothing is known).
     pub fn with_estimates(flow: &Flow, estimate: impl Fn(&Step) -> Option<f64>) -> Plan {
+        Plan::estimated(flow, &Analysis::new(flow), estimate)
+    }
+
+    /// [`Plan::with_estimates`] on an `analysis` of this flow made before:
+    /// linear in the flow.
+    pub fn estimated(
+        flow: &Flow,
+        analysis: &Analysis,
+        estimate: impl Fn(&Step) -> Option<f64>,
+    ) -> Plan {
         let steps = &flow.steps;
         let n = steps.len();
-        let deps: Vec<&[usize]> = steps.iter().map(|s| s.deps.as_slice()).collect();
-        let graph = graph(&deps);
+        let Analysis { order, dependents, .. } = analysis;
         let estimates: Vec<Option<f64>> = steps.iter().map(&estimate).collect();
         let estimated = estimates.iter().any(Option::is_some);
         let known: Vec<f64> = estimates.iter().flatten().copied().collect();
@@ -89,27 +170,6 @@ impl Plan {
         let fallback =
             if known.is_empty() { 1.0 } else { known.iter().sum::<f64>() / known.len() as f64 };
         let weight: Vec<f64> = estimates.iter().map(|e| e.unwrap_or(fallback)).collect();
-
-        // Validation rejects cycles; were one to slip through, the steps in
-        // it would never become ready and the run would report them skipped.
-        let order: Vec<usize> = toposort(&graph, None)
-            .map(|o| o.into_iter().map(|node| graph[node]).collect())
-            .unwrap_or_default();
-        let mut dependents = vec![Vec::new(); n];
-        for (i, step) in steps.iter().enumerate() {
-            for &dep in &step.deps {
-                dependents[dep].push(i);
-            }
-        }
-
-        let mut depth = vec![0usize; n];
-        for &i in &order {
-            depth[i] = steps[i].deps.iter().map(|&d| depth[d] + 1).max().unwrap_or(0);
-        }
-        let mut groups = vec![Vec::new(); depth.iter().max().map_or(0, |d| d + 1)];
-        for (i, step) in steps.iter().enumerate() {
-            groups[depth[i]].push(step.id.clone());
-        }
 
         let mut priority = vec![0.0; n];
         for &i in order.iter().rev() {
@@ -132,59 +192,17 @@ impl Plan {
         let critical_path_ms = (0..n).map(|i| priority[i]).fold(0.0, f64::max);
         let total_ms: f64 = weight.iter().sum();
 
-        let mut space = DfsSpace::new(&graph);
-        let mut reaches = |from: usize, to: usize| {
-            has_path_connecting(&graph, NodeIndex::new(from), NodeIndex::new(to), Some(&mut space))
-        };
-        let mut redundant = Vec::new();
-        for step in steps {
-            for &need in &step.deps {
-                if let Some(&via) =
-                    step.deps.iter().find(|&&other| other != need && reaches(need, other))
-                {
-                    redundant.push(Redundant {
-                        step: step.id.clone(),
-                        needs: steps[need].id.clone(),
-                        implied_by: steps[via].id.clone(),
-                    });
-                }
-            }
-        }
-        let mut by_resource: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, step) in steps.iter().enumerate() {
-            for resource in &step.resources {
-                by_resource.entry(resource).or_default().push(i);
-            }
-        }
-        let mut conflicts = Vec::new();
-        for (resource, users) in by_resource {
-            let mut overlapping: Vec<usize> = Vec::new();
-            for (k, &a) in users.iter().enumerate() {
-                for &b in &users[k + 1..] {
-                    if !reaches(a, b) && !reaches(b, a) {
-                        overlapping.extend([a, b]);
-                    }
-                }
-            }
-            overlapping.sort_unstable();
-            overlapping.dedup();
-            if !overlapping.is_empty() {
-                let steps = overlapping.iter().map(|&i| steps[i].id.clone()).collect();
-                conflicts.push(Conflict { resource: resource.to_owned(), steps });
-            }
-        }
-
         Plan {
             order: order.iter().map(|&i| steps[i].id.clone()).collect(),
-            groups,
+            groups: analysis.groups.clone(),
             critical_path,
             critical_path_ms,
             total_ms,
             parallelization: if critical_path_ms > 0.0 { total_ms / critical_path_ms } else { 1.0 },
             estimated,
-            conflicts,
-            redundant,
-            dependents,
+            conflicts: analysis.conflicts.clone(),
+            redundant: analysis.redundant.clone(),
+            dependents: dependents.clone(),
             priority,
         }
     }

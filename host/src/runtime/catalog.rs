@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::components::{ComponentStore, ReadBytes};
 use super::engine::Engine;
 use super::plugin::{Digest, LoadSource, Plugin, PluginError, PluginInfo, digest, valid_name};
-use crate::model::PoolSettings;
+use crate::model::{Numbers, PoolSettings};
 
 /// What identifies a file's contents without reading it: when these are the
 /// same, what was read last time still holds.
@@ -370,7 +370,15 @@ impl Catalog {
                     message: message.trim_end().to_owned(),
                 };
                 let text = String::from_utf8(bytes).map_err(|e| invalid(e.to_string()))?;
-                toml::from_str::<SettingsFile>(&text).map_err(|e| invalid(e.to_string()))?.pool
+                let pool =
+                    toml::from_str::<SettingsFile>(&text).map_err(|e| invalid(e.to_string()))?.pool;
+                let mut problems = Vec::new();
+                Numbers::of("", &mut problems).pool("pool", &pool);
+                if !problems.is_empty() {
+                    let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    return Err(invalid(problems.join("; ")));
+                }
+                pool
             }
         };
         lock(&self.settings).insert(name.to_owned(), (fingerprint, settings));
