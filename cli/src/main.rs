@@ -7,14 +7,18 @@ mod telemetry;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use qflow::model::{printable, printable_lines};
 use qflow::store::SqliteStore;
-use qflow::{EventData, Flow, Host, HostConfig, RunOptions, RunStatus, RunSummary, StepStatus};
+use qflow::{
+    CancellationToken, EventData, Flow, FlowLimits, Host, HostConfig, Keep, RunOptions, RunStatus,
+    RunSummary, StepStatus,
+};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -41,6 +45,8 @@ enum Command {
         /// Write the run's events (CloudEvents, one JSON object a line) to this file.
         #[arg(long)]
         events: Option<PathBuf>,
+        #[command(flatten)]
+        outputs: OutputArgs,
         /// Print a machine-readable summary on stdout.
         #[arg(long)]
         json: bool,
@@ -135,6 +141,32 @@ enum PluginsCommand {
     },
 }
 
+/// Which step outputs a run's summary shows.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct OutputArgs {
+    /// Which outputs the summary shows: those of the steps nothing depends
+    /// on (the flow's results), all, or none.
+    #[arg(long, default_value = "leaves")]
+    outputs: Keep,
+    /// Outputs over this many bytes of JSON are shown as their digest
+    /// (`{"sha256", "bytes"}`); the run itself keeps intermediate outputs
+    /// over it only until the steps that need them have them.
+    #[arg(long, default_value_t = 1 << 20)]
+    output_max_bytes: u64,
+}
+
+impl OutputArgs {
+    /// The run's options with this retention.
+    fn apply(self, options: RunOptions) -> RunOptions {
+        options.retain_output_bytes(self.output_max_bytes)
+    }
+
+    /// What of `summary` is shown.
+    fn select(self, flow: &Flow, summary: &mut RunSummary) {
+        summary.select_outputs(flow, self.outputs, self.output_max_bytes);
+    }
+}
+
 /// Where a host finds its plugins and keeps their compiled code.
 #[derive(clap::Args)]
 pub(crate) struct HostArgs {
@@ -149,6 +181,16 @@ pub(crate) struct HostArgs {
     /// data directory, such as ~/.local/share/qflow).
     #[arg(long, env = "QFLOW_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The timeout of a step whose flow sets none (such as 90s or 15m).
+    #[arg(long, env = "QFLOW_STEP_TIMEOUT", default_value = "15m")]
+    step_timeout: humantime::Duration,
+    /// How long one run may take in all.
+    #[arg(long, env = "QFLOW_RUN_TIMEOUT", default_value = "24h")]
+    run_timeout: humantime::Duration,
+    /// The memory all plugin instances together may hold, in MiB (default:
+    /// half the machine's); an instance past it waits for memory.
+    #[arg(long, env = "QFLOW_MAX_TOTAL_MEMORY_MB")]
+    max_total_memory_mb: Option<u64>,
 }
 
 impl HostArgs {
@@ -220,14 +262,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { flow, host, input, max_parallel, json, events } => {
-            let mut options = RunOptions::new();
+        Command::Run { flow, host, input, max_parallel, json, events, outputs } => {
+            let mut options = outputs.apply(RunOptions::new());
             options.max_parallel = max_parallel;
-            runtime()?.block_on(run(&flow, &host, &input, options, json, events.as_deref()))
+            let printed = Printed { json, outputs };
+            block_on(run(&flow, &host, &input, options, printed, events.as_deref()))
         }
-        Command::Plan { flow, host, json } => runtime()?.block_on(plan(&flow, &host, json)),
+        Command::Plan { flow, host, json } => block_on(plan(&flow, &host, json)),
         Command::Watch { flow, host, input, json } => {
-            runtime()?.block_on(watch(flow.as_deref(), &host, &input, json))
+            block_on(watch(flow.as_deref(), &host, &input, json))
         }
         Command::Serve { addr, host, flows, token, level, grace_secs } => {
             let mut config = qflow_server::ServerConfig::default();
@@ -236,12 +279,12 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config.token = token;
             config.level = level;
             config.grace = Duration::from_secs(grace_secs);
-            runtime()?.block_on(serve(&host, config))
+            block_on(serve(&host, config))
         }
-        Command::Optimization { command } => runtime()?.block_on(optimization::run(command)),
-        Command::Runs { command } => runtime()?.block_on(runs::run(command)),
+        Command::Optimization { command } => block_on(optimization::run(command)),
+        Command::Runs { command } => block_on(runs::run(command)),
         Command::Plugins { command: PluginsCommand::List { host, json } } => {
-            runtime()?.block_on(list(&host, json))
+            block_on(list(&host, json))
         }
     }
 }
@@ -252,12 +295,22 @@ fn default_plugins_dir() -> PathBuf {
     std::env::var_os("QFLOW_PLUGINS").map_or_else(|| "plugins".into(), PathBuf::from)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs a command on a new runtime, then shuts the runtime down without
+/// waiting long for what is left: a plugin's blocking call stuck in the
+/// kernel (a FIFO opened in a granted directory) holds a blocking thread
+/// forever, and must not hold the process, its exit code or its signals.
+fn block_on<T>(command: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("could not start the async runtime")
+        .context("could not start the async runtime")?;
+    let result = runtime.block_on(command);
+    runtime.shutdown_timeout(SHUTDOWN_WITHIN);
+    result
 }
+
+/// How long a finished command waits for its runtime's last tasks.
+const SHUTDOWN_WITHIN: Duration = Duration::from_millis(250);
 
 /// A host on the plugins directory; must be called inside the runtime, so
 /// that it can preload hot plugins in the background.
@@ -274,13 +327,43 @@ pub(crate) fn host(args: &HostArgs) -> anyhow::Result<Host> {
     if let Some(dir) = &args.cache_dir {
         config.cache.dir = Some(dir.clone());
     }
+    config.step_timeout = args.step_timeout.into();
+    config.run_timeout = args.run_timeout.into();
+    if let Some(mb) = args.max_total_memory_mb {
+        config.engine.max_total_memory_mb = mb;
+    }
     Ok(Host::new(config)?)
 }
 
+/// How large a flow and an input may be: the library's defaults, or
+/// `QFLOW_MAX_STEPS`, `QFLOW_MAX_NEEDS` and `QFLOW_MAX_INPUT_BYTES` (which
+/// bounds flow files and `--input @FILE` alike).
+pub(crate) fn limits() -> FlowLimits {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut limits = FlowLimits::default();
+    if let Some(n) = var("QFLOW_MAX_STEPS") {
+        limits.max_steps = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = var("QFLOW_MAX_NEEDS") {
+        limits.max_edges = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = var("QFLOW_MAX_INPUT_BYTES") {
+        limits.max_bytes = n;
+    }
+    limits
+}
+
+/// A flow file, within the limits.
+pub(crate) fn load_flow(path: &Path) -> anyhow::Result<Flow> {
+    Ok(Flow::load_with(path, &limits())?)
+}
+
 fn read_input(input: &str) -> anyhow::Result<Value> {
+    let limit = limits().max_bytes;
     let (text, origin) = match input.strip_prefix('@') {
         Some(path) => (
-            std::fs::read_to_string(path).with_context(|| format!("cannot read --input {path}"))?,
+            qflow::model::read_text(Path::new(path), limit)
+                .with_context(|| format!("cannot read --input {path}"))?,
             path,
         ),
         None => (input.to_owned(), "--input"),
@@ -288,15 +371,49 @@ fn read_input(input: &str) -> anyhow::Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{origin} is not JSON"))
 }
 
+/// How a run's summary is printed.
+#[derive(Clone, Copy)]
+pub(crate) struct Printed {
+    json: bool,
+    outputs: OutputArgs,
+}
+
+impl Printed {
+    /// Prints `summary` (its outputs selected) as JSON or as lines.
+    pub(crate) fn print(self, flow: &Flow, summary: &RunSummary) -> anyhow::Result<()> {
+        let mut shown = summary.clone();
+        self.outputs.select(flow, &mut shown);
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        } else {
+            print_summary(&shown);
+        }
+        Ok(())
+    }
+
+    /// The default: lines, the flow's results up to 1 MiB each.
+    pub(crate) fn lines() -> Printed {
+        Printed {
+            json: false,
+            outputs: OutputArgs { outputs: Keep::Leaves, output_max_bytes: 1 << 20 },
+        }
+    }
+
+    /// JSON or lines, the flow's results up to 1 MiB each.
+    pub(crate) fn json(json: bool) -> Printed {
+        Printed { json, ..Printed::lines() }
+    }
+}
+
 async fn run(
     flow: &Path,
     args: &HostArgs,
     input: &str,
     options: RunOptions,
-    json: bool,
+    printed: Printed,
     events: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    let flow = Flow::load(flow)?;
+    let flow = load_flow(flow)?;
     let input = read_input(input)?;
     let host = host_with_store(args).await?;
     // Known before the run starts, so that --events can follow it.
@@ -307,18 +424,11 @@ async fn run(
         None => None,
     };
     let progress = std::io::stderr().is_terminal().then(|| show_progress(&host, &flow));
-    // Ctrl-C cancels the run: running steps are cut, and the summary still
-    // says what finished, what was cut and what never started. The handler
-    // is in place before the run starts.
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("cannot handle Ctrl-C")?;
-    let cancel = options.cancel.clone();
-    tokio::spawn(async move {
-        if interrupt.recv().await.is_some() {
-            eprintln!("interrupted: stopping the run");
-            cancel.cancel();
-        }
-    });
+    // Ctrl-C and SIGTERM (a service manager stopping it) cancel the run:
+    // running steps are cut, and the summary still says what finished,
+    // what was cut and what never started. The handlers are in place
+    // before the run starts.
+    let signalled = stop_on_signals(options.cancel.clone())?;
     let summary = host.run_with(&flow, input, options).await?;
     if let Some(progress) = progress {
         progress.finish_and_clear();
@@ -327,12 +437,31 @@ async fn run(
     if let Some(recorder) = recorder {
         recorder.await.context("writing the events failed")??;
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        print_summary(&flow, &summary);
+    printed.print(&flow, &summary)?;
+    match signalled.get() {
+        Some(&code) if summary.status == RunStatus::Cancelled => Ok(ExitCode::from(code)),
+        _ => Ok(status_code(summary.status)),
     }
-    Ok(status_code(summary.status))
+}
+
+/// Cancels `cancel` on Ctrl-C (SIGINT) or SIGTERM; the cell then holds the
+/// exit code the shell expects for that signal: 130 or 143.
+fn stop_on_signals(cancel: CancellationToken) -> anyhow::Result<Arc<OnceLock<u8>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let signalled = Arc::new(OnceLock::new());
+    let cell = signalled.clone();
+    tokio::spawn(async move {
+        let (code, name) = tokio::select! {
+            _ = interrupt.recv() => (130, "interrupted"),
+            _ = terminate.recv() => (143, "terminated"),
+        };
+        let _ = cell.set(code);
+        eprintln!("{name}: stopping the run");
+        cancel.cancel();
+    });
+    Ok(signalled)
 }
 
 /// A run's exit code: 0 succeeded, 1 failed, 130 cancelled (as by Ctrl-C).
@@ -419,7 +548,7 @@ async fn watch(
     input: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let flow = flow.map(Flow::load).transpose()?;
+    let flow = flow.map(load_flow).transpose()?;
     let input = read_input(input)?;
     let host = host_with_store(args).await?;
     let _watch = host.watch()?;
@@ -443,13 +572,13 @@ async fn watch(
         };
         let changed = match &event.data {
             EventData::PluginAdded { plugin, version } => {
-                Some((plugin.clone(), format!("added {plugin} {version}")))
+                Some((plugin.clone(), format!("added {plugin} {}", printable(version))))
             }
             EventData::PluginReloaded { plugin, version } => {
-                Some((plugin.clone(), format!("reloaded {plugin}: now {version}")))
+                Some((plugin.clone(), format!("reloaded {plugin}: now {}", printable(version))))
             }
             EventData::PluginReloadFailed { plugin, error } => {
-                Some((plugin.clone(), format!("kept the old {plugin}: {error}")))
+                Some((plugin.clone(), format!("kept the old {plugin}: {}", printable(error))))
             }
             EventData::PluginRemoved { plugin } => {
                 Some((plugin.clone(), format!("removed {plugin}")))
@@ -474,16 +603,21 @@ async fn watch(
 
 /// One run for `watch`: its summary on stdout, an invalid flow on stderr.
 async fn run_once(host: &Host, flow: &Flow, input: &Value, json: bool) -> anyhow::Result<()> {
-    match host.run(flow, input.clone()).await {
-        Ok(summary) if json => println!("{}", serde_json::to_string(&summary)?),
-        Ok(summary) => print_summary(flow, &summary),
+    let printed = Printed::json(json);
+    let options = printed.outputs.apply(RunOptions::new());
+    match host.run_with(flow, input.clone(), options).await {
+        Ok(mut summary) if json => {
+            printed.outputs.select(flow, &mut summary);
+            println!("{}", serde_json::to_string(&summary)?);
+        }
+        Ok(summary) => printed.print(flow, &summary)?,
         Err(e) => eprintln!("error: {e}"),
     }
     Ok(())
 }
 
 async fn plan(flow: &Path, args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let flow = Flow::load(flow)?;
+    let flow = load_flow(flow)?;
     let host = host(args)?;
     host.check(&flow)?;
     let plan = host.plan(&flow);
@@ -545,7 +679,12 @@ fn show_progress(host: &Host, flow: &Flow) -> ProgressBar {
     bar
 }
 
-pub(crate) fn print_summary(flow: &Flow, summary: &RunSummary) {
+/// A summary as lines: one per step, then the outputs the summary kept.
+/// Everything a plugin controls (outputs, error messages) is escaped: a
+/// control character is shown as `\u{…}`, an error stays on its line, and
+/// every line of an output is marked as part of it, so no plugin can forge
+/// a status line or drive the terminal.
+pub(crate) fn print_summary(summary: &RunSummary) {
     let width = summary.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
     for step in &summary.steps {
         let mark = match step.status {
@@ -560,7 +699,7 @@ pub(crate) fn print_summary(flow: &Flow, summary: &RunSummary) {
         };
         println!("{mark} {:width$}  {timing}  {}", step.id, step.plugin);
         if let Some(error) = &step.error {
-            println!("    {}", error.message);
+            println!("    {}", printable(&error.message));
         }
     }
     let status = match summary.status {
@@ -579,14 +718,15 @@ pub(crate) fn print_summary(flow: &Flow, summary: &RunSummary) {
             components.compiles, components.compile_ms, components.disk_hits
         );
     }
-    // The flow's results: the outputs of the steps nothing depends on.
-    for step in flow.steps.iter().filter(|s| !flow.steps.iter().any(|o| o.needs.contains(&s.id))) {
-        if let Some(output) = summary.output(&step.id) {
-            println!("\n── {} ──", step.id);
-            match output {
-                Value::String(text) => println!("{}", text.trim_end()),
-                other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
-            }
+    for step in &summary.steps {
+        let Some(output) = &step.output else { continue };
+        println!("\n── {} ──", step.id);
+        let text = match output.value() {
+            Value::String(text) => text,
+            other => serde_json::to_string_pretty(&other).unwrap_or_default(),
+        };
+        for line in printable_lines(text.trim_end()).lines() {
+            println!("│ {line}");
         }
     }
 }
@@ -608,9 +748,12 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
             match d {
                 Ok(info) => println!(
                     "{:14} {:8} {:7} {}",
-                    info.name, info.version, info.kind, info.description
+                    printable(&info.name),
+                    printable(&info.version),
+                    info.kind,
+                    printable(&info.description)
                 ),
-                Err(e) => println!("error: {}", qflow::error_chain(e)),
+                Err(e) => println!("error: {}", printable(&qflow::error_chain(e))),
             }
         }
     }

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+use qflow::OptimizationMetrics;
 use qflow::model::RunQuery;
 use qflow::model::optimize::{self, Level, Recommendation};
-use qflow::{Flow, OptimizationMetrics};
 use serde_json::{Value, json};
 
 use crate::{HostArgs, host, host_with_store};
@@ -170,7 +170,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     serde_json::from_value(found["recommendations"].clone())?
                 }
                 None => {
-                    let flow = Flow::load(&flow)?;
+                    let flow = crate::load_flow(std::path::Path::new(&flow))?;
                     let host = host_with_store(&target.host).await?;
                     host.check(&flow)?;
                     let runs = host.past_runs(&flow.name, HISTORY_RUNS).await?;
@@ -204,7 +204,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let path = Path::new(&flow);
-                    let flow = Flow::load(path)?;
+                    let flow = crate::load_flow(path)?;
                     let host = host_with_store(&target.host).await?;
                     host.check(&flow)?;
                     let runs = host.past_runs(&flow.name, HISTORY_RUNS).await?;

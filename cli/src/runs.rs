@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use qflow::model::{RunQuery, RunRecord, RunState, RunStore};
+use qflow::model::{RunQuery, RunRecord, RunState, RunStore, printable};
 use qflow::{Flow, Format, RunOptions};
 
-use crate::{HostArgs, flush, host_with_store, open_store, print_summary, status_code};
+use crate::{HostArgs, Printed, flush, host_with_store, limits, open_store, status_code};
 
 #[derive(Subcommand)]
 pub(crate) enum Command {
@@ -80,7 +80,8 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("input: {}", record.input);
                 if let Some(summary) = &record.summary {
                     for step in &summary.steps {
-                        let error = step.error.as_ref().map(|e| format!(": {}", e.message));
+                        let error =
+                            step.error.as_ref().map(|e| format!(": {}", printable(&e.message)));
                         println!(
                             "  {:<16} {:<10} {} attempt(s){}",
                             step.id,
@@ -104,14 +105,10 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Format::Toml
             };
             let base = path.parent().unwrap_or(Path::new("."));
-            let flow = Flow::parse(&text, format, &origin, base)?;
+            let flow = Flow::parse_with(&text, format, &origin, base, &limits())?;
             let summary = host.run_with(&flow, record.input, RunOptions::new()).await?;
             flush(&host).await;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            } else {
-                print_summary(&flow, &summary);
-            }
+            Printed::json(json).print(&flow, &summary)?;
             return Ok(status_code(summary.status));
         }
     }

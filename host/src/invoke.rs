@@ -8,10 +8,9 @@ use std::sync::{Arc, OnceLock};
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::model::{Emitter, EventData, FailureKind, Flow, Step, StepFailure, error_chain};
+use crate::model::{Emitter, EventData, FailureKind, Flow, Json, Step, StepFailure, error_chain};
 use crate::run::{Attempt, StepInvoker};
 use crate::runtime::{
     AssetCache, AssetSource, Assets, CallFailure, Caller, Catalog, Grants, Limits, Plugin,
@@ -150,12 +149,13 @@ impl WasmInvoker {
         Ok(Prepared { plugin, key, caller })
     }
 
-    /// What `run` returned, checked: an error, or JSON within the size limit.
+    /// What `run` returned, checked: an error, or JSON within the size limit
+    /// (checked, not parsed into a tree: it goes on as text).
     fn output(
         &self,
         step: &Step,
         returned: Result<String, crate::runtime::StepError>,
-    ) -> Result<Value, StepFailure> {
+    ) -> Result<Json, StepFailure> {
         let output = match returned {
             Ok(output) => output,
             Err(e) => {
@@ -173,8 +173,8 @@ impl WasmInvoker {
             );
             return Err(failure(step, FailureKind::OutputTooLarge, &what));
         }
-        serde_json::from_str(&output).map_err(|e| {
-            let preview: String = output.chars().take(80).collect();
+        let preview: String = output.chars().take(80).collect();
+        Json::parse(output).map_err(|e| {
             let what = format!("returned invalid JSON ({e}): {preview:?}");
             failure(step, FailureKind::InvalidOutput, &what)
         })
@@ -201,7 +201,7 @@ impl StepInvoker for WasmInvoker {
         Ok(())
     }
 
-    async fn invoke(&self, index: usize, input: &Value, deadline: Option<Instant>) -> Attempt {
+    async fn invoke(&self, index: usize, input: &Json, deadline: Option<Instant>) -> Attempt {
         let step = &self.flow.steps[index];
         let Some(prepared) = self.prepared[index].get() else {
             let what = "was called before it was prepared";
@@ -226,7 +226,7 @@ impl StepInvoker for WasmInvoker {
             settings: step.pool,
             assets: self.assets.clone() as Arc<dyn AssetSource>,
         });
-        let (called, log) = pool.call(prepared.caller.clone(), &input.to_string(), deadline).await;
+        let (called, log) = pool.call(prepared.caller.clone(), input.as_str(), deadline).await;
         let result = match called {
             Ok(returned) => self.output(step, returned),
             Err(CallFailure { kind, code, what, retryable }) => {

@@ -31,14 +31,14 @@ use tokio::sync::broadcast;
 use tracing::Instrument;
 
 pub use self::model::{
-    CacheStats, ComponentStats, Conflict, Event, EventData, FailureKind, Flow, FlowError, Format,
-    LoaderSpec, Mount, OptimizationMetrics, Plan, PlanFigures, PluginRef, PoolSettings, PoolStats,
-    Problem, Redundant, RetryPolicy, RunStatus, RunSummary, RunTotals, Stats, Step, StepFailure,
-    StepLog, StepReport, StepStatus, Strategy, error_chain,
+    CacheStats, ComponentStats, Conflict, Event, EventData, FailureKind, Flow, FlowError,
+    FlowLimits, Format, Json, Keep, LoaderSpec, Mount, OptimizationMetrics, Plan, PlanFigures,
+    PluginRef, PoolSettings, PoolStats, Problem, Redundant, RetryPolicy, RunStatus, RunSummary,
+    RunTotals, Stats, Step, StepFailure, StepLog, StepReport, StepStatus, Strategy, error_chain,
 };
 pub use self::run::RunOptions;
 pub use self::runtime::{
-    CacheConfig, Catalog, Cause, EngineConfig, Kind, PluginError, PluginInfo, Watch,
+    CacheConfig, Catalog, Cause, EngineConfig, Kind, MemoryStats, PluginError, PluginInfo, Watch,
 };
 pub use tokio_util::sync::CancellationToken;
 
@@ -76,6 +76,12 @@ pub struct HostConfig {
     /// Instance pool settings for every step (a plugin's `NAME.plugin.toml` and a
     /// step's `pool` table override them).
     pub pool: PoolSettings,
+    /// The timeout of a step that has none in its flow: 15 minutes, so a
+    /// step that waits forever cannot hang its run.
+    pub step_timeout: std::time::Duration,
+    /// How long a run may take in all: 24 hours, a net under the step
+    /// timeouts rather than a budget.
+    pub run_timeout: std::time::Duration,
 }
 
 impl HostConfig {
@@ -90,6 +96,8 @@ impl HostConfig {
             max_memory_bytes: 256 << 20,
             max_log_bytes: 1 << 20,
             pool: PoolSettings::default(),
+            step_timeout: std::time::Duration::from_secs(15 * 60),
+            run_timeout: std::time::Duration::from_secs(24 * 60 * 60),
         }
     }
 
@@ -125,6 +133,9 @@ impl HostConfig {
         );
         numbers.check("max_log_bytes", Some(self.max_log_bytes), model::LOG_BYTES, "bytes");
         numbers.pool("pool", &self.pool);
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        numbers.check("step_timeout", Some(ms(self.step_timeout)), model::TIMEOUT_MS, "ms");
+        numbers.check("run_timeout", Some(ms(self.run_timeout)), model::TIMEOUT_MS, "ms");
         if problems.is_empty() { Ok(()) } else { Err(HostError::Config(problems)) }
     }
 }
@@ -175,6 +186,8 @@ pub struct Host {
     totals: Mutex<RunTotals>,
     /// Where runs are kept, and the task that writes them there.
     runs: Option<(Arc<dyn RunStore>, RunWriter)>,
+    /// The default step and run timeouts.
+    timeouts: (std::time::Duration, std::time::Duration),
 }
 
 /// The file, in the cache directory, of the step durations.
@@ -225,6 +238,10 @@ impl Host {
         let catalog = Arc::new(catalog);
         let history =
             catalog.store().disk().map(|disk| disk.load_state(HISTORY)).unwrap_or_default();
+        let pools = Arc::new(Pools::new(config.pool, max_instances));
+        // When slots or memory run short, idle pooled instances go first.
+        let reclaim: std::sync::Weak<dyn runtime::Reclaim> = Arc::downgrade(&pools) as _;
+        catalog.engine().set_reclaimer(reclaim);
         let assets = runtime::asset_cache(&config.cache, events.emitter("/qflow/assets".into()));
         let host = Host {
             assets: Arc::new(assets),
@@ -238,7 +255,8 @@ impl Host {
                 max_memory_bytes: config.max_memory_bytes,
                 max_log_bytes: config.max_log_bytes,
             },
-            pools: Arc::new(Pools::new(config.pool, max_instances)),
+            pools: pools.clone(),
+            timeouts: (config.step_timeout, config.run_timeout),
             history: Mutex::new(history),
             totals: Mutex::default(),
             runs: None,
@@ -359,9 +377,11 @@ impl Host {
         &self,
         flow: &Flow,
         input: serde_json::Value,
-        options: RunOptions,
+        mut options: RunOptions,
     ) -> Result<RunSummary, FlowError> {
         self.check(flow)?;
+        options.step_timeout = options.step_timeout.or(Some(self.timeouts.0));
+        options.run_timeout = options.run_timeout.or(Some(self.timeouts.1));
         let plan = self.plan(flow);
         let flow = Arc::new(flow.clone());
         let run_id: Arc<str> = match &options.run_id {
@@ -550,6 +570,12 @@ impl Host {
     /// loaders, `describe` calls).
     pub fn instances_in_use(&self) -> usize {
         self.catalog.engine().instances_in_use()
+    }
+
+    /// The host-wide memory budget: its limit, what instances hold now,
+    /// the most they held at once, and how often one waited.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.catalog.engine().memory_stats()
     }
 }
 

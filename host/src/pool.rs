@@ -31,6 +31,12 @@ pub trait Manager: Send + Sync + 'static {
     /// Makes a new resource.
     fn create(&self) -> impl Future<Output = Result<Self::Resource, Self::Error>> + Send;
 
+    /// Makes a spare to keep `min` ready: nobody waits for it, so a manager
+    /// whose resources are scarce may decline rather than queue for one.
+    fn create_spare(&self) -> impl Future<Output = Result<Self::Resource, Self::Error>> + Send {
+        self.create()
+    }
+
     /// Whether an idle resource is still good; an unhealthy one is dropped.
     fn healthy(&self, _resource: &mut Self::Resource) -> impl Future<Output = bool> + Send {
         async { true }
@@ -245,6 +251,9 @@ impl<M: Manager> Pool<M> {
         };
         inner.acquisitions.fetch_add(1, Ordering::Relaxed);
         inner.sample(started.elapsed());
+        // In demand, and working: keep `min` ready again, even if it was
+        // evicted.
+        inner.filling.store(true, Ordering::Relaxed);
         Ok(Pooled { resource: Some(resource), pool: self.inner.clone() })
     }
 
@@ -268,6 +277,32 @@ impl<M: Manager> Pool<M> {
             }
             dropped.await;
         }
+    }
+
+    /// When its least recently used idle resource was given back, if it
+    /// has one.
+    pub fn oldest_idle(&self) -> Option<Instant> {
+        lock(&self.inner.state).idle.front().map(|idle| idle.since)
+    }
+
+    /// Drops the least recently used idle resource, even below `min`, for
+    /// someone who needs what it holds more; the pool stops keeping `min`
+    /// ready until it is asked for a resource again. Whether there was one.
+    pub fn evict_idle(&self) -> bool {
+        let inner = &self.inner;
+        let evicted = {
+            let mut state = lock(&inner.state);
+            let evicted = state.idle.pop_front();
+            if evicted.is_some() {
+                state.live -= 1;
+                inner.filling.store(false, Ordering::Relaxed);
+            }
+            evicted
+        };
+        let Some(evicted) = evicted else { return false };
+        drop(evicted);
+        inner.dropped.notify_waiters();
+        true
     }
 
     /// Whether the pool holds nothing and nobody has asked it for anything
@@ -318,8 +353,20 @@ impl<M: Manager> Pool<M> {
 
 impl<M: Manager> Inner<M> {
     async fn create(&self) -> Result<M::Resource, PoolError<M::Error>> {
+        self.made(self.manager.create()).await
+    }
+
+    async fn create_spare(&self) -> Result<M::Resource, PoolError<M::Error>> {
+        self.made(self.manager.create_spare()).await
+    }
+
+    /// A creation under the create timeout, counted.
+    async fn made(
+        &self,
+        creating: impl Future<Output = Result<M::Resource, M::Error>>,
+    ) -> Result<M::Resource, PoolError<M::Error>> {
         let limit = Duration::from_millis(self.config.create_timeout_ms);
-        let result = match tokio::time::timeout(limit, self.manager.create()).await {
+        let result = match tokio::time::timeout(limit, creating).await {
             Ok(Ok(resource)) => Ok(resource),
             Ok(Err(e)) => Err(PoolError::Create(e)),
             Err(_) => Err(PoolError::CreateTimeout(self.config.create_timeout_ms)),
@@ -393,19 +440,21 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let in_use = lock(&inner.last_acquire).elapsed() < idle_timeout;
         let min = if in_use && inner.filling.load(Ordering::Relaxed) { config.min } else { 0 };
-        // Make what is missing, one at a time.
+        // Make what is missing, one at a time: for a waiter, whatever it
+        // takes; a spare only if the manager can make one without waiting.
         let make = {
             let mut state = lock(&inner.state);
-            let wanted = state.idle.len() < min || state.waiters.iter().any(|w| !w.is_closed());
-            if wanted && state.live < config.max {
+            let waiting = state.waiters.iter().any(|w| !w.is_closed());
+            if (waiting || state.idle.len() < min) && state.live < config.max {
                 state.live += 1;
-                true
+                Some(waiting)
             } else {
-                false
+                None
             }
         };
-        if make {
-            match inner.create().await {
+        if let Some(waiting) = make {
+            let made = if waiting { inner.create().await } else { inner.create_spare().await };
+            match made {
                 Ok(resource) => {
                     lock(&inner.state).in_use += 1;
                     inner.give_back(resource);

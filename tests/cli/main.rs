@@ -84,7 +84,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn run_json_reports_every_step_and_exits_zero() {
-    let out = qflow(&["run", "examples/orders-report.toml", "--json"]);
+    let out = qflow(&["run", "examples/orders-report.toml", "--json", "--outputs", "all"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary = stdout_json(&out);
     assert_eq!(summary["status"], "succeeded");
@@ -105,6 +105,33 @@ fn run_json_reports_every_step_and_exits_zero() {
     let loaded =
         components["compiles"].as_u64().unwrap() + components["disk_hits"].as_u64().unwrap();
     assert!(loaded >= 5, "csv, jq, hash, template and file-loader were loaded: {components}");
+}
+
+#[test]
+fn run_json_embeds_the_flows_results_by_default_and_what_outputs_selects() {
+    let outputs = |args: &[&str]| {
+        let mut all = vec!["run", "examples/orders-report.toml", "--json"];
+        all.extend(args);
+        let out = qflow(&all);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let summary = stdout_json(&out);
+        let steps = summary["steps"].as_array().unwrap().clone();
+        steps
+            .into_iter()
+            .map(|s| (s["id"].as_str().unwrap().to_owned(), s.get("output").cloned()))
+            .collect::<Vec<_>>()
+    };
+    let leaves = outputs(&[]);
+    let with_output: Vec<&str> =
+        leaves.iter().filter(|(_, o)| o.is_some()).map(|(id, _)| id.as_str()).collect();
+    assert_eq!(with_output, ["report"], "only the step nothing depends on");
+    assert!(outputs(&["--outputs", "none"]).iter().all(|(_, o)| o.is_none()));
+    // Over the cap, an output is shown as its digest.
+    let capped = outputs(&["--outputs", "all", "--output-max-bytes", "100"]);
+    let (_, orders) = &capped[0];
+    let orders = orders.as_ref().unwrap();
+    assert_eq!(orders["sha256"].as_str().map(str::len), Some(64), "{orders}");
+    assert!(orders["bytes"].as_u64().unwrap() > 100, "{orders}");
 }
 
 #[test]

@@ -8,9 +8,11 @@ mod event;
 mod flow;
 mod graph;
 mod input;
+mod json;
 mod metrics;
 pub mod optimize;
 mod plan;
+mod printable;
 mod report;
 mod settings;
 mod stats;
@@ -21,13 +23,16 @@ pub use self::flow::{
     Flow, FlowError, FlowLimits, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step,
     Strategy, read_text,
 };
+pub use self::json::Json;
 pub use self::metrics::{
     ExecutionOptimization, KeyedPool, LazyLoading, OptimizationMetrics, PoolSummary, ResourcePools,
     RunTotals, overlapped,
 };
 pub use self::plan::{Analysis, Conflict, Plan, Redundant};
+pub use self::printable::{printable, printable_lines};
 pub use self::report::{
-    FailureKind, PlanFigures, RunStatus, RunSummary, StepFailure, StepLog, StepReport, StepStatus,
+    FailureKind, Keep, PlanFigures, RunStatus, RunSummary, StepFailure, StepLog, StepReport,
+    StepStatus,
 };
 pub use self::settings::PoolSettings;
 pub use self::stats::{CacheStats, ComponentStats, PoolStats, Stats};
@@ -35,7 +40,7 @@ pub use self::store::{
     ParseStateError, RunQuery, RunRecord, RunStart, RunState, RunStore, StoreError, StoreWrite,
 };
 
-pub(crate) use self::check::{LOG_BYTES, MEMORY_MB, Numbers, OUTPUT_BYTES};
+pub(crate) use self::check::{LOG_BYTES, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS};
 pub(crate) use self::event::{Emitter, EventBus};
 pub(crate) use self::flow::InstanceKey;
 pub(crate) use self::input::Source;

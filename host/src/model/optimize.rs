@@ -1560,7 +1560,7 @@ mod tests {
             attempts: 1,
             start_ms: Some(start),
             end_ms: Some(end),
-            output: Some(json!({})),
+            output: Some(json!({}).into()),
             ..StepReport::pending(id, &"p")
         }
     }

@@ -5,6 +5,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::Json;
+
 use super::stats::Stats;
 
 /// How a run ended.
@@ -135,8 +137,11 @@ impl StepFailure {
 pub struct StepLog {
     /// The lines, each marked `stdout:`, `stderr:` or with its `host.log` level.
     pub lines: Vec<String>,
-    /// Bytes over the budget, dropped.
+    /// Bytes over the budget, dropped (line breaks included).
     pub dropped: u64,
+    /// Lines dropped whole.
+    #[serde(default)]
+    pub dropped_lines: u64,
 }
 
 /// What happened to one step.
@@ -155,10 +160,12 @@ pub struct StepReport {
     pub start_ms: Option<f64>,
     /// When its last attempt ended, in ms since the run began.
     pub end_ms: Option<f64>,
-    /// Its output, if it succeeded.
+    /// Its output, if it succeeded: the JSON it returned, as it returned it
+    /// (or, where the run kept no more than a digest of a large one,
+    /// `{"sha256", "bytes"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
-    pub output: Option<Value>,
+    pub output: Option<Json>,
     /// Why it failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StepFailure>,
@@ -248,8 +255,65 @@ impl RunSummary {
         self.steps.iter().find(|s| s.id == id)
     }
 
-    /// The output of the step `id`, if it succeeded.
-    pub fn output(&self, id: &str) -> Option<&Value> {
+    /// The output of the step `id`, if it succeeded, parsed.
+    pub fn output(&self, id: &str) -> Option<Value> {
+        Some(self.output_json(id)?.value())
+    }
+
+    /// The output of the step `id`, if it succeeded, as its JSON text.
+    pub fn output_json(&self, id: &str) -> Option<&Json> {
         self.step(id)?.output.as_ref()
+    }
+
+    /// The steps nothing else in the run needs: the flow's results. (A
+    /// summary does not carry the graph; `flow` must be the run's flow.)
+    pub fn is_result(flow: &super::Flow, id: &str) -> bool {
+        !flow.steps.iter().any(|s| s.needs.iter().any(|n| n == id))
+    }
+
+    /// Keeps only the outputs `keep` selects, each up to `max_bytes` of
+    /// JSON (a larger one becomes its digest): what a caller embeds in what
+    /// it prints or sends.
+    pub fn select_outputs(&mut self, flow: &super::Flow, keep: Keep, max_bytes: u64) {
+        for step in &mut self.steps {
+            let kept = match keep {
+                Keep::All => true,
+                Keep::Leaves => RunSummary::is_result(flow, &step.id),
+                Keep::None => false,
+            };
+            if !kept {
+                step.output = None;
+            } else if let Some(output) = &step.output
+                && output.len() as u64 > max_bytes
+            {
+                step.output = Some(output.digest());
+            }
+        }
+    }
+}
+
+/// Which step outputs a summary embeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// Every step's.
+    All,
+    /// Those of the steps nothing depends on: the flow's results.
+    #[default]
+    Leaves,
+    /// None.
+    None,
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Keep, String> {
+        match text {
+            "all" => Ok(Keep::All),
+            "leaves" => Ok(Keep::Leaves),
+            "none" => Ok(Keep::None),
+            other => Err(format!("{other:?}: expected leaves, all or none")),
+        }
     }
 }

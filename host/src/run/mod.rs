@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{
-    Emitter, EventData, FailureKind, Flow, Plan, PlanFigures, RunStatus, RunSummary, Source, Stats,
-    Step, StepFailure, StepLog, StepReport, StepStatus, Strategy,
+    Emitter, EventData, FailureKind, Flow, Json, Plan, PlanFigures, RunStatus, RunSummary, Source,
+    Stats, Step, StepFailure, StepLog, StepReport, StepStatus, Strategy,
 };
 
 #[cfg(test)]
@@ -49,7 +49,7 @@ pub(crate) trait StepInvoker: Send + Sync + 'static {
     fn invoke(
         &self,
         index: usize,
-        input: &Value,
+        input: &Json,
         deadline: Option<Instant>,
     ) -> impl Future<Output = Attempt> + Send;
 }
@@ -57,7 +57,7 @@ pub(crate) trait StepInvoker: Send + Sync + 'static {
 /// What one attempt gave.
 #[derive(Debug)]
 pub(crate) struct Attempt {
-    pub(crate) result: Result<Value, StepFailure>,
+    pub(crate) result: Result<Json, StepFailure>,
     /// What the guest printed and logged during the attempt.
     pub(crate) log: StepLog,
 }
@@ -74,6 +74,19 @@ pub struct RunOptions {
     /// The run's id, when the caller must know it before the run starts (a
     /// server answers with it at once); a new UUID otherwise.
     pub run_id: Option<String>,
+    /// The timeout of a step whose flow gives it none (a host sets its
+    /// default, 15 minutes, where this is `None`).
+    pub step_timeout: Option<Duration>,
+    /// How long the whole run may take: at that point its running steps
+    /// fail with a timeout and the rest are skipped (a host sets its
+    /// default, 24 hours, where this is `None`).
+    pub run_timeout: Option<Duration>,
+    /// Outputs larger than this (in bytes of JSON) are replaced by their
+    /// digest (`{"sha256", "bytes"}`) in the summary as soon as every step
+    /// that needs them has started, unless nothing depends on them (the
+    /// flow's results are kept): a long chain of large outputs holds one
+    /// or two at a time, not all. `None` keeps every output.
+    pub retain_output_bytes: Option<u64>,
 }
 
 impl RunOptions {
@@ -99,6 +112,25 @@ impl RunOptions {
         self.run_id = Some(id);
         self
     }
+
+    /// Steps with no timeout of their own get this one.
+    pub fn step_timeout(mut self, timeout: Duration) -> RunOptions {
+        self.step_timeout = Some(timeout);
+        self
+    }
+
+    /// The whole run may take at most this long.
+    pub fn run_timeout(mut self, timeout: Duration) -> RunOptions {
+        self.run_timeout = Some(timeout);
+        self
+    }
+
+    /// Outputs over `bytes` that only feed other steps are kept as their
+    /// digest once those steps have them.
+    pub fn retain_output_bytes(mut self, bytes: u64) -> RunOptions {
+        self.retain_output_bytes = Some(bytes);
+        self
+    }
 }
 
 /// What every step task of one run shares.
@@ -108,6 +140,8 @@ struct RunContext<I> {
     invoker: Arc<I>,
     events: Emitter,
     started: Instant,
+    /// The timeout of steps with none of their own.
+    step_timeout: Option<Duration>,
 }
 
 impl<I> RunContext<I> {
@@ -122,7 +156,7 @@ struct Finished {
     start: Instant,
     end: Instant,
     attempts: u32,
-    result: Result<Value, StepFailure>,
+    result: Result<Json, StepFailure>,
     log: StepLog,
 }
 
@@ -158,7 +192,9 @@ pub(crate) async fn run<I: StepInvoker>(
     invoker: Arc<I>,
     events: Emitter,
 ) -> RunSummary {
-    let ctx = Arc::new(RunContext { run_id, flow, invoker, events, started: Instant::now() });
+    let started = Instant::now();
+    let step_timeout = options.step_timeout;
+    let ctx = Arc::new(RunContext { run_id, flow, invoker, events, started, step_timeout });
     let n = ctx.flow.steps.len();
     let limit = options.max_parallel.or(ctx.flow.max_parallel).unwrap_or(n).clamp(1, n.max(1));
     ctx.events.emit(|| EventData::RunStarted {
@@ -190,21 +226,48 @@ pub(crate) async fn run<I: StepInvoker>(
             }
             group_of
         },
+        consumers: ctx.flow.steps.iter().map(|_| 0).collect(),
+        retain: options.retain_output_bytes,
         ctx: ctx.clone(),
         plan,
+        input_json: Json::from_value(&input),
         input,
         limit,
     };
-    let cancelled = scheduler.run(&options.cancel).await;
+    for step in &ctx.flow.steps {
+        for &dep in &step.deps {
+            scheduler.consumers[dep] += 1;
+        }
+    }
+    let deadline = options.run_timeout.and_then(|limit| started.checked_add(limit));
+    let ended = scheduler.run(&options.cancel, deadline).await;
     let Scheduler { reports, failed, .. } = scheduler;
-    summarize(&ctx, plan, reports, failed, cancelled, limit)
+    let timed_out = matches!(ended, Ended::TimedOut).then_some(options.run_timeout).flatten();
+    summarize(&ctx, plan, reports, failed || timed_out.is_some(), ended, timed_out, limit)
+}
+
+/// How the scheduler's loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Nothing more could start.
+    Done,
+    /// The run was cancelled.
+    Cancelled,
+    /// The run's timeout passed.
+    TimedOut,
 }
 
 struct Scheduler<'p, I> {
     ctx: Arc<RunContext<I>>,
     plan: &'p Plan,
+    /// The flow's input, as a tree (for `input` mappings) and as text.
     input: Value,
+    input_json: Json,
     limit: usize,
+    /// For each step, how many steps that need it have not started yet.
+    consumers: Vec<usize>,
+    /// Outputs over this size are kept as digests once consumed.
+    retain: Option<u64>,
     reports: Vec<StepReport>,
     /// For each step, how many of its dependencies have not succeeded yet.
     unmet: Vec<usize>,
@@ -223,20 +286,31 @@ struct Scheduler<'p, I> {
 }
 
 impl<I: StepInvoker> Scheduler<'_, I> {
-    /// Runs until nothing is running and nothing more can start; returns
-    /// whether the run was cancelled.
-    async fn run(&mut self, cancel: &CancellationToken) -> bool {
-        let mut cancelled = false;
+    /// Runs until nothing is running and nothing more can start, or until
+    /// it is cancelled or its `deadline` passes.
+    async fn run(&mut self, cancel: &CancellationToken, deadline: Option<Instant>) -> Ended {
+        let mut ended = Ended::Done;
+        let timeout = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(timeout);
         loop {
             if !self.stopping {
                 self.start_ready();
             }
             if self.running.is_empty() {
-                return cancelled;
+                return ended;
             }
             tokio::select! {
-                _ = cancel.cancelled(), if !cancelled => {
-                    cancelled = true;
+                _ = cancel.cancelled(), if ended == Ended::Done => {
+                    ended = Ended::Cancelled;
+                    self.stop();
+                }
+                _ = &mut timeout, if ended == Ended::Done => {
+                    ended = Ended::TimedOut;
                     self.stop();
                 }
                 Some(joined) = self.running.join_next_with_id() => self.joined(joined),
@@ -264,9 +338,13 @@ impl<I: StepInvoker> Scheduler<'_, I> {
     }
 
     fn start(&mut self, index: usize) {
-        let step = &self.ctx.flow.steps[index];
+        let ctx = self.ctx.clone();
+        let step = &ctx.flow.steps[index];
         let output_of = |i: usize| self.reports[i].output.as_ref();
-        match resolve_input(&self.ctx.flow, index, &self.input, &output_of) {
+        let resolved =
+            resolve_input(&self.ctx.flow, index, &self.input_json, &self.input, &output_of);
+        self.consumed(index);
+        match resolved {
             Ok(input) => {
                 self.held.extend(step.resources.iter().cloned());
                 let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin);
@@ -288,6 +366,23 @@ impl<I: StepInvoker> Scheduler<'_, I> {
                     result: Err(failure),
                     log: StepLog::default(),
                 });
+            }
+        }
+    }
+
+    /// Step `index` has its input: each output it read that no other step
+    /// still needs, and that feeds other steps (is not a result of the
+    /// flow), is kept as its digest if it is over the retention size.
+    fn consumed(&mut self, index: usize) {
+        let Some(retain) = self.retain else { return };
+        for &dep in &self.ctx.flow.steps[index].deps {
+            self.consumers[dep] -= 1;
+            let report = &mut self.reports[dep];
+            if self.consumers[dep] == 0
+                && let Some(output) = &report.output
+                && output.len() as u64 > retain
+            {
+                report.output = Some(output.digest());
             }
         }
     }
@@ -362,14 +457,30 @@ fn summarize<I>(
     plan: &Plan,
     mut reports: Vec<StepReport>,
     failed: bool,
-    cancelled: bool,
+    ended: Ended,
+    timed_out: Option<Duration>,
     limit: usize,
 ) -> RunSummary {
-    for report in reports.iter_mut().filter(|r| r.attempts > 0 && r.end_ms.is_none()) {
-        report.status = StepStatus::Cancelled;
+    let now = ctx.ms_since_start(Instant::now());
+    for (i, report) in reports.iter_mut().enumerate() {
+        if report.attempts == 0 || report.end_ms.is_some() {
+            continue;
+        }
+        // Cut: by a cancel, or failed by the run's timeout.
+        match timed_out {
+            Some(limit) => {
+                let what = format!("was cut by the run's timeout of {} ms", limit.as_millis());
+                report.status = StepStatus::Failed;
+                report.end_ms = Some(now);
+                report.error = Some(failure(&ctx.flow.steps[i], FailureKind::Timeout, &what));
+            }
+            None => report.status = StepStatus::Cancelled,
+        }
     }
+    let cancelled = ended == Ended::Cancelled;
     for report in &reports {
-        if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) {
+        let cut_by_timeout = timed_out.is_some() && report.status == StepStatus::Failed;
+        if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) || cut_by_timeout {
             ctx.events.emit(|| EventData::StepFinished {
                 run_id: ctx.run_id.clone(),
                 step: Arc::from(report.id.as_str()),
@@ -442,31 +553,43 @@ fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
 }
 
 /// The step's input: its `input` mapping resolved, or by default the flow's
-/// input (no dependencies), its one dependency's output, or an object of its
-/// dependencies' outputs keyed by their ids.
+/// input (no dependencies), its one dependency's output (the same text,
+/// shared), or an object of its dependencies' outputs keyed by their ids.
 fn resolve_input<'v>(
     flow: &Flow,
     index: usize,
-    input: &'v Value,
-    output_of: &impl Fn(usize) -> Option<&'v Value>,
-) -> Result<Value, StepFailure> {
+    input_json: &Json,
+    input: &Value,
+    output_of: &impl Fn(usize) -> Option<&'v Json>,
+) -> Result<Json, StepFailure> {
     let step = &flow.steps[index];
-    let output = |i: usize| output_of(i).cloned().unwrap_or(Value::Null);
+    let null = Json::null();
     match (&step.input, step.deps.as_slice()) {
         (Some(template), _) => {
+            // Only the outputs the mapping reads are parsed, once each.
+            let mut read: HashMap<&str, Value> = HashMap::new();
+            for r in template.refs() {
+                if let Source::Step(id) = &r.source
+                    && !read.contains_key(id.as_str())
+                    && let Some(output) = flow.step_index(id).and_then(output_of)
+                {
+                    read.insert(id, output.value());
+                }
+            }
             let lookup = |source: &Source| match source {
                 Source::Input => Some(input),
-                Source::Step(id) => flow.step_index(id).and_then(output_of),
+                Source::Step(id) => read.get(id.as_str()),
             };
             template
                 .resolve(&lookup)
+                .map(|value| Json::from_value(&value))
                 .map_err(|reason| failure(step, FailureKind::Input, &format!("input {reason}")))
         }
-        (None, []) => Ok(input.clone()),
-        (None, [one]) => Ok(output(*one)),
-        (None, deps) => {
-            Ok(Value::Object(deps.iter().map(|&d| (flow.steps[d].id.clone(), output(d))).collect()))
-        }
+        (None, []) => Ok(input_json.clone()),
+        (None, [one]) => Ok(output_of(*one).cloned().unwrap_or(null)),
+        (None, deps) => Ok(Json::object(
+            deps.iter().map(|&d| (flow.steps[d].id.as_str(), output_of(d).unwrap_or(&null))),
+        )),
     }
 }
 
@@ -476,7 +599,7 @@ fn failure(step: &Step, kind: FailureKind, what: &str) -> StepFailure {
 
 /// A step to the end: ready it, then attempts under its timeout, retried
 /// with backoff as its strategy says.
-async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: Value) -> Finished {
+async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: Json) -> Finished {
     let start = Instant::now();
     let step = &ctx.flow.steps[index];
     tracing::debug!(run = &*ctx.run_id, "step {} started", step.id);
@@ -498,7 +621,8 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: V
     let retries = step.strategy == Strategy::RetryFailed;
     let mut attempts = 1;
     loop {
-        let (result, log) = attempt(&*ctx.invoker, step, index, &input).await;
+        let timeout = step.timeout.or(ctx.step_timeout);
+        let (result, log) = attempt(&*ctx.invoker, step, timeout, index, &input).await;
         match result {
             Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
                 let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
@@ -530,14 +654,16 @@ fn timed_out(step: &Step, limit: Duration) -> StepFailure {
 async fn attempt<I: StepInvoker>(
     invoker: &I,
     step: &Step,
+    timeout: Option<Duration>,
     index: usize,
-    input: &Value,
-) -> (Result<Value, StepFailure>, StepLog) {
-    let Some(limit) = step.timeout else {
+    input: &Json,
+) -> (Result<Json, StepFailure>, StepLog) {
+    let Some((limit, deadline)) =
+        timeout.and_then(|limit| Some((limit, Instant::now().checked_add(limit)?)))
+    else {
         let Attempt { result, log } = invoker.invoke(index, input, None).await;
         return (result, log);
     };
-    let deadline = Instant::now() + limit;
     match tokio::time::timeout_at(deadline, invoker.invoke(index, input, Some(deadline))).await {
         // An interrupted guest traps; at its deadline, that is the timeout.
         Ok(Attempt { result: Err(failure), log })

@@ -35,13 +35,15 @@ fn flow() -> Flow {
 fn default_inputs_follow_the_dependencies() {
     let flow = flow();
     let input = json!({"flow": "input"});
-    let outputs = [Some(json!("A")), Some(json!({"n": 2})), None, None];
+    let input_json = Json::from_value(&input);
+    let outputs = [Some(Json::from(json!("A"))), Some(json!({"n": 2}).into()), None, None];
     let output_of = |i: usize| outputs[i].as_ref();
-    let resolve = |i| resolve_input(&flow, i, &input, &output_of).unwrap();
-    assert_eq!(resolve(0), input, "no dependencies: the flow's input");
-    assert_eq!(resolve(1), json!("A"), "one dependency: its output");
-    assert_eq!(resolve(2), json!({"a": "A", "b": {"n": 2}}), "several: keyed by id");
-    assert_eq!(resolve(3), json!({"from_a": 2, "all": {"flow": "input"}}), "a mapping");
+    let resolve = |i| resolve_input(&flow, i, &input_json, &input, &output_of).unwrap();
+    assert!(resolve(0).shares(&input_json), "no dependencies: the flow's input, shared");
+    let one = resolve(1);
+    assert!(one.shares(outputs[0].as_ref().unwrap()), "one dependency: its output, shared");
+    assert_eq!(resolve(2).value(), json!({"a": "A", "b": {"n": 2}}), "several: keyed by id");
+    assert_eq!(resolve(3).value(), json!({"from_a": 2, "all": {"flow": "input"}}), "a mapping");
 }
 
 #[test]
@@ -109,7 +111,7 @@ impl StepInvoker for Fake {
         }
     }
 
-    async fn invoke(&self, index: usize, input: &Value, deadline: Option<Instant>) -> Attempt {
+    async fn invoke(&self, index: usize, input: &Json, deadline: Option<Instant>) -> Attempt {
         let step = &self.flow.steps[index];
         let attempt = {
             let mut attempts = self.attempts.lock().unwrap();
@@ -121,7 +123,7 @@ impl StepInvoker for Fake {
         let result = match self.act(index) {
             Act::Succeed(ms) => {
                 sleep(ms).await;
-                Ok(json!({"step": step.id, "input": input}))
+                Ok(Json::from(json!({"step": step.id, "input": input.value()})))
             }
             Act::Fail { ms, retryable } => {
                 sleep(ms).await;
@@ -132,7 +134,7 @@ impl StepInvoker for Fake {
                 if attempt <= times {
                     Err(failure(step, FailureKind::StepError, "flaky").retryable(true))
                 } else {
-                    Ok(json!(attempt))
+                    Ok(Json::from(json!(attempt)))
                 }
             }
             Act::Hang | Act::NoPlugin => match deadline {
@@ -426,7 +428,7 @@ async fn retries_back_off_exponentially_with_equal_jitter() {
     assert!(flaky.error.as_ref().unwrap().retryable);
     let recovers = summary.step("recovers").unwrap();
     assert_eq!((recovers.status, recovers.attempts), (StepStatus::Succeeded, 2));
-    assert_eq!(summary.output("recovers"), Some(&json!(2)));
+    assert_eq!(summary.output("recovers"), Some(json!(2)));
     assert_eq!(summary.step("broken").unwrap().attempts, 1, "not retryable: one attempt");
 
     let mut delays = Vec::new();
@@ -594,7 +596,7 @@ impl StepInvoker for Probe {
         self.fake.prepare(index).await
     }
 
-    async fn invoke(&self, index: usize, input: &Value, deadline: Option<Instant>) -> Attempt {
+    async fn invoke(&self, index: usize, input: &Json, deadline: Option<Instant>) -> Attempt {
         self.fake.invoke(index, input, deadline).await
     }
 }

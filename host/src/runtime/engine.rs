@@ -1,7 +1,8 @@
 //! The one wasmtime [`Engine`](wasmtime::Engine) every plugin runs on, and
 //! the settings Qflow narrows wasmtime to.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -27,26 +28,125 @@ pub struct EngineConfig {
     /// once per tick, so CPU-bound steps cannot starve the others; 10 ms keeps
     /// that overhead negligible.
     pub epoch_tick: Duration,
+    /// The linear memory all instances together may hold, in MiB. An
+    /// instance that would grow past it waits (idle pooled instances are
+    /// dropped first) until others give memory back, instead of pushing
+    /// the host into the OOM killer. Default: half of the machine's memory
+    /// (or of the cgroup's limit, if lower); `QFLOW_MAX_TOTAL_MEMORY_MB`
+    /// sets it.
+    pub max_total_memory_mb: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        let total_memory =
+            std::env::var("QFLOW_MAX_TOTAL_MEMORY_MB").ok().and_then(|v| v.parse().ok());
         EngineConfig {
             pooling: std::env::var("QFLOW_POOLING").map_or(true, |v| v != "0" && v != "off"),
             max_instances: 1000,
             epoch_tick: Duration::from_millis(10),
+            max_total_memory_mb: total_memory.unwrap_or_else(|| machine_memory_mb() / 2),
         }
     }
 }
 
-/// The wasmtime engine, the thread that advances its epoch, and the permits
-/// that bound how many instances are alive.
+/// The memory this process may use, in MiB: the machine's, or its
+/// cgroup's limit where that is lower; 4 GiB if neither can be read.
+fn machine_memory_mb() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib >> 10)
+    });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map(|bytes| bytes >> 20);
+    match (meminfo, cgroup) {
+        (Some(machine), Some(limit)) => machine.min(limit),
+        (Some(mb), None) | (None, Some(mb)) => mb,
+        (None, None) => 4096,
+    }
+}
+
+/// What holds instances besides running calls: the pools of warm ones.
+/// The engine asks it to let go when a slot or memory is short, so that an
+/// idle spare never starves a step.
+pub(crate) trait Reclaim: Send + Sync {
+    /// Drops the least recently used idle instance of any pool; whether
+    /// there was one.
+    fn evict_idle(&self) -> bool;
+    /// Who holds instances now, for an error that must say why none is free.
+    fn holders(&self) -> String;
+}
+
+/// Linear memory, counted in 64 KiB wasm pages, that all instances share.
+pub(crate) struct MemoryBudget {
+    pages: Arc<Semaphore>,
+    total_pages: usize,
+    /// The most pages held at once, and how often an instance had to wait.
+    peak: AtomicUsize,
+    waits: AtomicU64,
+}
+
+/// The host-wide memory budget's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// The budget, in bytes.
+    pub limit_bytes: u64,
+    /// Held by live instances now.
+    pub in_use_bytes: u64,
+    /// The most held at once.
+    pub peak_bytes: u64,
+    /// How many times a growing instance waited for others to give memory back.
+    pub waits: u64,
+}
+
+const PAGE: u64 = 64 << 10;
+
+impl MemoryBudget {
+    fn new(mb: u64) -> MemoryBudget {
+        let total_pages = usize::try_from(mb.saturating_mul(16)).unwrap_or(Semaphore::MAX_PERMITS);
+        let total_pages = total_pages.clamp(1, Semaphore::MAX_PERMITS);
+        MemoryBudget {
+            pages: Arc::new(Semaphore::new(total_pages)),
+            total_pages,
+            peak: AtomicUsize::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    /// Pages needed to hold `bytes`.
+    pub(crate) fn pages(bytes: usize) -> usize {
+        (bytes as u64).div_ceil(PAGE) as usize
+    }
+
+    fn note_peak(&self) {
+        let in_use = self.total_pages - self.pages.available_permits();
+        self.peak.fetch_max(in_use, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> MemoryStats {
+        let in_use = self.total_pages - self.pages.available_permits();
+        MemoryStats {
+            limit_bytes: self.total_pages as u64 * PAGE,
+            in_use_bytes: in_use as u64 * PAGE,
+            peak_bytes: self.peak.load(Ordering::Relaxed) as u64 * PAGE,
+            waits: self.waits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The wasmtime engine, the thread that advances its epoch, the permits
+/// that bound how many instances are alive, and the memory they share.
 #[derive(Clone)]
 pub(crate) struct Engine {
     inner: wasmtime::Engine,
     pooling: bool,
     instances: Arc<Semaphore>,
     max_instances: u32,
+    memory: Arc<MemoryBudget>,
+    reclaim: Arc<OnceLock<Weak<dyn Reclaim>>>,
 }
 
 impl Engine {
@@ -67,18 +167,100 @@ impl Engine {
         spawn_epoch_ticker(&inner, config.epoch_tick)?;
         let max_instances = config.max_instances.max(1);
         let instances = Arc::new(Semaphore::new(max_instances as usize));
-        Ok(Engine { inner, pooling, instances, max_instances })
+        Ok(Engine {
+            inner,
+            pooling,
+            instances,
+            max_instances,
+            memory: Arc::new(MemoryBudget::new(config.max_total_memory_mb)),
+            reclaim: Arc::default(),
+        })
     }
 
-    /// A permit to keep one instance alive: waits while `max_instances` are.
-    /// The store holds it and gives it back when dropped, so the pooling
-    /// allocator never runs out of slots and a step waits instead of failing.
+    /// Who to ask for idle instances when slots or memory run short (the
+    /// host's pools; set once).
+    pub(crate) fn set_reclaimer(&self, reclaim: Weak<dyn Reclaim>) {
+        let _ = self.reclaim.set(reclaim);
+    }
+
+    /// Drops one idle pooled instance, if there is one.
+    pub(crate) fn evict_idle(&self) -> bool {
+        self.reclaim.get().and_then(Weak::upgrade).is_some_and(|r| r.evict_idle())
+    }
+
+    /// A permit to keep one instance alive. When all `max_instances` are
+    /// taken, idle pooled instances are dropped first, least recently used
+    /// first; only when every slot holds a busy instance does it wait. The
+    /// store holds the permit and gives it back when dropped, so the
+    /// pooling allocator never runs out of slots and a step waits instead
+    /// of failing.
     pub(crate) async fn instance_permit(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Some(permit) = self.try_instance_permit() {
+                return permit;
+            }
+            if !self.evict_idle() {
+                break;
+            }
+        }
         match self.instances.clone().acquire_owned().await {
             Ok(permit) => permit,
             // The semaphore is never closed.
             Err(_) => unreachable!("the instance semaphore is never closed"),
         }
+    }
+
+    /// A permit if a slot is free now: for spares, which must never queue
+    /// ahead of a step or push an idle instance out.
+    pub(crate) fn try_instance_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.instances.clone().try_acquire_owned().ok()
+    }
+
+    /// Why no instance can be made now: every slot busy, and by whom.
+    pub(crate) fn slots_taken(&self) -> Option<String> {
+        if self.instances.available_permits() > 0 {
+            return None;
+        }
+        let holders = self.reclaim.get().and_then(Weak::upgrade).map(|r| r.holders());
+        Some(format!(
+            "all {} instance slots are taken ({}); raise max_instances or lower max_parallel",
+            self.max_instances,
+            holders.unwrap_or_else(|| "by running calls".to_owned())
+        ))
+    }
+
+    /// `pages` more of the host-wide memory budget: at once if they are
+    /// free, else after idle pooled instances are dropped, else when other
+    /// instances give memory back. `None` if the whole budget is smaller.
+    pub(crate) async fn reserve_memory(&self, pages: usize) -> Option<OwnedSemaphorePermit> {
+        let budget = &self.memory;
+        if pages > budget.total_pages {
+            return None;
+        }
+        let pages32 = u32::try_from(pages).ok()?;
+        loop {
+            if let Ok(permit) = budget.pages.clone().try_acquire_many_owned(pages32) {
+                budget.note_peak();
+                return Some(permit);
+            }
+            if !self.evict_idle() {
+                break;
+            }
+        }
+        budget.waits.fetch_add(1, Ordering::Relaxed);
+        let permit = budget.pages.clone().acquire_many_owned(pages32).await.ok()?;
+        budget.note_peak();
+        Some(permit)
+    }
+
+    /// The host-wide memory budget in bytes.
+    pub(crate) fn memory_limit(&self) -> u64 {
+        self.memory.total_pages as u64 * PAGE
+    }
+
+    /// The memory budget's figures.
+    pub(crate) fn memory_stats(&self) -> MemoryStats {
+        self.memory.stats()
     }
 
     /// How many instances are alive now.

@@ -17,7 +17,7 @@ use wasmtime::Store;
 
 use super::bindings::StepError;
 use super::bindings::step::{Step as StepInstance, StepPre};
-use super::engine::Engine;
+use super::engine::{Engine, Reclaim};
 use super::plugin::Digest;
 use super::sandbox::Grants;
 use super::state::{AssetSource, Caller, Limits, PluginState, describe_failure};
@@ -48,6 +48,8 @@ pub(crate) enum InitError {
     Trap { phase: &'static str, message: String },
     /// A granted directory could not be opened.
     Grant(String),
+    /// Every instance slot is taken (a spare is not made then).
+    NoSlot,
 }
 
 impl fmt::Display for InitError {
@@ -56,6 +58,7 @@ impl fmt::Display for InitError {
             InitError::Config { message, .. } => write!(f, "rejected its config: {message}"),
             InitError::Trap { phase, message } => write!(f, "trapped in {phase}: {message}"),
             InitError::Grant(message) => f.write_str(message),
+            InitError::NoSlot => f.write_str("every instance slot is taken"),
         }
     }
 }
@@ -79,17 +82,13 @@ pub(crate) struct InstanceManager {
     limits: Limits,
 }
 
-impl Manager for InstanceManager {
-    type Resource = Warm;
-    type Error = InitError;
+impl InstanceManager {
+    fn caller(&self) -> Caller {
+        Caller { name: Arc::from("(warming)"), plugin: self.plugin.clone() }
+    }
 
-    async fn create(&self) -> Result<Warm, InitError> {
-        let caller = Caller { name: Arc::from("(warming)"), plugin: self.plugin.clone() };
-        let assets = Some(self.assets.clone());
-        let (grants, limits) = (&self.grants, self.limits);
-        let mut store = PluginState::store(&self.engine, caller, assets, grants, limits, None)
-            .await
-            .map_err(InitError::Grant)?;
+    /// Instantiates and initialises an instance in `store`.
+    async fn warm(&self, mut store: Store<PluginState>) -> Result<Warm, InitError> {
         let trap = |phase, e: wasmtime::Error, store: &Store<PluginState>| InitError::Trap {
             phase,
             message: describe_failure(&e, store),
@@ -103,6 +102,28 @@ impl Manager for InstanceManager {
             Ok(Err(e)) => Err(InitError::Config { code: e.code, message: e.message }),
             Err(e) => Err(trap("init", e, &store)),
         }
+    }
+}
+
+impl Manager for InstanceManager {
+    type Resource = Warm;
+    type Error = InitError;
+
+    async fn create(&self) -> Result<Warm, InitError> {
+        let assets = Some(self.assets.clone());
+        let (grants, limits) = (&self.grants, self.limits);
+        let store = PluginState::store(&self.engine, self.caller(), assets, grants, limits, None)
+            .await
+            .map_err(InitError::Grant)?;
+        self.warm(store).await
+    }
+
+    async fn create_spare(&self) -> Result<Warm, InitError> {
+        let assets = Some(self.assets.clone());
+        let (grants, limits) = (&self.grants, self.limits);
+        let store = PluginState::spare_store(&self.engine, self.caller(), assets, grants, limits)
+            .map_err(InitError::Grant)?;
+        self.warm(store.ok_or(InitError::NoSlot)?).await
     }
 }
 
@@ -130,6 +151,7 @@ pub(crate) struct StepPool {
     pool: Pool<InstanceManager>,
     reuse: u32,
     plugin: Arc<str>,
+    engine: Engine,
 }
 
 /// A pool's figures and the settings it runs with.
@@ -157,7 +179,16 @@ impl StepPool {
         let span = tracing::debug_span!("acquire", plugin = &*self.plugin);
         let mut pooled = match tracing::Instrument::instrument(acquire, span).await {
             Ok(pooled) => pooled,
-            Err(e) => return (Err(acquire_failed(e)), StepLog::default()),
+            Err(e) => {
+                let mut failed = acquire_failed(e);
+                // When every slot is busy, that is the cause worth naming.
+                if failed.kind == FailureKind::Pool
+                    && let Some(why) = self.engine.slots_taken()
+                {
+                    failed.what = format!("{}: {why}", failed.what);
+                }
+                return (Err(failed), StepLog::default());
+            }
         };
         let warm = pooled.get();
         warm.store.data_mut().prepare(caller, deadline);
@@ -167,12 +198,12 @@ impl StepPool {
             Err(e) => {
                 // Described before the log is taken: it quotes the guest's stderr.
                 let what = format!("trapped in run: {}", describe_failure(&e, &warm.store));
-                let log = warm.store.data().log().take();
+                let log = warm.store.data().take_log();
                 // Dropping `pooled` discards the instance: it is never reused.
                 return (Err(CallFailure::new(FailureKind::Trap, what)), log);
             }
         };
-        let log = warm.store.data().log().take();
+        let log = warm.store.data().take_log();
         warm.calls += 1;
         if warm.calls < self.reuse {
             pooled.release();
@@ -259,8 +290,21 @@ impl Pools {
         // of its own): their maintenance tasks end with them.
         pools.retain(|_, pool| !pool.pool.is_abandoned());
         let source = source();
-        let (config, reuse) =
+        let (mut config, reuse) =
             resolve(source.settings.or(key.file).or(self.defaults), self.max_instances);
+        // Minimums together hold at most half the slots, so that instances
+        // kept ready can never starve the steps that need one.
+        let held: usize = pools.values().map(|p| p.pool.config().min).sum();
+        let room = (self.max_instances / 2).saturating_sub(held);
+        if config.min > room {
+            tracing::warn!(
+                plugin = source.plugin,
+                "pool min {} lowered to {room}: pool minimums may hold at most half of the {} instance slots",
+                config.min,
+                self.max_instances
+            );
+            config.min = room;
+        }
         let manager = InstanceManager {
             engine: source.engine.clone(),
             pre: source.pre.clone(),
@@ -274,6 +318,7 @@ impl Pools {
             pool: Pool::new(manager, config),
             reuse,
             plugin: Arc::from(source.plugin),
+            engine: source.engine.clone(),
         });
         pools.insert(key.clone(), pool.clone());
         pool
@@ -307,11 +352,48 @@ impl Pools {
         reports
     }
 
+    /// The pool whose idle instance was given back longest ago.
+    fn least_recently_used(&self) -> Option<Arc<StepPool>> {
+        let pools = self.lock();
+        let oldest = pools.values().filter_map(|p| Some((p.pool.oldest_idle()?, p)));
+        oldest.min_by_key(|(since, _)| *since).map(|(_, pool)| pool.clone())
+    }
+
     /// Each pool's figures, by plugin.
     pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
         let mut stats: Vec<(String, PoolStats)> =
             self.lock().values().map(|p| (p.plugin.to_string(), p.pool.stats())).collect();
         stats.sort_by(|a, b| a.0.cmp(&b.0));
         stats
+    }
+}
+
+impl Reclaim for Pools {
+    fn evict_idle(&self) -> bool {
+        // The instance is dropped outside the pools' lock: its slot and
+        // memory are free when this returns.
+        self.least_recently_used().is_some_and(|pool| pool.pool.evict_idle())
+    }
+
+    fn holders(&self) -> String {
+        let mut held: HashMap<&str, (usize, usize)> = HashMap::new();
+        let pools = self.lock();
+        for pool in pools.values() {
+            let stats = pool.pool.stats();
+            let entry = held.entry(&pool.plugin).or_default();
+            entry.0 += stats.in_use;
+            entry.1 += stats.available;
+        }
+        let mut held: Vec<(&str, (usize, usize))> = held.into_iter().collect();
+        held.sort_by_key(|(name, (busy, idle))| (std::cmp::Reverse(busy + idle), *name));
+        let mut parts: Vec<String> = held
+            .iter()
+            .take(5)
+            .map(|(name, (busy, idle))| format!("{name}: {busy} busy, {idle} idle"))
+            .collect();
+        if held.len() > 5 {
+            parts.push(format!("{} more pools", held.len() - 5));
+        }
+        if parts.is_empty() { "by calls outside any pool".to_owned() } else { parts.join("; ") }
     }
 }

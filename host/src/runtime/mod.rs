@@ -19,14 +19,14 @@ mod watch;
 
 pub use self::catalog::Catalog;
 pub use self::components::CacheConfig;
-pub use self::engine::EngineConfig;
+pub use self::engine::{EngineConfig, MemoryStats};
 pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};
 pub use self::watch::Watch;
 
 pub(crate) use self::assets::{AssetCache, AssetKey, Assets, fetch as fetch_asset};
 pub(crate) use self::bindings::StepError;
 pub(crate) use self::components::ComponentStore;
-pub(crate) use self::engine::Engine;
+pub(crate) use self::engine::{Engine, Reclaim};
 pub(crate) use self::instances::{CallFailure, PoolKey, PoolSource, Pools};
 pub(crate) use self::plugin::Plugin;
 pub(crate) use self::sandbox::Grants;

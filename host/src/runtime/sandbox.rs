@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use super::engine::{Engine, MemoryBudget};
 use crate::model::{Mount, StepLog};
 
 /// What the operator grants one step or loader: nothing else is there.
@@ -45,24 +47,33 @@ const MAX_MEMORIES: usize = 4;
 /// Elements per table: far beyond any real plugin's function table.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
-/// The store's resource limiter: denies growth past the limits, and
-/// remembers that it did so that the failure can say why.
+/// The store's resource limiter: denies growth past the instance's limits,
+/// reserves what it grows from the host-wide memory budget (waiting for it
+/// when others hold it), and remembers what it denied so that the failure
+/// can say why.
 pub(crate) struct Limiter {
     memory: usize,
     /// What was denied, if anything.
     pub(crate) hit: Option<String>,
+    engine: Engine,
+    /// The part of the host-wide budget this instance holds; given back
+    /// when the instance is dropped.
+    reserved: Option<OwnedSemaphorePermit>,
 }
 
 impl Limiter {
-    pub(crate) fn new(memory: usize) -> Limiter {
-        Limiter { memory, hit: None }
+    pub(crate) fn new(memory: usize, engine: Engine) -> Limiter {
+        Limiter { memory, hit: None, engine, reserved: None }
     }
 }
 
-impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(
+#[wasmtime_wasi::async_trait]
+impl wasmtime::ResourceLimiterAsync for Limiter {
+    /// Called for each memory's initial size at instantiation (as growth
+    /// from 0) and for every `memory.grow` after.
+    async fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -70,10 +81,27 @@ impl wasmtime::ResourceLimiter for Limiter {
             self.hit = Some(format!("its memory limit of {} MiB", self.memory >> 20));
             return Ok(false);
         }
-        Ok(true)
+        let more = MemoryBudget::pages(desired).saturating_sub(MemoryBudget::pages(current));
+        if more == 0 {
+            return Ok(true);
+        }
+        match self.engine.reserve_memory(more).await {
+            Some(permit) => {
+                match &mut self.reserved {
+                    Some(held) => held.merge(permit),
+                    None => self.reserved = Some(permit),
+                }
+                Ok(true)
+            }
+            None => {
+                let budget = self.engine.memory_limit() >> 20;
+                self.hit = Some(format!("the host's memory budget of {budget} MiB"));
+                Ok(false)
+            }
+        }
     }
 
-    fn table_growing(
+    async fn table_growing(
         &mut self,
         _current: usize,
         desired: usize,
@@ -118,72 +146,106 @@ impl Stream {
     }
 }
 
+/// What one kept line costs the budget beyond its text: about what the
+/// host spends to hold it (a `String` and its stream), so that a flood of
+/// empty lines is bounded like a flood of long ones.
+pub(crate) const RECORD_OVERHEAD: usize = 64;
+
+/// Output not yet ended by a newline: raw bytes, since a UTF-8 character
+/// may span two writes.
+#[derive(Default)]
+struct Partial {
+    bytes: Vec<u8>,
+    /// The budget ran out in this line: the rest of it is dropped.
+    cut: bool,
+}
+
 #[derive(Default)]
 struct Buffer {
     lines: Vec<(Stream, String)>,
-    /// Output not yet ended by a newline, per stream.
-    stdout: String,
-    stderr: String,
-    bytes: usize,
+    stdout: Partial,
+    stderr: Partial,
+    /// Budget spent by kept lines, each with its overhead.
+    kept: usize,
     limit: usize,
+    /// Bytes written over the budget and dropped (line breaks included),
+    /// and the lines dropped whole.
     dropped: u64,
+    dropped_lines: u64,
 }
 
 impl Buffer {
-    fn push(&mut self, stream: Stream, line: String) {
-        if self.bytes + line.len() > self.limit {
-            self.dropped += line.len() as u64;
-            return;
-        }
-        self.bytes += line.len();
-        self.lines.push((stream, line));
+    /// What is left of the budget: kept lines and unfinished ones count.
+    fn room(&self) -> usize {
+        self.limit.saturating_sub(self.kept + self.stdout.bytes.len() + self.stderr.bytes.len())
     }
 
-    fn write(&mut self, stream: Stream, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes);
-        let limit = self.limit;
-        let partial = match stream {
+    fn partial(&mut self, stream: Stream) -> &mut Partial {
+        match stream {
             Stream::Stderr => &mut self.stderr,
             _ => &mut self.stdout,
-        };
-        partial.push_str(&text);
-        let mut complete = Vec::new();
-        while let Some(end) = partial.find('\n') {
-            complete.push(partial.drain(..=end).collect::<String>());
         }
-        // A line that never ends is cut at the budget, so it cannot grow
-        // without bound.
-        let mut cut = 0;
-        if partial.len() > limit {
-            let mut at = limit;
-            while !partial.is_char_boundary(at) {
-                at -= 1;
-            }
-            cut = partial.len() - at;
-            partial.truncate(at);
+    }
+
+    /// Keeps a whole line (without its line break) if it fits with its
+    /// overhead; counts it dropped otherwise. Nothing is allocated for a
+    /// line that is dropped.
+    fn push(&mut self, stream: Stream, line: &[u8]) -> Option<&str> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() + RECORD_OVERHEAD > self.room() {
+            self.dropped += line.len() as u64 + 1;
+            self.dropped_lines += 1;
+            return None;
         }
-        self.dropped += cut as u64;
-        for line in complete {
-            self.push(stream, line.trim_end_matches(['\n', '\r']).to_owned());
+        self.kept += line.len() + RECORD_OVERHEAD;
+        self.lines.push((stream, String::from_utf8_lossy(line).into_owned()));
+        self.lines.last().map(|(_, line)| line.as_str())
+    }
+
+    /// Guest output: one pass over the bytes, whatever their line breaks.
+    fn write(&mut self, stream: Stream, mut bytes: &[u8]) {
+        while let Some(at) = bytes.iter().position(|&b| b == b'\n') {
+            self.append(stream, &bytes[..at]);
+            self.end_line(stream);
+            bytes = &bytes[at + 1..];
         }
+        self.append(stream, bytes);
+    }
+
+    /// Adds to the stream's unfinished line, as far as the budget goes (the
+    /// line's overhead is kept free for when it ends).
+    fn append(&mut self, stream: Stream, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let room = self.room().saturating_sub(RECORD_OVERHEAD);
+        let partial = self.partial(stream);
+        let fits = if partial.cut { 0 } else { room.min(bytes.len()) };
+        partial.bytes.extend_from_slice(&bytes[..fits]);
+        if fits < bytes.len() {
+            partial.cut = true;
+            self.dropped += (bytes.len() - fits) as u64;
+        }
+    }
+
+    fn end_line(&mut self, stream: Stream) {
+        let partial = std::mem::take(self.partial(stream));
+        self.push(stream, &partial.bytes);
     }
 
     fn flush_partials(&mut self) {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let partial = match stream {
-                Stream::Stderr => std::mem::take(&mut self.stderr),
-                _ => std::mem::take(&mut self.stdout),
-            };
-            if !partial.is_empty() {
-                self.push(stream, partial);
+            if !self.partial(stream).bytes.is_empty() {
+                self.end_line(stream);
             }
         }
     }
 }
 
 /// What a call printed: stdout, stderr and `host.log`, in order, up to a
-/// byte budget; what is over the budget is counted and dropped, never an
-/// error the guest sees (a Rust guest panics when printing fails).
+/// byte budget that also bounds the capture's own memory; what is over the
+/// budget is counted and dropped, never an error the guest sees (a Rust
+/// guest panics when printing fails).
 #[derive(Clone, Default)]
 pub(crate) struct Log(Arc<Mutex<Buffer>>);
 
@@ -197,8 +259,13 @@ impl Log {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn line(&self, stream: Stream, line: String) {
-        self.lock().push(stream, line);
+    /// Keeps one `host.log` line, if the budget allows; `forward` sees it
+    /// only then, so that what reaches the operator's log obeys the same
+    /// budget as the step's report.
+    pub(crate) fn line(&self, stream: Stream, line: &str, forward: impl FnOnce(&str)) {
+        if let Some(kept) = self.lock().push(stream, line.as_bytes()) {
+            forward(kept);
+        }
     }
 
     /// Takes what was captured so far, leaving the log empty for the next call.
@@ -207,15 +274,20 @@ impl Log {
         buffer.flush_partials();
         let lines =
             buffer.lines.drain(..).map(|(s, line)| format!("{}: {line}", s.label())).collect();
-        let dropped = std::mem::take(&mut buffer.dropped);
-        buffer.bytes = 0;
-        StepLog { lines, dropped }
+        let log = StepLog {
+            lines,
+            dropped: std::mem::take(&mut buffer.dropped),
+            dropped_lines: std::mem::take(&mut buffer.dropped_lines),
+        };
+        buffer.kept = 0;
+        log
     }
 
     /// The last lines written to stderr, on one line (a Rust panic message
     /// lands there); empty when there are none.
     pub(crate) fn stderr_tail(&self) -> String {
         let buffer = self.lock();
+        let partial = String::from_utf8_lossy(&buffer.stderr.bytes);
         let mut tail: Vec<&str> = buffer
             .lines
             .iter()
@@ -223,8 +295,8 @@ impl Log {
             .map(|(_, l)| l.trim())
             .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
             .collect();
-        if !buffer.stderr.trim().is_empty() {
-            tail.push(buffer.stderr.trim());
+        if !partial.trim().is_empty() {
+            tail.push(partial.trim());
         }
         tail[tail.len().saturating_sub(5)..].join(" ")
     }
@@ -305,17 +377,78 @@ impl StdoutStream for Pipe {
 mod tests {
     use super::*;
 
+    fn write(log: &Log, stream: Stream, bytes: &[u8]) {
+        log.lock().write(stream, bytes);
+    }
+
     #[test]
     fn lines_are_kept_in_order_up_to_the_budget() {
-        let log = Log::new(20);
-        log.pipe(Stream::Stdout).log.lock().write(Stream::Stdout, b"one\ntw");
-        log.line(Stream::Log("info"), "hello".into());
-        log.pipe(Stream::Stderr).log.lock().write(Stream::Stderr, b"oops\n");
-        log.pipe(Stream::Stdout).log.lock().write(Stream::Stdout, b"o\nthis line is too long\n");
+        let log = Log::new(4 * RECORD_OVERHEAD + 20);
+        write(&log, Stream::Stdout, b"one\ntw");
+        log.line(Stream::Log("info"), "hello", |_| {});
+        write(&log, Stream::Stderr, b"oops\r\n");
+        write(&log, Stream::Stdout, b"o\nthis line is too long\n");
         let captured = log.take();
         assert_eq!(captured.lines, ["stdout: one", "info: hello", "stderr: oops", "stdout: two"]);
-        assert_eq!(captured.dropped, "this line is too long".len() as u64);
+        assert_eq!(captured.dropped, "this line is too long\n".len() as u64);
+        assert_eq!(captured.dropped_lines, 1);
         assert_eq!(log.take(), StepLog::default());
+    }
+
+    #[test]
+    fn empty_lines_cost_their_overhead_and_the_capture_stays_within_its_budget() {
+        let budget = 64 << 10;
+        let log = Log::new(budget);
+        // Ten million empty lines, in the 64 KiB writes a guest makes.
+        let chunk = vec![b'\n'; 64 << 10];
+        for _ in 0..(10_000_000 / chunk.len()) {
+            write(&log, Stream::Stdout, &chunk);
+        }
+        let kept = budget / RECORD_OVERHEAD;
+        {
+            let buffer = log.lock();
+            assert_eq!(buffer.lines.len(), kept);
+            assert!(buffer.kept <= budget);
+        }
+        let captured = log.take();
+        let written = (10_000_000 / chunk.len() * chunk.len()) as u64;
+        assert_eq!(captured.dropped, written - kept as u64);
+        assert_eq!(captured.dropped_lines, written - kept as u64);
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_cut_at_the_budget() {
+        let log = Log::new(1000);
+        for _ in 0..100 {
+            write(&log, Stream::Stderr, &[b'x'; 100]);
+        }
+        assert!(log.lock().room() >= RECORD_OVERHEAD);
+        let captured = log.take();
+        assert_eq!(captured.lines.len(), 1);
+        assert_eq!(captured.lines[0].len(), "stderr: ".len() + 1000 - RECORD_OVERHEAD);
+        assert_eq!(captured.dropped, 10_000 - (1000 - RECORD_OVERHEAD) as u64);
+    }
+
+    #[test]
+    fn only_kept_log_lines_are_forwarded() {
+        let log = Log::new(2 * RECORD_OVERHEAD + 10);
+        let mut forwarded = Vec::new();
+        for n in 0..1000 {
+            log.line(Stream::Log("error"), &format!("e{n}"), |line| {
+                forwarded.push(line.to_owned())
+            });
+        }
+        assert_eq!(forwarded, ["e0", "e1"]);
+        assert_eq!(log.take().dropped_lines, 998);
+    }
+
+    #[test]
+    fn a_character_split_across_writes_is_kept_whole() {
+        let log = Log::new(1000);
+        let text = "é\n".as_bytes();
+        write(&log, Stream::Stdout, &text[..1]);
+        write(&log, Stream::Stdout, &text[1..]);
+        assert_eq!(log.take().lines, ["stdout: é"]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use super::bindings::{LogLevel, StepError, host};
 use super::engine::Engine;
 use super::sandbox::{Grants, Limiter, Log, Stream};
+use crate::model::{StepLog, printable};
 
 /// An asset's contents, shared by every step that reads it.
 pub(crate) type Bytes = Arc<[u8]>;
@@ -81,22 +82,49 @@ impl PluginState {
         limits: Limits,
         deadline: Option<Instant>,
     ) -> Result<Store<PluginState>, String> {
-        let mut wasi = grants.wasi()?;
+        let wasi = grants.wasi()?;
         let permit = engine.instance_permit().await;
+        Ok(PluginState::build(engine, permit, wasi, caller, assets, limits, deadline))
+    }
+
+    /// [`PluginState::store`] for a spare instance, only if a slot is free
+    /// now: a spare never queues ahead of a step, nor pushes out an idle
+    /// instance. `Ok(None)` when there is no free slot.
+    pub(crate) fn spare_store(
+        engine: &Engine,
+        caller: Caller,
+        assets: Option<Arc<dyn AssetSource>>,
+        grants: &Grants,
+        limits: Limits,
+    ) -> Result<Option<Store<PluginState>>, String> {
+        let wasi = grants.wasi()?;
+        let Some(permit) = engine.try_instance_permit() else { return Ok(None) };
+        Ok(Some(PluginState::build(engine, permit, wasi, caller, assets, limits, None)))
+    }
+
+    fn build(
+        engine: &Engine,
+        permit: OwnedSemaphorePermit,
+        mut wasi: wasmtime_wasi::WasiCtxBuilder,
+        caller: Caller,
+        assets: Option<Arc<dyn AssetSource>>,
+        limits: Limits,
+        deadline: Option<Instant>,
+    ) -> Store<PluginState> {
         let log = Log::new(limits.log);
         let wasi = wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr)).build();
         let state = PluginState {
             wasi,
             table: ResourceTable::new(),
             log,
-            limiter: Limiter::new(limits.memory),
+            limiter: Limiter::new(limits.memory, engine.clone()),
             caller,
             assets,
             _permit: permit,
             deadline,
         };
         let mut store = Store::new(engine.wasmtime(), state);
-        store.limiter(|state| &mut state.limiter);
+        store.limiter_async(|state| &mut state.limiter);
         // At every epoch tick: past the deadline, interrupt the guest (a
         // trap); before it, yield to the async scheduler, so that a CPU-bound
         // guest shares its worker thread instead of holding it. tokio's own
@@ -108,7 +136,7 @@ impl PluginState {
             _ => Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))),
         });
         store.set_epoch_deadline(1);
-        Ok(store)
+        store
     }
 
     /// Readies a (pooled) instance for a call: whom it serves now, and until when.
@@ -119,9 +147,22 @@ impl PluginState {
         self.log.take();
     }
 
-    /// What the guest printed and logged since the last `prepare`.
-    pub(crate) fn log(&self) -> &Log {
-        &self.log
+    /// Takes what the guest printed and logged since the last `prepare`;
+    /// what the budget dropped is said once in the operator's log.
+    pub(crate) fn take_log(&self) -> StepLog {
+        let log = self.log.take();
+        if log.dropped > 0 {
+            let (step, plugin) = (&*self.caller.name, &*self.caller.plugin);
+            tracing::warn!(
+                target: "qflow::plugin",
+                step,
+                plugin,
+                "{} lines and {} bytes of output over the log budget were dropped",
+                log.dropped_lines,
+                log.dropped
+            );
+        }
+        log
     }
 }
 
@@ -134,21 +175,35 @@ impl WasiView for PluginState {
 impl host::Host for PluginState {
     fn log(&mut self, level: LogLevel, message: String) {
         let (step, plugin) = (&*self.caller.name, &*self.caller.plugin);
-        match level {
-            LogLevel::Trace => tracing::trace!(target: "qflow::plugin", step, plugin, "{message}"),
-            LogLevel::Debug => tracing::debug!(target: "qflow::plugin", step, plugin, "{message}"),
-            LogLevel::Info => tracing::info!(target: "qflow::plugin", step, plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(target: "qflow::plugin", step, plugin, "{message}"),
-            LogLevel::Error => tracing::error!(target: "qflow::plugin", step, plugin, "{message}"),
-        }
-        let level = match level {
+        let label = match level {
             LogLevel::Trace => "trace",
             LogLevel::Debug => "debug",
             LogLevel::Info => "info",
             LogLevel::Warn => "warn",
             LogLevel::Error => "error",
         };
-        self.log.line(Stream::Log(level), message);
+        // Forwarded to the operator's log only within the step's budget,
+        // one record per line: the guest's control characters escaped.
+        self.log.line(Stream::Log(label), &message, |kept| {
+            let message = printable(kept);
+            match level {
+                LogLevel::Trace => {
+                    tracing::trace!(target: "qflow::plugin", step, plugin, "{message}")
+                }
+                LogLevel::Debug => {
+                    tracing::debug!(target: "qflow::plugin", step, plugin, "{message}")
+                }
+                LogLevel::Info => {
+                    tracing::info!(target: "qflow::plugin", step, plugin, "{message}")
+                }
+                LogLevel::Warn => {
+                    tracing::warn!(target: "qflow::plugin", step, plugin, "{message}")
+                }
+                LogLevel::Error => {
+                    tracing::error!(target: "qflow::plugin", step, plugin, "{message}")
+                }
+            }
+        });
     }
 
     async fn asset(&mut self, name: String) -> Result<Vec<u8>, StepError> {

@@ -12,7 +12,6 @@ mod sqlite;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::sqlite::SqliteStore;
@@ -121,11 +120,10 @@ async fn write_until_done(store: &dyn RunStore, batch: Vec<StoreWrite>) {
 /// it, not the bulk.
 fn trim_outputs(summary: &mut RunSummary, max: usize) {
     for step in &mut summary.steps {
-        let Some(output) = &step.output else { continue };
-        let text = output.to_string();
-        if text.len() > max {
-            let sha256 = hex::encode(Sha256::digest(text.as_bytes()));
-            step.output = Some(serde_json::json!({ "sha256": sha256, "bytes": text.len() }));
+        if let Some(output) = &step.output
+            && output.len() > max
+        {
+            step.output = Some(output.digest());
         }
     }
 }

@@ -51,7 +51,7 @@ async fn fails_with(mode: &str, kind: &str, says: &[&str]) {
     let next =
         run(&host, &hostile_flow("ok").replace("ms = 5000", "ms = 1"), json!({"x": 2})).await;
     assert_eq!(next.status, RunStatus::Succeeded, "{next:#?}");
-    assert_eq!(next.output("after").unwrap(), &json!({"x": 2}));
+    assert_eq!(next.output("after").unwrap(), json!({"x": 2}));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,8 @@ async fn the_orders_report_example_totals_and_renders() {
     let summary = host.run(&flow, json!(null)).await.unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
 
-    let orders = summary.output("orders").unwrap().as_array().unwrap();
+    let orders = summary.output("orders").unwrap();
+    let orders = orders.as_array().unwrap();
     assert_eq!(orders.len(), 8);
     assert_eq!(orders[0]["customer"], "Acme Corp");
     assert_eq!(orders[0]["amount"], json!(1250.0));
@@ -23,9 +24,11 @@ async fn the_orders_report_example_totals_and_renders() {
     assert!((revenue - 22645.84).abs() < 1e-6, "revenue {revenue}");
     assert_eq!(totals["regions"].as_array().unwrap().len(), 4);
 
-    let checksum = summary.output("checksum").unwrap()["sha256"].as_str().unwrap();
+    let checksum = summary.output("checksum").unwrap();
+    let checksum = checksum["sha256"].as_str().unwrap();
     assert_eq!(checksum.len(), 64);
-    let report = summary.output("report").unwrap().as_str().unwrap();
+    let report = summary.output("report").unwrap();
+    let report = report.as_str().unwrap();
     assert!(report.contains("8 orders, 22645.84 in revenue."), "{report}");
     assert!(report.contains(checksum), "{report}");
 
@@ -67,10 +70,10 @@ async fn independent_steps_overlap_in_time() {
         assert!(xs < ye && ys < xe, "{x} ran {xs}..{xe} and {y} ran {ys}..{ye}: no overlap");
     }
     // `after` got the outputs of all three.
-    assert_eq!(summary.output("a").unwrap(), &json!({"tag": 1}));
+    assert_eq!(summary.output("a").unwrap(), json!({"tag": 1}));
     assert_eq!(
         summary.output("after").unwrap(),
-        &json!({"a": {"tag": 1}, "b": {"tag": 1}, "c": {"ms": 400}})
+        json!({"a": {"tag": 1}, "b": {"tag": 1}, "c": {"ms": 400}})
     );
     assert_dependencies_respected(&flow(toml), &summary);
 }
@@ -103,13 +106,13 @@ async fn a_chain_runs_in_dependency_order_and_passes_outputs() {
     "#;
     let summary = run(&host, toml, json!({"n": 19, "who": "ada"})).await;
     assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
-    assert_eq!(summary.output("fib").unwrap(), &json!({"n": 20, "fib": 6765}));
+    assert_eq!(summary.output("fib").unwrap(), json!({"n": 20, "fib": 6765}));
     let digest = summary.output("digest").unwrap();
     assert_eq!(digest["bytes"], "fib(20) = 6765".len());
     let sha = digest["sha256"].as_str().unwrap();
     assert_eq!(
         summary.output("message").unwrap(),
-        &json!(format!("ada: fib(20) = 6765 [{}]", &sha[..8]))
+        json!(format!("ada: fib(20) = 6765 [{}]", &sha[..8]))
     );
     assert_dependencies_respected(&flow(toml), &summary);
 }
@@ -149,7 +152,7 @@ async fn one_host_runs_many_flows_at_once() {
     });
     for joined in futures::future::join_all(runs).await {
         let (i, summary) = joined.unwrap();
-        assert_eq!(summary.output("sq").unwrap(), &json!(i * i));
+        assert_eq!(summary.output("sq").unwrap(), json!(i * i));
         assert_eq!(summary.step("sq").unwrap().status, StepStatus::Succeeded);
     }
 }

@@ -128,7 +128,7 @@ async fn a_dropped_redundant_need_changes_neither_order_nor_outputs() {
     assert_eq!(c.needs, vec!["b"], "{}", optimized.text);
     let rerun = run(&host, &optimized.flow, &input).await;
     assert_same_outputs(&original_flow, &original, &rerun);
-    assert_eq!(rerun.output("c"), Some(&json!({"from_b": {"from_a": 1}, "label": "x"})));
+    assert_eq!(rerun.output("c"), Some(json!({"from_b": {"from_a": 1}, "label": "x"})));
     // `c` still starts after `a` ends: through `b`.
     assert_dependencies_respected(&original_flow, &rerun);
 }

@@ -62,7 +62,7 @@ async fn a_replaced_plugin_serves_the_next_run_while_the_run_in_flight_keeps_the
     let host = std::sync::Arc::new(Host::new(config(dir.path(), None)).unwrap());
     let _watch = host.watch().unwrap();
     let mut events = host.subscribe();
-    assert_eq!(run(&host, SWAP, json!("abc")).await.output("s"), Some(&json!("abc")));
+    assert_eq!(run(&host, SWAP, json!("abc")).await.output("s"), Some(json!("abc")));
 
     let mut steps = host.subscribe();
     let in_flight = {
@@ -96,7 +96,7 @@ async fn a_replaced_plugin_serves_the_next_run_while_the_run_in_flight_keeps_the
     assert_eq!(next.output("s").unwrap()["bytes"], 3, "the new version (hash) serves");
     let old = in_flight.await.unwrap();
     assert_eq!(old.status, RunStatus::Succeeded);
-    assert_eq!(old.output("s"), Some(&json!("abc")), "the run in flight finished on identity");
+    assert_eq!(old.output("s"), Some(json!("abc")), "the run in flight finished on identity");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,7 +105,7 @@ async fn a_broken_replacement_leaves_the_old_version_serving() {
     let host = Host::new(config(dir.path(), None)).unwrap();
     let _watch = host.watch().unwrap();
     let mut events = host.subscribe();
-    assert_eq!(run(&host, SWAP, json!(1)).await.output("s"), Some(&json!(1)));
+    assert_eq!(run(&host, SWAP, json!(1)).await.output("s"), Some(json!(1)));
 
     replace(&dir.path().join("swap.wasm"), b"\0asm garbage, not a component");
     match plugin_event(&mut events).await {
@@ -116,7 +116,7 @@ async fn a_broken_replacement_leaves_the_old_version_serving() {
         other => panic!("{other:?}"),
     }
     let summary = run(&host, SWAP, json!(2)).await;
-    assert_eq!(summary.output("s"), Some(&json!(2)), "{summary:#?}");
+    assert_eq!(summary.output("s"), Some(json!(2)), "{summary:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -41,11 +41,11 @@ async fn a_run_is_kept_and_read_back_by_a_new_store_on_the_same_file() {
     assert_eq!(record.input, json!("abc"));
     let summary = record.summary.expect("with its summary");
     assert_eq!(summary.status, RunStatus::Succeeded);
-    assert_eq!(summary.output("same"), Some(&json!("abc")), "a small output is kept whole");
+    assert_eq!(summary.output("same"), Some(json!("abc")), "a small output is kept whole");
     assert!(record.ended_at_ms.unwrap() >= record.started_at_ms);
 
     let record = reopened.run(&large.run_id).await.unwrap().unwrap();
-    let output = record.summary.unwrap().output("same").cloned().unwrap();
+    let output = record.summary.unwrap().output("same").unwrap();
     assert_eq!(output["bytes"], 102, "100 x's and their quotes");
     assert_eq!(output["sha256"].as_str().map(str::len), Some(64), "{output}");
     let (text, origin) = reopened.flow_of(&large.run_id).await.unwrap().unwrap();

@@ -32,7 +32,7 @@ fn beside(config: &str, extra: &str) -> String {
 /// Runs `bad` beside `good`; `good` must succeed; returns `bad`'s report.
 async fn hostile(host: &Host, config: &str, extra: &str) -> qflow::StepReport {
     let summary = run(host, &beside(config, extra), json!({"fine": true})).await;
-    assert_eq!(summary.output("good"), Some(&json!({"fine": true})), "{summary:#?}");
+    assert_eq!(summary.output("good"), Some(json!({"fine": true})), "{summary:#?}");
     summary.step("bad").unwrap().clone()
 }
 
@@ -97,7 +97,7 @@ async fn a_guest_reads_only_what_it_was_granted() {
     let dirs = format!("dirs = {{ \"/data\" = {:?} }}", data.display().to_string());
 
     let ok = hostile(&host, r#"mode = "read", path = "/data/ok.txt""#, &dirs).await;
-    assert_eq!(ok.output, Some(json!("granted")));
+    assert_eq!(ok.output, Some(json!("granted").into()));
     for path in [
         "/data/../secret.txt",
         "/data/link",
@@ -139,7 +139,7 @@ async fn a_guest_sees_only_the_environment_it_was_given() {
     assert!(message(&bad).contains("PATH"), "{}", message(&bad));
     let given =
         hostile(&host, r#"mode = "env", name = "GREETING""#, r#"env = { GREETING = "hi" }"#).await;
-    assert_eq!(given.output, Some(json!("hi")));
+    assert_eq!(given.output, Some(json!("hi").into()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,7 +229,7 @@ async fn a_plugin_link_that_leads_outside_the_plugins_directory_is_refused() {
             error.message
         );
     }
-    assert_eq!(summary.output("alias"), Some(&json!("ok")), "a link inside the directory works");
+    assert_eq!(summary.output("alias"), Some(json!("ok")), "a link inside the directory works");
     // Listing says the same, per plugin.
     let listed = host.catalog().describe_all().await.unwrap();
     let errors: Vec<String> = listed

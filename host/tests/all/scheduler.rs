@@ -66,7 +66,7 @@ async fn continue_on_error_runs_every_step_whose_dependencies_succeeded() {
     assert_eq!(status("after-bad"), StepStatus::Skipped);
     assert_eq!(status("slow"), StepStatus::Succeeded);
     assert_eq!(status("after-slow"), StepStatus::Succeeded);
-    assert_eq!(summary.output("after-slow"), Some(&json!({"v": 1})));
+    assert_eq!(summary.output("after-slow"), Some(json!({"v": 1})));
 }
 
 #[tokio::test(flavor = "multi_thread")]

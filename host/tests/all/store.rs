@@ -100,7 +100,7 @@ async fn fifty_concurrent_first_uses_compile_once() {
         tokio::spawn(async move { run(&host, toml, json!(i)).await })
     });
     for (i, summary) in futures::future::join_all(runs).await.into_iter().enumerate() {
-        assert_eq!(summary.unwrap().output("q"), Some(&json!(i)));
+        assert_eq!(summary.unwrap().output("q"), Some(json!(i)));
     }
     assert_eq!(host.stats().components.compiles, 1);
 }
@@ -244,5 +244,5 @@ async fn evicting_a_component_does_not_disturb_a_step_using_it() {
     assert!(host.stats().components.memory.evictions >= 2);
     let summary = sleeper.await.unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
-    assert_eq!(summary.output("s"), Some(&json!({"kept": true})));
+    assert_eq!(summary.output("s"), Some(json!({"kept": true})));
 }
