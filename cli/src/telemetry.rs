@@ -22,7 +22,12 @@ type Boxed = Box<dyn Layer<Registry> + Send + Sync>;
 /// Installs the process's subscriber.
 pub(crate) fn init() -> Telemetry {
     let filter = EnvFilter::try_from_env("QFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // Colours only for a person at a terminal, never into a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
     #[cfg(feature = "otlp")]
     let (exporter, provider) = otlp::layer().unzip();
     #[cfg(not(feature = "otlp"))]

@@ -278,6 +278,203 @@ fn ctrl_c_cancels_the_run_and_still_reports_it() {
     assert_eq!(summary["steps"][1]["status"], "skipped");
 }
 
+/// SIGTERM, as a service manager stops a process, is Ctrl-C's twin: the
+/// run is cancelled, its summary printed, and the exit code says SIGTERM.
+#[test]
+fn sigterm_cancels_the_run_prints_its_summary_and_exits_143() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("long.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"long\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\nconfig = { ms = 30000 }\n",
+    )
+    .unwrap();
+    let mut child = command(&["run", flow.to_str().unwrap()])
+        .env("QFLOW_LOG", "qflow=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr_lines = lines(child.stderr.take().unwrap());
+    let stdout_lines = lines(child.stdout.take().unwrap());
+    wait_for(&stderr_lines, "step nap started");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = exit_of(child);
+    assert_eq!(status.code(), Some(143));
+    let stdout: Vec<String> = stdout_lines.iter().collect();
+    assert!(stdout.iter().any(|l| l.starts_with("⊘ nap")), "{stdout:?}");
+    assert!(stdout.iter().any(|l| l.contains("flow long was cancelled")), "{stdout:?}");
+}
+
+/// A step stuck in a blocking call in the kernel (opening a FIFO nobody
+/// writes) times out, and the process still exits: the stuck thread holds
+/// neither the exit nor the exit code.
+#[test]
+fn a_step_stuck_in_the_kernel_times_out_and_the_process_still_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let flow = dir.path().join("fifo.toml");
+    std::fs::write(
+        &flow,
+        format!(
+            "[flow]\nname = \"fifo\"\n[[step]]\nid = \"stuck\"\nplugin = \"hostile\"\n\
+             timeout_ms = 1000\ndirs = {{ \"/p\" = {:?} }}\nconfig = {{ mode = \"fifo\", path = \"/p/pipe\" }}\n",
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let mut child = command(&["run", flow.to_str().unwrap()])
+        .env("QFLOW_PLUGINS", hostile_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout_lines = lines(child.stdout.take().unwrap());
+    let status = exit_of(child);
+    assert_eq!(status.code(), Some(1));
+    let stdout: Vec<String> = stdout_lines.iter().collect();
+    assert!(stdout.iter().any(|l| l.contains("within its timeout of 1000 ms")), "{stdout:?}");
+}
+
+#[test]
+fn an_input_file_over_the_limit_is_refused_without_reading_it_all() {
+    let out = qflow(&["run", "examples/orders-report.toml", "--input", "@/dev/zero"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("cannot read --input /dev/zero"), "{err}");
+    assert!(err.contains("larger than the limit of 67108864 bytes"), "{err}");
+}
+
+/// Everything a plugin controls reaches the terminal escaped, one record a
+/// line: its output, its error, its log lines. `--json` stays exact.
+#[test]
+fn plugin_text_cannot_drive_the_terminal_or_forge_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("forge.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"forge\"\nstrategy = \"continue-on-error\"\n\
+         [[step]]\nid = \"out\"\nplugin = \"hostile\"\nconfig = { mode = \"escape-output\" }\n\
+         [[step]]\nid = \"err\"\nplugin = \"hostile\"\nconfig = { mode = \"escape-error\" }\n",
+    )
+    .unwrap();
+    let out = command(&["run", flow.to_str().unwrap()])
+        .env("QFLOW_PLUGINS", hostile_dir())
+        .env("QFLOW_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    for (name, stream) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let text = String::from_utf8_lossy(stream);
+        for control in ['\u{1b}', '\u{7}', '\r'] {
+            assert!(!text.contains(control), "{name} holds {control:?}:\n{text}");
+        }
+        assert!(text.contains("\\u{1b}]0;owned\\u{7}"), "{name}:\n{text}");
+        // The forged status line is never a line of its own.
+        assert!(!text.lines().any(|l| l.starts_with("✓ fake-step")), "{name}:\n{text}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().any(|l| l.starts_with("│ ") && l.contains("fake-step")), "{stdout}");
+    // The log line is marked with its step.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.lines().any(|l| l.contains("[out] ") && l.contains("fake-step")), "{stderr}");
+
+    let json = command(&["run", flow.to_str().unwrap(), "--json", "--outputs", "all"])
+        .env("QFLOW_PLUGINS", hostile_dir())
+        .output()
+        .unwrap();
+    let summary = stdout_json(&json);
+    let forged = "\u{1b}]0;owned\u{7}\u{1b}[2J\r\n✓ fake-step      0.1 →      0.2 ms  identity";
+    assert_eq!(summary["steps"][0]["output"], forged, "--json is exact");
+    let message = summary["steps"][1]["error"]["message"].as_str().unwrap();
+    assert!(message.contains(forged), "{message:?}");
+}
+
+/// 200 000 error lines with a 64 KiB budget: the operator's log gets what
+/// the budget allows and one line saying how much was dropped.
+#[test]
+fn a_log_flood_reaches_the_operators_log_only_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("flood.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"flood\"\nmax_log_bytes = 65536\n\
+         [[step]]\nid = \"loud\"\nplugin = \"hostile\"\nconfig = { mode = \"log-error-flood\", count = 200000 }\n",
+    )
+    .unwrap();
+    let out = command(&["run", flow.to_str().unwrap()])
+        .env("QFLOW_PLUGINS", hostile_dir())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    // Each kept line costs its text and 64 bytes of the budget: ~900 lines.
+    let forwarded = err.lines().filter(|l| l.contains("flood ")).count();
+    assert!((500..=1100).contains(&forwarded), "{forwarded} lines forwarded");
+    assert!(err.len() < 1 << 20, "{} bytes on stderr", err.len());
+    assert!(err.contains("over the log budget were dropped"), "{}", &err[err.len() - 500..]);
+}
+
+/// Runs `qflow` to the end and returns its exit code and peak resident
+/// memory in bytes, as the kernel counted it for that one process.
+fn peak_memory(args: &[&str], plugins: &Path) -> (Option<i32>, u64) {
+    // Waited for by wait4 below, which std cannot do.
+    #[allow(clippy::zombie_processes)]
+    let child = command(args)
+        .env("QFLOW_PLUGINS", plugins)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value of that plain C struct.
+    #[allow(unsafe_code)]
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for (the `Child` is
+    // never waited on), and both pointers are to live locals.
+    #[allow(unsafe_code)]
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4 failed");
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    // Linux counts ru_maxrss in KiB.
+    (code, u64::try_from(usage.ru_maxrss).unwrap() * 1024)
+}
+
+/// A 15 MiB JSON array passed along a chain of five steps: the host keeps
+/// outputs as text, shares each with the step that needs it, and keeps an
+/// intermediate one only until that step has it. (As a tree, the array
+/// alone cost ~240 MiB a step, and the chain 1.7 GiB.)
+#[test]
+fn a_large_output_passed_along_a_chain_costs_a_few_times_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = |bytes: u64| {
+        let mut toml = format!(
+            "[flow]\nname = \"chain\"\n[[step]]\nid = \"s0\"\nplugin = \"hostile\"\n\
+             config = {{ mode = \"big-array\", bytes = {bytes} }}\n"
+        );
+        for i in 1..=5 {
+            toml += &format!(
+                "[[step]]\nid = \"s{i}\"\nplugin = \"hostile\"\nneeds = [\"s{}\"]\nconfig = {{ mode = \"ok\" }}\n",
+                i - 1
+            );
+        }
+        let path = dir.path().join(format!("chain-{bytes}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path
+    };
+    let (small, large) = (chain(100), chain(15 << 20));
+    let run = |flow: &Path| peak_memory(&["run", flow.to_str().unwrap(), "--json"], hostile_dir());
+    let (code, baseline) = run(&small);
+    assert_eq!(code, Some(0));
+    let (code, peak) = run(&large);
+    assert_eq!(code, Some(0));
+    let grown = peak.saturating_sub(baseline);
+    assert!(grown < 5 * (15 << 20), "the run grew by {} MiB over a tiny one", grown >> 20);
+}
+
 #[test]
 fn watch_reruns_the_flow_when_its_plugin_is_replaced() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,25 +13,29 @@ use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 
 /// A valid JSON document, as text, cheap to clone.
+///
+/// The box inside the `Arc` is the text's own allocation: checking a
+/// step's output (a `String` with no surrounding whitespace) copies
+/// nothing.
 #[derive(Clone)]
-pub struct Json(Arc<RawValue>);
+pub struct Json(Arc<Box<RawValue>>);
 
 impl Json {
     /// `text`, if it is one valid JSON document.
     pub fn parse(text: String) -> Result<Json, serde_json::Error> {
-        Ok(Json(Arc::from(RawValue::from_string(text)?)))
+        Ok(Json(Arc::new(RawValue::from_string(text)?)))
     }
 
     /// A value's text.
     pub fn from_value(value: &Value) -> Json {
         // A `Value` always serializes, and always to valid JSON.
         let raw = serde_json::value::to_raw_value(value).unwrap_or_else(|_| null());
-        Json(Arc::from(raw))
+        Json(Arc::new(raw))
     }
 
     /// `null`.
     pub fn null() -> Json {
-        Json(Arc::from(null()))
+        Json(Arc::new(null()))
     }
 
     /// The text.
@@ -124,7 +128,7 @@ impl Serialize for Json {
 
 impl<'de> Deserialize<'de> for Json {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Json, D::Error> {
-        Ok(Json(Arc::<RawValue>::deserialize(deserializer)?))
+        Ok(Json(Arc::new(Box::<RawValue>::deserialize(deserializer)?)))
     }
 }
 

@@ -148,10 +148,15 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
     };
     let deadline = Some(tokio::time::Instant::now() + LOADER_TIME_LIMIT);
     let grants = Grants { dirs: key.dirs.clone(), env: Vec::new() };
-    let mut store =
-        PluginState::store(catalog.engine(), caller, None, &grants, Limits::default(), deadline)
-            .await
-            .map_err(|e| error("io", format!("{owner}: {e}")))?;
+    let mut store = PluginState::host_call_store(
+        catalog.engine(),
+        caller,
+        &grants,
+        Limits::default(),
+        deadline,
+    )
+    .await
+    .map_err(|e| error("io", format!("{owner}: {e}")))?;
     let loaded = match pre.instantiate_async(&mut store).await {
         Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
         Err(e) => Err(e),

@@ -86,6 +86,7 @@ impl ComponentStore {
     ) -> wasmtime::Result<ComponentStore> {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        super::sandbox::guard_symlinks(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
         let disk = config
             .dir
@@ -271,9 +272,10 @@ impl ComponentStore {
         let deadline = Some(tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT);
         let grants = Grants::default();
         let limits = Limits::default();
-        let mut store = PluginState::store(&self.engine, caller, None, &grants, limits, deadline)
-            .await
-            .map_err(|message| PluginError::Describe { path: path.to_path_buf(), message })?;
+        let mut store =
+            PluginState::host_call_store(&self.engine, caller, &grants, limits, deadline)
+                .await
+                .map_err(|message| PluginError::Describe { path: path.to_path_buf(), message })?;
         let info = match world.describe(&mut store).await {
             Ok(info) => info,
             Err(e) => {

@@ -69,6 +69,10 @@ fn machine_memory_mb() -> u64 {
     }
 }
 
+/// Instances the host's own calls (`describe`, loaders) may have alive at
+/// once, beyond the steps' `max_instances`.
+const HOST_CALL_SLOTS: u32 = 16;
+
 /// What holds instances besides running calls: the pools of warm ones.
 /// The engine asks it to let go when a slot or memory is short, so that an
 /// idle spare never starves a step.
@@ -87,6 +91,25 @@ pub(crate) struct MemoryBudget {
     /// The most pages held at once, and how often an instance had to wait.
     peak: AtomicUsize,
     waits: AtomicU64,
+    /// Instances that hold part of the budget, and how many of them are
+    /// waiting for more: when all of them wait, none will ever give any
+    /// back, so the last to ask is refused instead.
+    holders: AtomicUsize,
+    waiting_holders: AtomicUsize,
+}
+
+/// A holder counted as waiting while this lives.
+struct Waiting<'a> {
+    budget: &'a MemoryBudget,
+    holder: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.holder {
+            self.budget.waiting_holders.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// The host-wide memory budget's figures.
@@ -113,6 +136,8 @@ impl MemoryBudget {
             total_pages,
             peak: AtomicUsize::new(0),
             waits: AtomicU64::new(0),
+            holders: AtomicUsize::new(0),
+            waiting_holders: AtomicUsize::new(0),
         }
     }
 
@@ -145,6 +170,10 @@ pub(crate) struct Engine {
     pooling: bool,
     instances: Arc<Semaphore>,
     max_instances: u32,
+    /// Slots of the host's own calls (`describe`, loaders), beside the
+    /// steps' `max_instances`: busy steps can never keep a plugin from
+    /// being described, nor an asset from loading.
+    host_calls: Arc<Semaphore>,
     memory: Arc<MemoryBudget>,
     reclaim: Arc<OnceLock<Weak<dyn Reclaim>>>,
 }
@@ -172,6 +201,7 @@ impl Engine {
             pooling,
             instances,
             max_instances,
+            host_calls: Arc::new(Semaphore::new(HOST_CALL_SLOTS as usize)),
             memory: Arc::new(MemoryBudget::new(config.max_total_memory_mb)),
             reclaim: Arc::default(),
         })
@@ -210,6 +240,16 @@ impl Engine {
         }
     }
 
+    /// A slot for one of the host's own calls (`describe`, a loader): never
+    /// taken by a step, so a host that is busy with steps still loads.
+    pub(crate) async fn host_call_permit(&self) -> OwnedSemaphorePermit {
+        match self.host_calls.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            // The semaphore is never closed.
+            Err(_) => unreachable!("the host call semaphore is never closed"),
+        }
+    }
+
     /// A permit if a slot is free now: for spares, which must never queue
     /// ahead of a step or push an idle instance out.
     pub(crate) fn try_instance_permit(&self) -> Option<OwnedSemaphorePermit> {
@@ -229,28 +269,55 @@ impl Engine {
         ))
     }
 
-    /// `pages` more of the host-wide memory budget: at once if they are
-    /// free, else after idle pooled instances are dropped, else when other
-    /// instances give memory back. `None` if the whole budget is smaller.
-    pub(crate) async fn reserve_memory(&self, pages: usize) -> Option<OwnedSemaphorePermit> {
+    /// `pages` more of the host-wide memory budget for an instance that
+    /// holds `held` pages already: at once if they are free, else after idle
+    /// pooled instances are dropped, else when other instances give memory
+    /// back. `None` when waiting could never end: the instance would hold
+    /// more than the whole budget, or every instance holding memory is
+    /// waiting for more.
+    pub(crate) async fn reserve_memory(
+        &self,
+        held: usize,
+        pages: usize,
+    ) -> Option<OwnedSemaphorePermit> {
         let budget = &self.memory;
-        if pages > budget.total_pages {
+        if held.saturating_add(pages) > budget.total_pages {
             return None;
         }
         let pages32 = u32::try_from(pages).ok()?;
+        let holder = held > 0;
+        let counted = |permit: OwnedSemaphorePermit| {
+            budget.note_peak();
+            if !holder {
+                // It holds memory from now until it gives it all back.
+                budget.holders.fetch_add(1, Ordering::SeqCst);
+            }
+            permit
+        };
         loop {
             if let Ok(permit) = budget.pages.clone().try_acquire_many_owned(pages32) {
-                budget.note_peak();
-                return Some(permit);
+                return Some(counted(permit));
             }
             if !self.evict_idle() {
                 break;
             }
         }
+        let waiting = budget.waiting_holders.fetch_add(usize::from(holder), Ordering::SeqCst)
+            + usize::from(holder);
+        let _waiting = Waiting { budget, holder };
+        let holders = budget.holders.load(Ordering::SeqCst);
+        if holders > 0 && waiting >= holders {
+            // Everyone who could give memory back is waiting too.
+            return None;
+        }
         budget.waits.fetch_add(1, Ordering::Relaxed);
         let permit = budget.pages.clone().acquire_many_owned(pages32).await.ok()?;
-        budget.note_peak();
-        Some(permit)
+        Some(counted(permit))
+    }
+
+    /// An instance that held part of the memory budget has given it back.
+    pub(crate) fn memory_released(&self) {
+        self.memory.holders.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// The host-wide memory budget in bytes.
@@ -287,7 +354,7 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
     // Copy-on-write images make a fresh instance's memory a mapping, not a copy.
     config.memory_init_cow(true);
     if let Some(settings) = pooling {
-        let n = settings.max_instances;
+        let n = settings.max_instances.saturating_add(HOST_CALL_SLOTS);
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(n)
             .total_stacks(n)

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder, WasiView};
 
 use super::engine::{Engine, MemoryBudget};
 use crate::model::{Mount, StepLog};
@@ -37,6 +37,74 @@ impl Grants {
         wasi.envs(&self.env);
         Ok(wasi)
     }
+}
+
+/// The WASI interface whose `symlink-at` the sandbox replaces. It must be
+/// exactly the version wasmtime-wasi defines (a guest importing any 0.2.x
+/// is matched to it); [`guard_symlinks`] fails loudly if it is not.
+const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
+const SYMLINK_AT: &str = "[method]descriptor.symlink-at";
+
+/// Replaces WASI's `symlink-at` with one that refuses a link whose target
+/// climbs above the link's own directory. wasmtime-wasi already refuses
+/// absolute targets, and a guest can never follow a link out of its grant;
+/// but the operator's own tools, reading a writable grant after the run,
+/// would. A target like `sub/../x` stays below the link and is allowed.
+pub(crate) fn guard_symlinks<T: WasiView + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::filesystem::types::{ErrorCode, HostDescriptor};
+
+    // Were the name wrong, defining it without shadowing would succeed and
+    // guests would keep the original: make sure it is there to replace.
+    let mut probe = linker.clone();
+    probe.allow_shadowing(false);
+    let defined = probe
+        .instance(FILESYSTEM_TYPES)?
+        .func_wrap(SYMLINK_AT, |_, (): ()| Ok::<(), wasmtime::Error>(()))
+        .is_err();
+    wasmtime::ensure!(defined, "{FILESYSTEM_TYPES} has no {SYMLINK_AT} to guard");
+
+    linker.allow_shadowing(true);
+    linker.instance(FILESYSTEM_TYPES)?.func_wrap_async(
+        SYMLINK_AT,
+        |mut store: wasmtime::StoreContextMut<'_, T>,
+         (fd, target, link): (Resource<Descriptor>, String, String)| {
+            Box::new(async move {
+                if escapes(&target) {
+                    return Ok((Err(ErrorCode::NotPermitted),));
+                }
+                let mut view = store.data_mut().filesystem();
+                match HostDescriptor::symlink_at(&mut view, fd, target, link).await {
+                    Ok(()) => Ok((Ok(()),)),
+                    // Not a WASI error code: a trap, as the generated code does.
+                    Err(e) => Ok((Err(e.downcast()?),)),
+                }
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Whether a symlink target, read from the link's own directory, leads
+/// above it (or is absolute).
+fn escapes(target: &str) -> bool {
+    let mut depth = 0usize;
+    for part in std::path::Path::new(target).components() {
+        match part {
+            std::path::Component::Normal(_) => depth += 1,
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => match depth.checked_sub(1) {
+                Some(up) => depth = up,
+                None => return true,
+            },
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => return true,
+        }
+    }
+    false
 }
 
 /// How many instances, tables and memories one component may create: a
@@ -67,6 +135,15 @@ impl Limiter {
     }
 }
 
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        // The pages go back first, then the count of holders.
+        if self.reserved.take().is_some() {
+            self.engine.memory_released();
+        }
+    }
+}
+
 #[wasmtime_wasi::async_trait]
 impl wasmtime::ResourceLimiterAsync for Limiter {
     /// Called for each memory's initial size at instantiation (as growth
@@ -85,7 +162,8 @@ impl wasmtime::ResourceLimiterAsync for Limiter {
         if more == 0 {
             return Ok(true);
         }
-        match self.engine.reserve_memory(more).await {
+        let held = self.reserved.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+        match self.engine.reserve_memory(held, more).await {
             Some(permit) => {
                 match &mut self.reserved {
                     Some(held) => held.merge(permit),
@@ -449,6 +527,16 @@ mod tests {
         write(&log, Stream::Stdout, &text[..1]);
         write(&log, Stream::Stdout, &text[1..]);
         assert_eq!(log.take().lines, ["stdout: é"]);
+    }
+
+    #[test]
+    fn symlink_targets_that_climb_out_of_their_directory_are_refused() {
+        for target in ["../../../../etc/passwd", "..", "a/../../b", "/etc/passwd"] {
+            assert!(escapes(target), "{target}");
+        }
+        for target in ["x", "sub/../x", "./a/b", "a/b/../../c"] {
+            assert!(!escapes(target), "{target}");
+        }
     }
 
     #[test]

@@ -87,6 +87,21 @@ impl PluginState {
         Ok(PluginState::build(engine, permit, wasi, caller, assets, limits, deadline))
     }
 
+    /// [`PluginState::store`] for one of the host's own calls (`describe`,
+    /// a loader's `load`), in the slots kept for them: busy steps never
+    /// keep a plugin from loading. Such an instance reads no assets.
+    pub(crate) async fn host_call_store(
+        engine: &Engine,
+        caller: Caller,
+        grants: &Grants,
+        limits: Limits,
+        deadline: Option<Instant>,
+    ) -> Result<Store<PluginState>, String> {
+        let wasi = grants.wasi()?;
+        let permit = engine.host_call_permit().await;
+        Ok(PluginState::build(engine, permit, wasi, caller, None, limits, deadline))
+    }
+
     /// [`PluginState::store`] for a spare instance, only if a slot is free
     /// now: a spare never queues ahead of a step, nor pushes out an idle
     /// instance. `Ok(None)` when there is no free slot.
@@ -185,7 +200,7 @@ impl host::Host for PluginState {
         // Forwarded to the operator's log only within the step's budget,
         // one record per line: the guest's control characters escaped.
         self.log.line(Stream::Log(label), &message, |kept| {
-            let message = printable(kept);
+            let message = format!("[{step}] {}", printable(kept));
             match level {
                 LogLevel::Trace => {
                     tracing::trace!(target: "qflow::plugin", step, plugin, "{message}")

@@ -6,6 +6,7 @@
 
 mod failures;
 mod flows;
+mod hardening;
 mod optimize;
 mod pools;
 mod reload;

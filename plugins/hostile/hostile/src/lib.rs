@@ -77,6 +77,19 @@ impl Guest for Hostile {
                 let len = bytes.unwrap_or(1 << 20).saturating_sub(2) as usize;
                 Ok(format!("\"{}\"", "x".repeat(len)))
             }
+            // A JSON array of about `bytes` bytes: `[1,1,…]`, the shape whose
+            // tree costs a host ten to twenty times its text.
+            "big-array" => {
+                let bytes = CONFIG.with(|c| c.borrow().get("bytes").and_then(Value::as_u64));
+                let n = (bytes.unwrap_or(1 << 20) / 2).max(1) as usize;
+                let mut text = String::with_capacity(2 * n + 1);
+                text.push('[');
+                for i in 0..n {
+                    text.push_str(if i == 0 { "1" } else { ",1" });
+                }
+                text.push(']');
+                Ok(text)
+            }
             "loop" => loop {
                 std::hint::black_box(());
             },
@@ -134,6 +147,90 @@ impl Guest for Hostile {
                         retryable: false,
                     })
             }
+            // Prints `lines` empty lines and logs `logs` empty messages.
+            "empty-lines" => {
+                let count = |k: &str| CONFIG.with(|c| c.borrow().get(k).and_then(Value::as_u64));
+                for _ in 0..count("lines").unwrap_or(1_000_000) {
+                    println!();
+                }
+                for _ in 0..count("logs").unwrap_or(500_000) {
+                    qflow_sdk::log(qflow_sdk::Level::Info, "");
+                }
+                Ok(input)
+            }
+            // `count` error-level log lines.
+            "log-error-flood" => {
+                let count = CONFIG.with(|c| c.borrow().get("count").and_then(Value::as_u64));
+                for n in 0..count.unwrap_or(200_000) {
+                    qflow_sdk::log(qflow_sdk::Level::Error, &format!("flood {n}"));
+                }
+                Ok(input)
+            }
+            // Control characters in every place a plugin controls: the
+            // output, a log line, and (in `escape-error`) the error.
+            "escape-output" | "escape-error" => {
+                let forged =
+                    "\u{1b}]0;owned\u{7}\u{1b}[2J\r\n✓ fake-step      0.1 →      0.2 ms  identity";
+                qflow_sdk::log(qflow_sdk::Level::Warn, forged);
+                if MODE.with(|m| m.borrow().as_str() == "escape-error") {
+                    return Err(StepError {
+                        code: "forged".to_owned(),
+                        message: forged.to_owned(),
+                        retryable: false,
+                    });
+                }
+                Ok(serde_json::to_string(forged).unwrap_or_default())
+            }
+            // Makes a symlink at config `link` (in the first preopened
+            // directory) pointing at config `target`.
+            "symlink" => {
+                let get = |k: &str| {
+                    CONFIG.with(|c| c.borrow().get(k).and_then(Value::as_str).map(str::to_owned))
+                };
+                let (target, link) =
+                    (get("target").unwrap_or_default(), get("link").unwrap_or_default());
+                let dirs = wasip2::filesystem::preopens::get_directories();
+                let Some((dir, _)) = dirs.first() else {
+                    return Err(StepError {
+                        code: "io".to_owned(),
+                        message: "no directory was granted".to_owned(),
+                        retryable: false,
+                    });
+                };
+                dir.symlink_at(&target, &link).map(|()| "true".to_owned()).map_err(|e| StepError {
+                    code: "io".to_owned(),
+                    message: format!("{link} -> {target}: {e:?}"),
+                    retryable: false,
+                })
+            }
+            // Holds `mb` MiB until the file at config `path` exists.
+            "hold" => {
+                let mb = CONFIG.with(|c| c.borrow().get("mb").and_then(Value::as_u64)).unwrap_or(1);
+                let path = CONFIG
+                    .with(|c| c.borrow().get("path").and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_default();
+                let held = vec![1u8; (mb << 20) as usize];
+                while std::fs::metadata(&path).is_err() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(format!("{}", std::hint::black_box(&held).len()))
+            }
+            // Opens the file at config `path` for reading: a FIFO with no
+            // writer blocks in the kernel.
+            "fifo" => {
+                let path = CONFIG
+                    .with(|c| c.borrow().get("path").and_then(Value::as_str).map(str::to_owned))
+                    .unwrap_or_default();
+                std::fs::read(&path).map(|_| "true".to_owned()).map_err(|e| StepError {
+                    code: "io".to_owned(),
+                    message: format!("{path}: {e}"),
+                    retryable: false,
+                })
+            }
+            // Sleeps, an hour at a time, for ever.
+            "sleep-forever" => loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            },
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
