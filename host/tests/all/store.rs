@@ -78,6 +78,26 @@ async fn corrupt_and_truncated_artifacts_are_recompiled_and_replaced() {
     assert_eq!((stats.compiles, stats.disk_hits), (0, 2), "{stats:?}");
 }
 
+/// An artifact carries the digest of the component it was compiled from:
+/// one plugin's artifact copied over another's name is a miss, replaced,
+/// and never runs in the other's place.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_plugins_artifact_under_this_name_is_never_run() {
+    let cache = tempfile::tempdir().unwrap();
+    let summary = run(&host_on(cache.path()), TWO_PLUGINS, json!({"n": 1})).await;
+    let expected = summary.output("h").unwrap();
+    let files = artifacts(cache.path());
+    assert_eq!(files.len(), 2);
+    // Both artifacts are now the same plugin's, whichever it is.
+    std::fs::copy(&files[0], &files[1]).unwrap();
+
+    let summary = run(&host_on(cache.path()), TWO_PLUGINS, json!({"n": 1})).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
+    assert_eq!(summary.output("h").unwrap(), expected, "each plugin ran its own code");
+    let stats = summary.store.components;
+    assert_eq!((stats.disk_hits, stats.disk_rejects, stats.compiles), (1, 1, 1), "{stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unusable_cache_directory_means_memory_only() {
     let dir = tempfile::tempdir().unwrap();
