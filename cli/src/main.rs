@@ -156,9 +156,11 @@ pub(crate) struct OutputArgs {
 }
 
 impl OutputArgs {
-    /// The run's options with this retention.
+    /// The run's options with this retention: an intermediate output is
+    /// kept whole only as far as something will show or store it.
     fn apply(self, options: RunOptions) -> RunOptions {
-        options.retain_output_bytes(self.output_max_bytes)
+        let shown = if self.outputs == Keep::All { self.output_max_bytes } else { 0 };
+        options.retain_output_bytes(shown.max(STORED_OUTPUT_BYTES as u64))
     }
 
     /// What of `summary` is shown.
@@ -191,6 +193,18 @@ pub(crate) struct HostArgs {
     /// half the machine's); an instance past it waits for memory.
     #[arg(long, env = "QFLOW_MAX_TOTAL_MEMORY_MB")]
     max_total_memory_mb: Option<u64>,
+    /// The largest output a step may return, in bytes (default 16 MiB); a
+    /// flow may set a lower limit, never a higher one.
+    #[arg(long, env = "QFLOW_MAX_OUTPUT_BYTES")]
+    max_output_bytes: Option<u64>,
+    /// Each step's linear memory limit, in MiB (default 256); a flow may set
+    /// a lower one.
+    #[arg(long, env = "QFLOW_MAX_MEMORY_MB")]
+    max_memory_mb: Option<u64>,
+    /// What one step call may print and log into its report, in bytes
+    /// (default 1 MiB); a flow may set a lower limit.
+    #[arg(long, env = "QFLOW_MAX_LOG_BYTES")]
+    max_log_bytes: Option<u64>,
 }
 
 impl HostArgs {
@@ -332,6 +346,15 @@ pub(crate) fn host(args: &HostArgs) -> anyhow::Result<Host> {
     if let Some(mb) = args.max_total_memory_mb {
         config.engine.max_total_memory_mb = mb;
     }
+    if let Some(bytes) = args.max_output_bytes {
+        config.max_output_bytes = bytes;
+    }
+    if let Some(mb) = args.max_memory_mb {
+        config.max_memory_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(bytes) = args.max_log_bytes {
+        config.max_log_bytes = bytes;
+    }
     Ok(Host::new(config)?)
 }
 
@@ -458,8 +481,15 @@ fn stop_on_signals(cancel: CancellationToken) -> anyhow::Result<Arc<OnceLock<u8>
             _ = terminate.recv() => (143, "terminated"),
         };
         let _ = cell.set(code);
-        eprintln!("{name}: stopping the run");
+        eprintln!("{name}: stopping the run (a second signal stops at once)");
         cancel.cancel();
+        // The handlers stay installed: without this, a run whose cut steps
+        // take a while to end could only be killed.
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        std::process::exit(i32::from(code));
     });
     Ok(signalled)
 }
@@ -552,9 +582,12 @@ async fn watch(
     let input = read_input(input)?;
     let host = host_with_store(args).await?;
     let _watch = host.watch()?;
-    // One listener for the whole watch: a Ctrl-C that comes while a run is
-    // printing is kept for the next look, not lost between two listeners.
+    // One listener for the whole watch: a Ctrl-C (or SIGTERM) that comes
+    // while a run is printing is kept for the next look, not lost between
+    // two listeners.
     let mut interrupt = interrupt_signal()?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot handle SIGTERM")?;
     let mut events = host.subscribe();
     eprintln!("watching {} (Ctrl-C to stop)", args.plugins.display());
     if let Some(flow) = &flow {
@@ -564,6 +597,7 @@ async fn watch(
         let event = tokio::select! {
             event = events.recv() => event,
             _ = interrupt.recv() => return Ok(ExitCode::SUCCESS),
+            _ = terminate.recv() => return Ok(ExitCode::SUCCESS),
         };
         let event = match event {
             Ok(event) => event,

@@ -66,12 +66,19 @@ impl WasmInvoker {
         let assets = Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone()));
         WasmInvoker {
             prepared: flow.steps.iter().map(|_| OnceLock::new()).collect(),
+            // The host's limits are ceilings: a flow (which may come over
+            // the network) can ask for less, never for more.
             limits: Limits {
                 memory: usize::try_from(defaults.max_memory_bytes).unwrap_or(usize::MAX),
-                log: usize::try_from(flow.max_log_bytes.unwrap_or(defaults.max_log_bytes))
-                    .unwrap_or(usize::MAX),
+                log: usize::try_from(
+                    flow.max_log_bytes
+                        .map_or(defaults.max_log_bytes, |own| own.min(defaults.max_log_bytes)),
+                )
+                .unwrap_or(usize::MAX),
             },
-            max_output_bytes: flow.max_output_bytes.unwrap_or(defaults.max_output_bytes),
+            max_output_bytes: flow
+                .max_output_bytes
+                .map_or(defaults.max_output_bytes, |own| own.min(defaults.max_output_bytes)),
             flow,
             catalog,
             pools,
@@ -136,9 +143,9 @@ impl WasmInvoker {
             })
         });
         futures::future::try_join_all(assets).await?;
-        let memory = step
-            .max_memory_bytes
-            .map_or(self.limits.memory, |bytes| usize::try_from(bytes).unwrap_or(usize::MAX));
+        let memory = step.max_memory_bytes.map_or(self.limits.memory, |bytes| {
+            usize::try_from(bytes).unwrap_or(usize::MAX).min(self.limits.memory)
+        });
         let key = PoolKey {
             digest: plugin.digest,
             instance: step.instance_key.clone(),

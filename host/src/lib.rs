@@ -62,16 +62,17 @@ pub struct HostConfig {
     /// [`CacheConfig::preload_threshold`]) in the background when the host
     /// starts; on by default.
     pub preload: bool,
-    /// The largest output a step may return, in bytes (a flow may set its
-    /// own): 16 MiB, far above what a step should pass on, far below what
-    /// would hurt the host.
+    /// The largest output a step may return, in bytes (a flow may set a
+    /// lower limit, never a higher one): 16 MiB, far above what a step
+    /// should pass on, far below what would hurt the host.
     pub max_output_bytes: u64,
-    /// The default linear memory limit of every step, in bytes (a flow or
-    /// step may set its own): 256 MiB, plenty for a step, and what stops a
+    /// The linear memory limit of every step, in bytes (a flow or step may
+    /// set a lower one): 256 MiB, plenty for a step, and what stops a
     /// runaway guest long before it hurts the host.
     pub max_memory_bytes: u64,
     /// The most a step call may print and log (stdout, stderr, `host.log`)
-    /// into its report, in bytes; the rest is counted and dropped: 1 MiB.
+    /// into its report, in bytes; the rest is counted and dropped: 1 MiB (a
+    /// flow may set a lower limit).
     pub max_log_bytes: u64,
     /// Instance pool settings for every step (a plugin's `NAME.plugin.toml` and a
     /// step's `pool` table override them).
@@ -133,7 +134,30 @@ impl HostConfig {
         );
         numbers.check("max_log_bytes", Some(self.max_log_bytes), model::LOG_BYTES, "bytes");
         numbers.pool("pool", &self.pool);
+        let engine = &self.engine;
+        numbers.check(
+            "engine.max_instances",
+            Some(engine.max_instances.into()),
+            1..=100_000,
+            "instances",
+        );
+        numbers.check(
+            "engine.max_total_memory_mb",
+            Some(engine.max_total_memory_mb),
+            16..=1 << 30,
+            "MiB",
+        );
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        numbers.check("engine.epoch_tick", Some(ms(engine.epoch_tick)), 1..=1000, "ms");
+        let cache = &self.cache;
+        numbers.check("cache.memory_limit", Some(cache.memory_limit), 1 << 20..=1 << 40, "bytes");
+        numbers.check(
+            "cache.asset_memory_limit",
+            Some(cache.asset_memory_limit),
+            0..=1 << 40,
+            "bytes",
+        );
+        numbers.check("cache.load_timeout", Some(ms(cache.load_timeout)), 1..=86_400_000, "ms");
         numbers.check("step_timeout", Some(ms(self.step_timeout)), model::TIMEOUT_MS, "ms");
         numbers.check("run_timeout", Some(ms(self.run_timeout)), model::TIMEOUT_MS, "ms");
         if problems.is_empty() { Ok(()) } else { Err(HostError::Config(problems)) }
@@ -181,7 +205,10 @@ pub struct Host {
     pools: Arc<Pools>,
     /// How long each step took lately (`flow/step` → ms, a moving average),
     /// for the critical path; kept beside the disk cache between hosts.
-    history: Mutex<HashMap<String, f64>>,
+    history: Mutex<Durations>,
+    /// Each flow's graph analysis, by the hash of its text: a run only adds
+    /// its estimates.
+    analyses: Mutex<lru::LruCache<u128, Arc<model::Analysis>>>,
     /// What the finished runs add up to, counted as each ends.
     totals: Mutex<RunTotals>,
     /// Where runs are kept, and the task that writes them there.
@@ -215,9 +242,38 @@ fn run_start(run_id: &str, flow: &Flow, input: &serde_json::Value) -> RunStart {
     }
 }
 
-fn history_key(flow: &Flow, step: &Step) -> String {
-    format!("{}/{}", flow.name, step.id)
+/// Each step's recent duration in ms (a moving average), by flow and step:
+/// looked up per run without building a key.
+#[derive(Default)]
+struct Durations(HashMap<String, HashMap<String, f64>>);
+
+impl Durations {
+    /// From the file's form, `{"flow/step": ms}`.
+    fn from_file(flat: HashMap<String, f64>) -> Durations {
+        let mut durations = Durations::default();
+        for (key, ms) in flat {
+            if let Some((flow, step)) = key.split_once('/') {
+                durations.0.entry(flow.to_owned()).or_default().insert(step.to_owned(), ms);
+            }
+        }
+        durations
+    }
+
+    /// To the file's form.
+    fn to_file(&self) -> HashMap<String, f64> {
+        let steps = self.0.iter().flat_map(|(flow, steps)| {
+            steps.iter().map(move |(step, ms)| (format!("{flow}/{step}"), *ms))
+        });
+        steps.collect()
+    }
+
+    fn of(&self, flow: &Flow) -> Option<&HashMap<String, f64>> {
+        self.0.get(&flow.name)
+    }
 }
+
+/// How many flows' analyses a host keeps.
+const ANALYSES: usize = 256;
 
 impl Host {
     /// Creates the engine and opens the plugins directory (nothing is
@@ -238,6 +294,7 @@ impl Host {
         let catalog = Arc::new(catalog);
         let history =
             catalog.store().disk().map(|disk| disk.load_state(HISTORY)).unwrap_or_default();
+        let history = Durations::from_file(history);
         let pools = Arc::new(Pools::new(config.pool, max_instances));
         // When slots or memory run short, idle pooled instances go first.
         let reclaim: std::sync::Weak<dyn runtime::Reclaim> = Arc::downgrade(&pools) as _;
@@ -258,6 +315,9 @@ impl Host {
             pools: pools.clone(),
             timeouts: (config.step_timeout, config.run_timeout),
             history: Mutex::new(history),
+            analyses: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(ANALYSES).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             totals: Mutex::default(),
             runs: None,
         };
@@ -450,16 +510,39 @@ impl Host {
     /// The flow's dependency analysis, with step durations estimated from
     /// this host's (and earlier hosts') runs of it.
     pub fn plan(&self, flow: &Flow) -> Plan {
+        let analysis = self.analysis(flow);
         let history = lock(&self.history);
-        Plan::with_estimates(flow, |step| history.get(&history_key(flow, step)).copied())
+        let durations = history.of(flow);
+        Plan::estimated(flow, &analysis, |step| durations?.get(&step.id).copied())
+    }
+
+    /// `flow`'s graph analysis, made once per flow text (a flow is read from
+    /// its text, so the same text is the same graph).
+    fn analysis(&self, flow: &Flow) -> Arc<model::Analysis> {
+        let key = xxhash_rust::xxh3::xxh3_128(flow.text.as_bytes());
+        if let Some(analysis) = lock(&self.analyses).get(&key) {
+            return analysis.clone();
+        }
+        let analysis = Arc::new(model::Analysis::new(flow));
+        lock(&self.analyses).put(key, analysis.clone());
+        analysis
     }
 
     fn remember_durations(&self, flow: &Flow, summary: &RunSummary) {
         let mut history = lock(&self.history);
+        // Keys are made the first time only: this runs after every run.
+        if !history.0.contains_key(&flow.name) {
+            history.0.insert(flow.name.clone(), HashMap::new());
+        }
+        let Some(durations) = history.0.get_mut(&flow.name) else { return };
         for (step, report) in flow.steps.iter().zip(&summary.steps) {
             if let (StepStatus::Succeeded, Some(ms)) = (report.status, report.duration_ms()) {
-                let average = history.entry(history_key(flow, step)).or_insert(ms);
-                *average += HISTORY_WEIGHT * (ms - *average);
+                match durations.get_mut(&step.id) {
+                    Some(average) => *average += HISTORY_WEIGHT * (ms - *average),
+                    None => {
+                        durations.insert(step.id.clone(), ms);
+                    }
+                }
             }
         }
     }
@@ -590,7 +673,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         self.catalog.save_uses();
         if let Some(disk) = self.catalog.store().disk() {
-            disk.save_state(HISTORY, &*lock(&self.history));
+            disk.save_state(HISTORY, &lock(&self.history).to_file());
         }
     }
 }

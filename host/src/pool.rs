@@ -462,6 +462,7 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
                 Err(e) => {
                     lock(&inner.state).live -= 1;
                     inner.filling.store(false, Ordering::Relaxed);
+                    let e = crate::model::printable(&e.to_string()).into_owned();
                     tracing::debug!("a pool could not make a resource in the background: {e}");
                     // Do not spin on a failing manager.
                     tokio::time::sleep(Duration::from_millis(100)).await;

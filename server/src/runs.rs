@@ -151,7 +151,13 @@ pub(crate) async fn start(
     // A child of the server's: what is still running after the grace
     // period at shutdown is cut.
     let cancel = state.runs_cancel.child_token();
-    let mut options = RunOptions::new().run_id(run_id.clone()).cancel(cancel.clone());
+    // An intermediate output over 1 MiB is kept as its digest once the
+    // steps that need it have it: a flow from the network cannot make the
+    // server hold every large output of a long chain.
+    let mut options = RunOptions::new()
+        .run_id(run_id.clone())
+        .cancel(cancel.clone())
+        .retain_output_bytes(1 << 20);
     options.max_parallel = request.max_parallel;
     state.runs.started(Record {
         run_id: run_id.clone(),
@@ -181,7 +187,10 @@ pub(crate) async fn start(
                 }
                 Ok(Err(e)) => {
                     let error = e.to_string();
-                    tracing::warn!("run {run_id} could not start: {error}");
+                    tracing::warn!(
+                        "run {run_id} could not start: {}",
+                        qflow::model::printable(&error)
+                    );
                     state.runs.failed(&run_id, error.clone());
                     Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-flow", error))
                 }

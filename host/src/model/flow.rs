@@ -42,6 +42,8 @@ pub struct Flow {
     pub format: Format,
     /// The directory relative paths in it are resolved against.
     pub base: PathBuf,
+    /// Each step's index by id, made when the flow is read.
+    index: Arc<HashMap<String, usize>>,
 }
 
 /// What happens when a step fails.
@@ -133,27 +135,34 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub(crate) struct InstanceKey {
     hash: u64,
+    /// The step's part, and the flow's loaders (encoded once, shared by
+    /// every step of the flow).
     text: Arc<str>,
+    loaders: Arc<str>,
 }
 
 impl InstanceKey {
-    fn new(step: &Step, loaders: &[LoaderSpec]) -> InstanceKey {
+    fn new(step: &Step, loaders: &Arc<str>) -> InstanceKey {
         let encoded = serde_json::json!({
             "config": step.config,
             "dirs": step.dirs,
             "env": step.env,
             "max_memory_bytes": step.max_memory_bytes,
             "pool": step.pool,
-            "loaders": loaders,
         });
         let text: Arc<str> = Arc::from(encoded.to_string());
-        InstanceKey { hash: xxhash_rust::xxh3::xxh3_64(text.as_bytes()), text }
+        let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+            ^ xxhash_rust::xxh3::xxh3_64(loaders.as_bytes()).rotate_left(1);
+        InstanceKey { hash, text, loaders: loaders.clone() }
     }
 }
 
 impl PartialEq for InstanceKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+        let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
+        self.hash == other.hash
+            && same(&self.text, &other.text)
+            && same(&self.loaders, &other.loaders)
     }
 }
 
@@ -485,26 +494,30 @@ impl Flow {
             Format::Json => serde_json::from_str(text).map_err(|e| e.to_string()),
         }
         .map_err(|message| error(vec![Problem::Syntax(message)]))?;
-        // Before anything costs more than the text: planning is O(V·E/64).
+        // Before anything costs more than the text: planning is O(V·E/64),
+        // and a resource shared by many steps costs pairs of them.
         let steps = raw.step.len() + raw.loader.len();
-        let edges: usize = raw.step.iter().map(|s| s.needs.len()).sum();
+        let edges: usize = raw.step.iter().map(|s| s.needs.len() + s.resources.len()).sum();
         if steps > limits.max_steps {
             let what = format!("{steps} steps and loaders, over the limit of {}", limits.max_steps);
             return Err(error(vec![Problem::TooLarge { what }]));
         }
         if edges > limits.max_edges {
-            let what = format!("{edges} needs in all, over the limit of {}", limits.max_edges);
+            let what = format!(
+                "{edges} needs and resources in all, over the limit of {}",
+                limits.max_edges
+            );
             return Err(error(vec![Problem::TooLarge { what }]));
         }
         let mut problems = Vec::new();
-        let mut flow = raw.validate(origin, base, &mut problems);
+        let (mut flow, unlisted) = raw.validate(origin, base, &mut problems);
         flow.text = Arc::from(text);
         flow.format = format;
         if problems.is_empty() {
             return Ok(flow);
         }
-        if problems.len() > MAX_PROBLEMS {
-            let more = problems.len() - MAX_PROBLEMS;
+        if problems.len() > MAX_PROBLEMS || unlisted > 0 {
+            let more = problems.len().saturating_sub(MAX_PROBLEMS) + unlisted;
             problems.truncate(MAX_PROBLEMS);
             problems.push(Problem::More(more));
         }
@@ -513,7 +526,23 @@ impl Flow {
 
     /// The index of the step `id`.
     pub fn step_index(&self, id: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.id == id)
+        match self.index.get(id) {
+            // The index is of the steps as read; `steps` is public, so check.
+            Some(&i) if self.steps.get(i).is_some_and(|s| s.id == id) => Some(i),
+            _ => self.steps.iter().position(|s| s.id == id),
+        }
+    }
+
+    /// For each step, whether another step needs it: the steps nobody
+    /// needs are the flow's results.
+    pub fn needed(&self) -> Vec<bool> {
+        let mut needed = vec![false; self.steps.len()];
+        for step in &self.steps {
+            for &dep in &step.deps {
+                needed[dep] = true;
+            }
+        }
+        needed
     }
 }
 
@@ -592,7 +621,10 @@ impl RawFlow {
         numbers.check("max_log_bytes", header.max_log_bytes, LOG_BYTES, "bytes");
     }
 
-    fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> Flow {
+    /// The flow, and how many problems were found but not listed (beyond
+    /// what would ever be shown, they are only counted).
+    fn validate(self, origin: &str, base: &Path, problems: &mut Vec<Problem>) -> (Flow, usize) {
+        let mut unlisted = 0;
         let ids: HashMap<&str, usize> =
             self.step.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         // A flow's name is its id in a server and a file name in a flows
@@ -601,7 +633,7 @@ impl RawFlow {
         check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
         check_ids("loader", self.loader.iter().map(|l| l.id.as_str()), problems);
         self.check_header(problems);
-        // Listed once, for every unknown dependency.
+        // Listed once (the first few), for every unknown dependency.
         let mut all_ids: Option<String> = None;
 
         let steps: Vec<Step> = self
@@ -624,13 +656,19 @@ impl RawFlow {
                                 deps.push(i);
                             }
                         }
+                        None if problems.len() > MAX_PROBLEMS => unlisted += 1,
                         None => problems.push(Problem::UnknownDependency {
                             step: raw.id.clone(),
                             needs: need.clone(),
                             steps: all_ids
                                 .get_or_insert_with(|| {
-                                    let ids = self.step.iter().map(|s| s.id.as_str());
-                                    ids.collect::<Vec<_>>().join(", ")
+                                    let mut ids: Vec<&str> =
+                                        self.step.iter().take(20).map(|s| s.id.as_str()).collect();
+                                    let more = format!("… {} in all", self.step.len());
+                                    if self.step.len() > ids.len() {
+                                        ids.push(&more);
+                                    }
+                                    ids.join(", ")
                                 })
                                 .clone(),
                         }),
@@ -668,7 +706,11 @@ impl RawFlow {
                     max_memory_bytes: raw.max_memory_mb.or(self.flow.max_memory_mb).map(mib),
                     deps,
                     input,
-                    instance_key: InstanceKey { hash: 0, text: Arc::from("") },
+                    instance_key: InstanceKey {
+                        hash: 0,
+                        text: Arc::from(""),
+                        loaders: Arc::from(""),
+                    },
                 }
             })
             .collect();
@@ -694,10 +736,11 @@ impl RawFlow {
             .collect();
 
         let mut steps = steps;
+        let encoded: Arc<str> = Arc::from(serde_json::json!(loaders).to_string());
         for step in &mut steps {
-            step.instance_key = InstanceKey::new(step, &loaders);
+            step.instance_key = InstanceKey::new(step, &encoded);
         }
-        Flow {
+        let flow = Flow {
             name: self.flow.name,
             description: self.flow.description,
             steps,
@@ -709,7 +752,9 @@ impl RawFlow {
             text: Arc::from(""),
             format: Format::Toml,
             base: base.to_path_buf(),
-        }
+            index: Arc::new(ids.iter().map(|(id, &i)| ((*id).to_owned(), i)).collect()),
+        };
+        (flow, unlisted)
     }
 }
 
@@ -1012,7 +1057,7 @@ mod tests {
         let err = parse(&edges);
         assert_eq!(
             err.to_string(),
-            "big.toml: the flow is too large: 3 needs in all, over the limit of 2 (raise the limit if it is meant to be)"
+            "big.toml: the flow is too large: 3 needs and resources in all, over the limit of 2 (raise the limit if it is meant to be)"
         );
         let bytes = FlowLimits { max_bytes: 10, ..limits };
         let err = Flow::parse_with(&four, Format::Toml, "big.toml", Path::new("."), &bytes);

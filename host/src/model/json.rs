@@ -21,8 +21,13 @@ use sha2::{Digest as _, Sha256};
 pub struct Json(Arc<Box<RawValue>>);
 
 impl Json {
-    /// `text`, if it is one valid JSON document.
+    /// `text`, if it is one valid JSON document nested at most 127 deep
+    /// (what a tree of it can be built from: serde_json's own limit).
     pub fn parse(text: String) -> Result<Json, serde_json::Error> {
+        if !within_depth(text.as_bytes()) {
+            let message = format!("recursion limit exceeded: nested deeper than {MAX_DEPTH}");
+            return Err(<serde_json::Error as serde::de::Error>::custom(message));
+        }
         Ok(Json(Arc::new(RawValue::from_string(text)?)))
     }
 
@@ -89,6 +94,39 @@ impl Json {
         // Valid JSON pieces joined as JSON make valid JSON.
         Json::parse(text).unwrap_or_else(|_| Json::null())
     }
+}
+
+/// How deep arrays and objects may nest: serde_json parses a tree no deeper.
+const MAX_DEPTH: usize = 127;
+
+/// Whether `text` nests arrays and objects at most [`MAX_DEPTH`] deep, by a
+/// single pass that skips strings (the validation that follows checks the
+/// rest).
+fn within_depth(text: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in text {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 fn null() -> Box<RawValue> {
@@ -162,6 +200,17 @@ mod tests {
         let joined = Json::object([("a", &a), ("we\"ird", &b)]);
         assert_eq!(joined.value(), json!({"a": [1, "x"], "we\"ird": "q\"uote"}));
         assert_eq!(Json::object([]).as_str(), "{}");
+    }
+
+    #[test]
+    fn nesting_deeper_than_a_tree_can_hold_is_refused() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let ok = Json::parse(deep(127)).unwrap();
+        assert_eq!(ok.value().as_array().map(Vec::len), Some(1));
+        let err = Json::parse(deep(128)).unwrap_err();
+        assert!(err.to_string().contains("recursion limit"), "{err}");
+        // Brackets inside strings are text.
+        assert!(Json::parse(format!("\"{}\\\"\"", "[".repeat(500))).is_ok());
     }
 
     #[test]

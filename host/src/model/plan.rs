@@ -122,16 +122,15 @@ impl Analysis {
         }
         let mut conflicts = Vec::new();
         for (resource, users) in by_resource {
-            let mut overlapping: Vec<usize> = Vec::new();
-            for (k, &a) in users.iter().enumerate() {
-                for &b in &users[k + 1..] {
-                    if !reach.needs(a, b) && !reach.needs(b, a) {
-                        overlapping.extend([a, b]);
-                    }
-                }
-            }
-            overlapping.sort_unstable();
-            overlapping.dedup();
+            // A user overlaps if some other user is unordered with it: one
+            // flag each, looked for until found.
+            let overlapping: Vec<usize> = users
+                .iter()
+                .copied()
+                .filter(|&a| {
+                    users.iter().any(|&b| b != a && !reach.needs(a, b) && !reach.needs(b, a))
+                })
+                .collect();
             if !overlapping.is_empty() {
                 let steps = overlapping.iter().map(|&i| steps[i].id.clone()).collect();
                 conflicts.push(Conflict { resource: resource.to_owned(), steps });

@@ -176,6 +176,9 @@ pub struct StepReport {
     /// Log bytes over the limit, dropped.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub log_dropped_bytes: u64,
+    /// Log lines over the limit, dropped whole.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub log_dropped_lines: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -196,6 +199,7 @@ impl StepReport {
             error: None,
             log: Vec::new(),
             log_dropped_bytes: 0,
+            log_dropped_lines: 0,
         }
     }
 
@@ -265,20 +269,16 @@ impl RunSummary {
         self.step(id)?.output.as_ref()
     }
 
-    /// The steps nothing else in the run needs: the flow's results. (A
-    /// summary does not carry the graph; `flow` must be the run's flow.)
-    pub fn is_result(flow: &super::Flow, id: &str) -> bool {
-        !flow.steps.iter().any(|s| s.needs.iter().any(|n| n == id))
-    }
-
     /// Keeps only the outputs `keep` selects, each up to `max_bytes` of
     /// JSON (a larger one becomes its digest): what a caller embeds in what
-    /// it prints or sends.
+    /// it prints or sends. (A summary does not carry the graph: `flow` is
+    /// the run's flow, whose steps it reports in order.)
     pub fn select_outputs(&mut self, flow: &super::Flow, keep: Keep, max_bytes: u64) {
-        for step in &mut self.steps {
+        let needed = flow.needed();
+        for (i, step) in self.steps.iter_mut().enumerate() {
             let kept = match keep {
                 Keep::All => true,
-                Keep::Leaves => RunSummary::is_result(flow, &step.id),
+                Keep::Leaves => !needed.get(i).copied().unwrap_or(false),
                 Keep::None => false,
             };
             if !kept {

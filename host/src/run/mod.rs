@@ -227,11 +227,14 @@ pub(crate) async fn run<I: StepInvoker>(
             group_of
         },
         consumers: ctx.flow.steps.iter().map(|_| 0).collect(),
+        started: vec![None; ctx.flow.steps.len()],
         retain: options.retain_output_bytes,
         ctx: ctx.clone(),
         plan,
         input_json: Json::from_value(&input),
-        input,
+        // The tree is kept only if a mapping reads it; otherwise the text
+        // is all the run needs.
+        input: reads_input(&ctx.flow).then_some(input),
         limit,
     };
     for step in &ctx.flow.steps {
@@ -241,9 +244,10 @@ pub(crate) async fn run<I: StepInvoker>(
     }
     let deadline = options.run_timeout.and_then(|limit| started.checked_add(limit));
     let ended = scheduler.run(&options.cancel, deadline).await;
-    let Scheduler { reports, failed, .. } = scheduler;
+    let Scheduler { reports, failed, started: started_at, .. } = scheduler;
     let timed_out = matches!(ended, Ended::TimedOut).then_some(options.run_timeout).flatten();
-    summarize(&ctx, plan, reports, failed || timed_out.is_some(), ended, timed_out, limit)
+    let failed = failed || timed_out.is_some();
+    summarize(&ctx, plan, reports, &started_at, failed, ended, timed_out, limit)
 }
 
 /// How the scheduler's loop ended.
@@ -260,14 +264,17 @@ enum Ended {
 struct Scheduler<'p, I> {
     ctx: Arc<RunContext<I>>,
     plan: &'p Plan,
-    /// The flow's input, as a tree (for `input` mappings) and as text.
-    input: Value,
+    /// The flow's input, as text, and as a tree if an `input` mapping
+    /// reads it.
+    input: Option<Value>,
     input_json: Json,
     limit: usize,
     /// For each step, how many steps that need it have not started yet.
     consumers: Vec<usize>,
     /// Outputs over this size are kept as digests once consumed.
     retain: Option<u64>,
+    /// When each step's task was started.
+    started: Vec<Option<Instant>>,
     reports: Vec<StepReport>,
     /// For each step, how many of its dependencies have not succeeded yet.
     unmet: Vec<usize>,
@@ -342,7 +349,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
         let step = &ctx.flow.steps[index];
         let output_of = |i: usize| self.reports[i].output.as_ref();
         let resolved =
-            resolve_input(&self.ctx.flow, index, &self.input_json, &self.input, &output_of);
+            resolve_input(&self.ctx.flow, index, &self.input_json, self.input.as_ref(), &output_of);
         self.consumed(index);
         match resolved {
             Ok(input) => {
@@ -355,6 +362,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
                 self.tasks.insert(task.id(), index);
                 // Until it reports back, it counts as started.
                 self.reports[index].attempts = 1;
+                self.started[index] = Some(Instant::now());
             }
             Err(failure) => {
                 let now = Instant::now();
@@ -452,21 +460,27 @@ impl<I: StepInvoker> Scheduler<'_, I> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn summarize<I>(
     ctx: &RunContext<I>,
     plan: &Plan,
     mut reports: Vec<StepReport>,
+    started: &[Option<Instant>],
     failed: bool,
     ended: Ended,
     timed_out: Option<Duration>,
     limit: usize,
 ) -> RunSummary {
     let now = ctx.ms_since_start(Instant::now());
+    // Steps still running were cut: by a cancel, or failed by the run's
+    // timeout. Their ends are announced here, with the skipped steps'.
+    let mut cut = vec![false; reports.len()];
     for (i, report) in reports.iter_mut().enumerate() {
         if report.attempts == 0 || report.end_ms.is_some() {
             continue;
         }
-        // Cut: by a cancel, or failed by the run's timeout.
+        cut[i] = true;
+        report.start_ms = started[i].map(|at| ctx.ms_since_start(at));
         match timed_out {
             Some(limit) => {
                 let what = format!("was cut by the run's timeout of {} ms", limit.as_millis());
@@ -478,9 +492,8 @@ fn summarize<I>(
         }
     }
     let cancelled = ended == Ended::Cancelled;
-    for report in &reports {
-        let cut_by_timeout = timed_out.is_some() && report.status == StepStatus::Failed;
-        if matches!(report.status, StepStatus::Cancelled | StepStatus::Skipped) || cut_by_timeout {
+    for (report, cut) in reports.iter().zip(cut) {
+        if cut || report.status == StepStatus::Skipped {
             ctx.events.emit(|| EventData::StepFinished {
                 run_id: ctx.run_id.clone(),
                 step: Arc::from(report.id.as_str()),
@@ -535,6 +548,7 @@ fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
     report.attempts = done.attempts;
     report.log = done.log.lines;
     report.log_dropped_bytes = done.log.dropped;
+    report.log_dropped_lines = done.log.dropped_lines;
     match done.result {
         Ok(output) => {
             report.status = StepStatus::Succeeded;
@@ -552,6 +566,14 @@ fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
     });
 }
 
+/// Whether some step's `input` mapping reads the flow's input.
+fn reads_input(flow: &Flow) -> bool {
+    flow.steps
+        .iter()
+        .filter_map(|s| s.input.as_ref())
+        .any(|t| t.refs().iter().any(|r| r.source == Source::Input))
+}
+
 /// The step's input: its `input` mapping resolved, or by default the flow's
 /// input (no dependencies), its one dependency's output (the same text,
 /// shared), or an object of its dependencies' outputs keyed by their ids.
@@ -559,7 +581,7 @@ fn resolve_input<'v>(
     flow: &Flow,
     index: usize,
     input_json: &Json,
-    input: &Value,
+    input: Option<&Value>,
     output_of: &impl Fn(usize) -> Option<&'v Json>,
 ) -> Result<Json, StepFailure> {
     let step = &flow.steps[index];
@@ -577,7 +599,7 @@ fn resolve_input<'v>(
                 }
             }
             let lookup = |source: &Source| match source {
-                Source::Input => Some(input),
+                Source::Input => input,
                 Source::Step(id) => read.get(id.as_str()),
             };
             template

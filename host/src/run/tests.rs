@@ -38,7 +38,7 @@ fn default_inputs_follow_the_dependencies() {
     let input_json = Json::from_value(&input);
     let outputs = [Some(Json::from(json!("A"))), Some(json!({"n": 2}).into()), None, None];
     let output_of = |i: usize| outputs[i].as_ref();
-    let resolve = |i| resolve_input(&flow, i, &input_json, &input, &output_of).unwrap();
+    let resolve = |i| resolve_input(&flow, i, &input_json, Some(&input), &output_of).unwrap();
     assert!(resolve(0).shares(&input_json), "no dependencies: the flow's input, shared");
     let one = resolve(1);
     assert!(one.shares(outputs[0].as_ref().unwrap()), "one dependency: its output, shared");
@@ -622,4 +622,43 @@ async fn the_invoker_starts_once_after_the_run_is_announced() {
     assert_eq!(calls.iter().filter(|c| *c == "start").count(), 1, "{calls:?}");
     let first_prepare = calls.iter().position(|c| c == "prepare").unwrap();
     assert!(first_prepare > 1, "{calls:?}");
+}
+
+/// The run's own timeout: the step still running fails with a timeout (its
+/// end announced once), the rest are skipped, and the run fails.
+#[tokio::test(start_paused = true)]
+async fn the_runs_timeout_fails_the_running_step_once_and_skips_the_rest() {
+    let flow = parse(
+        "[flow]\nname = \"late\"\n[[step]]\nid = \"a\"\nplugin = \"x\"\n\
+         [[step]]\nid = \"b\"\nplugin = \"x\"\nneeds = [\"a\"]\n",
+    );
+    let fake = Fake::new(&flow, &[("a", Act::Hang)]);
+    let bus = crate::model::EventBus::new();
+    let mut events = bus.subscribe();
+    let options = RunOptions::new().run_timeout(Duration::from_millis(500));
+    let plan = Plan::new(&flow);
+    let summary = run(
+        Arc::from("r"),
+        flow.clone(),
+        &plan,
+        json!(1),
+        options,
+        fake.clone(),
+        bus.emitter("/r".into()),
+    )
+    .await;
+    assert_eq!(summary.status, RunStatus::Failed);
+    let a = summary.step("a").unwrap();
+    assert_eq!((a.status, a.start_ms, a.end_ms), (StepStatus::Failed, Some(0.0), Some(500.0)));
+    let error = a.error.as_ref().unwrap();
+    assert_eq!(error.kind, FailureKind::Timeout);
+    assert!(error.message.contains("cut by the run's timeout of 500 ms"), "{}", error.message);
+    assert_eq!(status(&summary, "b"), StepStatus::Skipped);
+    let mut finished = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let EventData::StepFinished { step, .. } = event.data {
+            finished.push(step.to_string());
+        }
+    }
+    assert_eq!(finished, ["a", "b"], "each step's end announced once");
 }

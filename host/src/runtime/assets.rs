@@ -146,22 +146,33 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
         name: Arc::from(format!("loader:{}", key.loader_id)),
         plugin: Arc::from(key.plugin.name.as_str()),
     };
-    let deadline = Some(tokio::time::Instant::now() + LOADER_TIME_LIMIT);
+    let deadline = tokio::time::Instant::now() + LOADER_TIME_LIMIT;
     let grants = Grants { dirs: key.dirs.clone(), env: Vec::new() };
     let mut store = PluginState::host_call_store(
         catalog.engine(),
         caller,
         &grants,
         Limits::default(),
-        deadline,
+        Some(deadline),
     )
     .await
     .map_err(|e| error("io", format!("{owner}: {e}")))?;
-    let loaded = match pre.instantiate_async(&mut store).await {
-        Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
-        Err(e) => Err(e),
-    };
     let name = &key.name;
+    // The epoch deadline stops a guest; this stops a host call the guest is
+    // stuck in (a FIFO in its directory), and frees the instance's slot.
+    let loading = async {
+        match pre.instantiate_async(&mut store).await {
+            Ok(instance) => instance.call_load(&mut store, &key.name, &key.params).await,
+            Err(e) => Err(e),
+        }
+    };
+    let Ok(loaded) = tokio::time::timeout_at(deadline, loading).await else {
+        let limit = LOADER_TIME_LIMIT.as_millis();
+        return Err(error(
+            "timeout",
+            format!("{owner}: asset {name:?}: not loaded within {limit} ms"),
+        ));
+    };
     match loaded {
         Ok(Ok(bytes)) => Ok(Arc::from(bytes)),
         Ok(Err(e)) => {

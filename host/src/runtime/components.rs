@@ -269,18 +269,22 @@ impl ComponentStore {
             }
         };
         let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
-        let deadline = Some(tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT);
+        let deadline = tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT;
         let grants = Grants::default();
         let limits = Limits::default();
+        let described = |message| PluginError::Describe { path: path.to_path_buf(), message };
         let mut store =
-            PluginState::host_call_store(&self.engine, caller, &grants, limits, deadline)
+            PluginState::host_call_store(&self.engine, caller, &grants, limits, Some(deadline))
                 .await
-                .map_err(|message| PluginError::Describe { path: path.to_path_buf(), message })?;
-        let info = match world.describe(&mut store).await {
-            Ok(info) => info,
-            Err(e) => {
-                let message = describe_failure(&e, &store);
-                return Err(PluginError::Describe { path: path.to_path_buf(), message });
+                .map_err(described)?;
+        // The epoch deadline stops a guest; this stops a host call the guest
+        // is stuck in, and frees the instance's slot with it.
+        let info = match tokio::time::timeout_at(deadline, world.describe(&mut store)).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => return Err(described(describe_failure(&e, &store))),
+            Err(_) => {
+                let limit = DESCRIBE_TIME_LIMIT.as_millis();
+                return Err(described(format!("describe() did not return within {limit} ms")));
             }
         };
         let (kind, said) = (world.kind(), Kind::from(info.kind));

@@ -1,11 +1,13 @@
 //! The one wasmtime [`Engine`](wasmtime::Engine) every plugin runs on, and
 //! the settings Qflow narrows wasmtime to.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::memory::MemoryBudget;
+pub use super::memory::MemoryStats;
 
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -32,20 +34,18 @@ pub struct EngineConfig {
     /// instance that would grow past it waits (idle pooled instances are
     /// dropped first) until others give memory back, instead of pushing
     /// the host into the OOM killer. Default: half of the machine's memory
-    /// (or of the cgroup's limit, if lower); `QFLOW_MAX_TOTAL_MEMORY_MB`
-    /// sets it.
+    /// (or of the cgroup's limit, if lower); the CLI's
+    /// `--max-total-memory-mb` (`QFLOW_MAX_TOTAL_MEMORY_MB`) sets it.
     pub max_total_memory_mb: u64,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        let total_memory =
-            std::env::var("QFLOW_MAX_TOTAL_MEMORY_MB").ok().and_then(|v| v.parse().ok());
         EngineConfig {
             pooling: std::env::var("QFLOW_POOLING").map_or(true, |v| v != "0" && v != "off"),
             max_instances: 1000,
             epoch_tick: Duration::from_millis(10),
-            max_total_memory_mb: total_memory.unwrap_or_else(|| machine_memory_mb() / 2),
+            max_total_memory_mb: (machine_memory_mb() / 2).max(64),
         }
     }
 }
@@ -69,6 +69,10 @@ fn machine_memory_mb() -> u64 {
     }
 }
 
+/// How often a step waiting for a slot looks again for idle instances to
+/// drop, besides when a slot comes free.
+const RECHECK: Duration = Duration::from_millis(50);
+
 /// Instances the host's own calls (`describe`, loaders) may have alive at
 /// once, beyond the steps' `max_instances`.
 const HOST_CALL_SLOTS: u32 = 16;
@@ -82,84 +86,6 @@ pub(crate) trait Reclaim: Send + Sync {
     fn evict_idle(&self) -> bool;
     /// Who holds instances now, for an error that must say why none is free.
     fn holders(&self) -> String;
-}
-
-/// Linear memory, counted in 64 KiB wasm pages, that all instances share.
-pub(crate) struct MemoryBudget {
-    pages: Arc<Semaphore>,
-    total_pages: usize,
-    /// The most pages held at once, and how often an instance had to wait.
-    peak: AtomicUsize,
-    waits: AtomicU64,
-    /// Instances that hold part of the budget, and how many of them are
-    /// waiting for more: when all of them wait, none will ever give any
-    /// back, so the last to ask is refused instead.
-    holders: AtomicUsize,
-    waiting_holders: AtomicUsize,
-}
-
-/// A holder counted as waiting while this lives.
-struct Waiting<'a> {
-    budget: &'a MemoryBudget,
-    holder: bool,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.holder {
-            self.budget.waiting_holders.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// The host-wide memory budget's figures.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MemoryStats {
-    /// The budget, in bytes.
-    pub limit_bytes: u64,
-    /// Held by live instances now.
-    pub in_use_bytes: u64,
-    /// The most held at once.
-    pub peak_bytes: u64,
-    /// How many times a growing instance waited for others to give memory back.
-    pub waits: u64,
-}
-
-const PAGE: u64 = 64 << 10;
-
-impl MemoryBudget {
-    fn new(mb: u64) -> MemoryBudget {
-        let total_pages = usize::try_from(mb.saturating_mul(16)).unwrap_or(Semaphore::MAX_PERMITS);
-        let total_pages = total_pages.clamp(1, Semaphore::MAX_PERMITS);
-        MemoryBudget {
-            pages: Arc::new(Semaphore::new(total_pages)),
-            total_pages,
-            peak: AtomicUsize::new(0),
-            waits: AtomicU64::new(0),
-            holders: AtomicUsize::new(0),
-            waiting_holders: AtomicUsize::new(0),
-        }
-    }
-
-    /// Pages needed to hold `bytes`.
-    pub(crate) fn pages(bytes: usize) -> usize {
-        (bytes as u64).div_ceil(PAGE) as usize
-    }
-
-    fn note_peak(&self) {
-        let in_use = self.total_pages - self.pages.available_permits();
-        self.peak.fetch_max(in_use, Ordering::Relaxed);
-    }
-
-    pub(crate) fn stats(&self) -> MemoryStats {
-        let in_use = self.total_pages - self.pages.available_permits();
-        MemoryStats {
-            limit_bytes: self.total_pages as u64 * PAGE,
-            in_use_bytes: in_use as u64 * PAGE,
-            peak_bytes: self.peak.load(Ordering::Relaxed) as u64 * PAGE,
-            waits: self.waits.load(Ordering::Relaxed),
-        }
-    }
 }
 
 /// The wasmtime engine, the thread that advances its epoch, the permits
@@ -202,7 +128,7 @@ impl Engine {
             instances,
             max_instances,
             host_calls: Arc::new(Semaphore::new(HOST_CALL_SLOTS as usize)),
-            memory: Arc::new(MemoryBudget::new(config.max_total_memory_mb)),
+            memory: MemoryBudget::new(config.max_total_memory_mb),
             reclaim: Arc::default(),
         })
     }
@@ -229,14 +155,18 @@ impl Engine {
             if let Some(permit) = self.try_instance_permit() {
                 return permit;
             }
-            if !self.evict_idle() {
-                break;
+            if self.evict_idle() {
+                continue;
             }
-        }
-        match self.instances.clone().acquire_owned().await {
-            Ok(permit) => permit,
-            // The semaphore is never closed.
-            Err(_) => unreachable!("the instance semaphore is never closed"),
+            // Woken by a slot coming free, and now and then to drop an
+            // instance that went idle meanwhile.
+            let waited = tokio::time::timeout(RECHECK, self.instances.clone().acquire_owned());
+            match waited.await {
+                Ok(Ok(permit)) => return permit,
+                // The semaphore is never closed.
+                Ok(Err(_)) => unreachable!("the instance semaphore is never closed"),
+                Err(_) => continue,
+            }
         }
     }
 
@@ -269,60 +199,9 @@ impl Engine {
         ))
     }
 
-    /// `pages` more of the host-wide memory budget for an instance that
-    /// holds `held` pages already: at once if they are free, else after idle
-    /// pooled instances are dropped, else when other instances give memory
-    /// back. `None` when waiting could never end: the instance would hold
-    /// more than the whole budget, or every instance holding memory is
-    /// waiting for more.
-    pub(crate) async fn reserve_memory(
-        &self,
-        held: usize,
-        pages: usize,
-    ) -> Option<OwnedSemaphorePermit> {
-        let budget = &self.memory;
-        if held.saturating_add(pages) > budget.total_pages {
-            return None;
-        }
-        let pages32 = u32::try_from(pages).ok()?;
-        let holder = held > 0;
-        let counted = |permit: OwnedSemaphorePermit| {
-            budget.note_peak();
-            if !holder {
-                // It holds memory from now until it gives it all back.
-                budget.holders.fetch_add(1, Ordering::SeqCst);
-            }
-            permit
-        };
-        loop {
-            if let Ok(permit) = budget.pages.clone().try_acquire_many_owned(pages32) {
-                return Some(counted(permit));
-            }
-            if !self.evict_idle() {
-                break;
-            }
-        }
-        let waiting = budget.waiting_holders.fetch_add(usize::from(holder), Ordering::SeqCst)
-            + usize::from(holder);
-        let _waiting = Waiting { budget, holder };
-        let holders = budget.holders.load(Ordering::SeqCst);
-        if holders > 0 && waiting >= holders {
-            // Everyone who could give memory back is waiting too.
-            return None;
-        }
-        budget.waits.fetch_add(1, Ordering::Relaxed);
-        let permit = budget.pages.clone().acquire_many_owned(pages32).await.ok()?;
-        Some(counted(permit))
-    }
-
-    /// An instance that held part of the memory budget has given it back.
-    pub(crate) fn memory_released(&self) {
-        self.memory.holders.fetch_sub(1, Ordering::SeqCst);
-    }
-
-    /// The host-wide memory budget in bytes.
-    pub(crate) fn memory_limit(&self) -> u64 {
-        self.memory.total_pages as u64 * PAGE
+    /// The host-wide memory budget.
+    pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
+        &self.memory
     }
 
     /// The memory budget's figures.
@@ -352,7 +231,7 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
     // than fuel, which charges every instruction.
     config.epoch_interruption(true);
     // Copy-on-write images make a fresh instance's memory a mapping, not a copy.
-    config.memory_init_cow(true);
+    config.memory_init_cow(std::env::var("QFLOW_X_COW").map_or(true, |v| v != "0"));
     if let Some(settings) = pooling {
         let n = settings.max_instances.saturating_add(HOST_CALL_SLOTS);
         let mut pool = PoolingAllocationConfig::new();
@@ -365,6 +244,27 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
             .total_memories(n.saturating_mul(2))
             .max_memories_per_component(2)
             .max_tables_per_component(4);
+        // EXPERIMENT: reset-path knobs from the environment.
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+        if let Some(on) = var("QFLOW_X_PAGEMAP") {
+            pool.pagemap_scan(if on == 1 {
+                wasmtime::Enabled::Auto
+            } else {
+                wasmtime::Enabled::No
+            });
+        }
+        if let Some(n) = var("QFLOW_X_KEEP") {
+            pool.linear_memory_keep_resident(n);
+        }
+        if let Some(n) = var("QFLOW_X_TABLE_KEEP") {
+            pool.table_keep_resident(n);
+        }
+        if let Some(n) = var("QFLOW_X_WARM") {
+            pool.max_unused_warm_slots(n as u32);
+        }
+        if let Some(n) = var("QFLOW_X_BATCH") {
+            pool.decommit_batch_size(n);
+        }
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     config

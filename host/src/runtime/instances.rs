@@ -123,7 +123,9 @@ impl Manager for InstanceManager {
         let (grants, limits) = (&self.grants, self.limits);
         let store = PluginState::spare_store(&self.engine, self.caller(), assets, grants, limits)
             .map_err(InitError::Grant)?;
-        self.warm(store.ok_or(InitError::NoSlot)?).await
+        let mut warm = self.warm(store.ok_or(InitError::NoSlot)?).await?;
+        warm.store.data_mut().spare_made();
+        Ok(warm)
     }
 }
 
@@ -297,12 +299,15 @@ impl Pools {
         let held: usize = pools.values().map(|p| p.pool.config().min).sum();
         let room = (self.max_instances / 2).saturating_sub(held);
         if config.min > room {
-            tracing::warn!(
-                plugin = source.plugin,
-                "pool min {} lowered to {room}: pool minimums may hold at most half of the {} instance slots",
-                config.min,
-                self.max_instances
-            );
+            // The default (one spare) lowered says nothing worth a warning.
+            if config.min > 1 {
+                tracing::warn!(
+                    plugin = source.plugin,
+                    "pool min {} lowered to {room}: pool minimums may hold at most half of the {} instance slots",
+                    config.min,
+                    self.max_instances
+                );
+            }
             config.min = room;
         }
         let manager = InstanceManager {
@@ -352,11 +357,14 @@ impl Pools {
         reports
     }
 
-    /// The pool whose idle instance was given back longest ago.
-    fn least_recently_used(&self) -> Option<Arc<StepPool>> {
+    /// The pools with idle instances, the one whose idle instance was
+    /// given back longest ago first.
+    fn least_recently_used(&self) -> Vec<Arc<StepPool>> {
         let pools = self.lock();
-        let oldest = pools.values().filter_map(|p| Some((p.pool.oldest_idle()?, p)));
-        oldest.min_by_key(|(since, _)| *since).map(|(_, pool)| pool.clone())
+        let mut idle: Vec<_> =
+            pools.values().filter_map(|p| Some((p.pool.oldest_idle()?, p.clone()))).collect();
+        idle.sort_by_key(|(since, _)| *since);
+        idle.into_iter().map(|(_, pool)| pool).collect()
     }
 
     /// Each pool's figures, by plugin.
@@ -372,7 +380,8 @@ impl Reclaim for Pools {
     fn evict_idle(&self) -> bool {
         // The instance is dropped outside the pools' lock: its slot and
         // memory are free when this returns.
-        self.least_recently_used().is_some_and(|pool| pool.pool.evict_idle())
+        // One that was taken meanwhile is no loss: try the next.
+        self.least_recently_used().into_iter().any(|pool| pool.pool.evict_idle())
     }
 
     fn holders(&self) -> String {

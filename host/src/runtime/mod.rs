@@ -12,6 +12,7 @@ mod components;
 mod disk;
 mod engine;
 mod instances;
+mod memory;
 mod plugin;
 mod sandbox;
 mod state;

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::sync::OwnedSemaphorePermit;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder, WasiView};
 
-use super::engine::{Engine, MemoryBudget};
+use super::engine::Engine;
+use super::memory::{MemoryBudget, Refused, Reservation};
 use crate::model::{Mount, StepLog};
 
 /// What the operator grants one step or loader: nothing else is there.
@@ -126,21 +126,16 @@ pub(crate) struct Limiter {
     engine: Engine,
     /// The part of the host-wide budget this instance holds; given back
     /// when the instance is dropped.
-    reserved: Option<OwnedSemaphorePermit>,
+    reserved: Reservation,
+    /// Set while a spare is being made: it takes only memory that is free
+    /// now, never waiting for it nor pushing idle instances out.
+    pub(crate) spare: bool,
 }
 
 impl Limiter {
     pub(crate) fn new(memory: usize, engine: Engine) -> Limiter {
-        Limiter { memory, hit: None, engine, reserved: None }
-    }
-}
-
-impl Drop for Limiter {
-    fn drop(&mut self) {
-        // The pages go back first, then the count of holders.
-        if self.reserved.take().is_some() {
-            self.engine.memory_released();
-        }
+        let reserved = engine.memory().reservation();
+        Limiter { memory, hit: None, engine, reserved, spare: false }
     }
 }
 
@@ -162,18 +157,20 @@ impl wasmtime::ResourceLimiterAsync for Limiter {
         if more == 0 {
             return Ok(true);
         }
-        let held = self.reserved.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
-        match self.engine.reserve_memory(held, more).await {
-            Some(permit) => {
-                match &mut self.reserved {
-                    Some(held) => held.merge(permit),
-                    None => self.reserved = Some(permit),
-                }
-                Ok(true)
-            }
-            None => {
-                let budget = self.engine.memory_limit() >> 20;
-                self.hit = Some(format!("the host's memory budget of {budget} MiB"));
+        let engine = &self.engine;
+        match self.reserved.grow(more, self.spare, || engine.evict_idle()).await {
+            Ok(()) => Ok(true),
+            Err(refused) => {
+                let budget = engine.memory().limit_bytes() >> 20;
+                self.hit = Some(match refused {
+                    Refused::TooLarge => format!("the host's memory budget of {budget} MiB"),
+                    Refused::Deadlock => format!(
+                        "the host's memory budget of {budget} MiB, held by instances that all wait for more"
+                    ),
+                    Refused::Spare => format!(
+                        "the host's memory budget of {budget} MiB (a spare waits for no memory)"
+                    ),
+                });
                 Ok(false)
             }
         }
@@ -224,10 +221,11 @@ impl Stream {
     }
 }
 
-/// What one kept line costs the budget beyond its text: about what the
-/// host spends to hold it (a `String` and its stream), so that a flood of
-/// empty lines is bounded like a flood of long ones.
-pub(crate) const RECORD_OVERHEAD: usize = 64;
+/// What one kept line costs the budget beyond its text: what the host
+/// spends to hold it (a `String` and its stream, 40 bytes, in a vector that
+/// may be up to twice as large as it is full), so that a flood of empty
+/// lines is bounded like a flood of long ones.
+pub(crate) const RECORD_OVERHEAD: usize = 80;
 
 /// Output not yet ended by a newline: raw bytes, since a UTF-8 character
 /// may span two writes.
@@ -246,16 +244,18 @@ struct Buffer {
     /// Budget spent by kept lines, each with its overhead.
     kept: usize,
     limit: usize,
-    /// Bytes written over the budget and dropped (line breaks included),
-    /// and the lines dropped whole.
+    /// Bytes written over the budget and dropped (a dropped line's break
+    /// included), and the lines dropped whole.
     dropped: u64,
     dropped_lines: u64,
 }
 
 impl Buffer {
-    /// What is left of the budget: kept lines and unfinished ones count.
+    /// What is left of the budget: kept lines and the memory held for
+    /// unfinished ones count.
     fn room(&self) -> usize {
-        self.limit.saturating_sub(self.kept + self.stdout.bytes.len() + self.stderr.bytes.len())
+        let partials = self.stdout.bytes.capacity() + self.stderr.bytes.capacity();
+        self.limit.saturating_sub(self.kept + partials)
     }
 
     fn partial(&mut self, stream: Stream) -> &mut Partial {
@@ -265,18 +265,20 @@ impl Buffer {
         }
     }
 
-    /// Keeps a whole line (without its line break) if it fits with its
-    /// overhead; counts it dropped otherwise. Nothing is allocated for a
-    /// line that is dropped.
-    fn push(&mut self, stream: Stream, line: &[u8]) -> Option<&str> {
+    /// Keeps a whole line (without its line break) if it fits, as the text
+    /// it will be stored as, with its overhead; counts it dropped otherwise.
+    /// Nothing is allocated for a line that is dropped.
+    fn push(&mut self, stream: Stream, line: &[u8], line_break: bool) -> Option<&str> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.len() + RECORD_OVERHEAD > self.room() {
-            self.dropped += line.len() as u64 + 1;
+        // Invalid UTF-8 is stored as U+FFFD, three bytes a byte: that counts.
+        let text = String::from_utf8_lossy(line);
+        if text.len() + RECORD_OVERHEAD > self.room() {
+            self.dropped += line.len() as u64 + u64::from(line_break);
             self.dropped_lines += 1;
             return None;
         }
-        self.kept += line.len() + RECORD_OVERHEAD;
-        self.lines.push((stream, String::from_utf8_lossy(line).into_owned()));
+        self.kept += text.len() + RECORD_OVERHEAD;
+        self.lines.push((stream, text.into_owned()));
         self.lines.last().map(|(_, line)| line.as_str())
     }
 
@@ -284,21 +286,27 @@ impl Buffer {
     fn write(&mut self, stream: Stream, mut bytes: &[u8]) {
         while let Some(at) = bytes.iter().position(|&b| b == b'\n') {
             self.append(stream, &bytes[..at]);
-            self.end_line(stream);
+            self.end_line(stream, true);
             bytes = &bytes[at + 1..];
         }
         self.append(stream, bytes);
     }
 
     /// Adds to the stream's unfinished line, as far as the budget goes (the
-    /// line's overhead is kept free for when it ends).
+    /// line's overhead is kept free for when it ends). The buffer grows in
+    /// doublings while they fit the budget, then exactly.
     fn append(&mut self, stream: Stream, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         let room = self.room().saturating_sub(RECORD_OVERHEAD);
         let partial = self.partial(stream);
-        let fits = if partial.cut { 0 } else { room.min(bytes.len()) };
+        let spare = partial.bytes.capacity() - partial.bytes.len();
+        let fits = if partial.cut { 0 } else { bytes.len().min(spare + room) };
+        if fits > spare {
+            let doubled = partial.bytes.capacity().max(64);
+            partial.bytes.reserve_exact(if doubled <= room { doubled.max(fits) } else { fits });
+        }
         partial.bytes.extend_from_slice(&bytes[..fits]);
         if fits < bytes.len() {
             partial.cut = true;
@@ -306,15 +314,18 @@ impl Buffer {
         }
     }
 
-    fn end_line(&mut self, stream: Stream) {
+    fn end_line(&mut self, stream: Stream, line_break: bool) {
         let partial = std::mem::take(self.partial(stream));
-        self.push(stream, &partial.bytes);
+        self.push(stream, &partial.bytes, line_break);
     }
 
+    /// Ends what is unfinished: a call's output ends with the call.
     fn flush_partials(&mut self) {
         for stream in [Stream::Stdout, Stream::Stderr] {
-            if !self.partial(stream).bytes.is_empty() {
-                self.end_line(stream);
+            if self.partial(stream).bytes.is_empty() {
+                *self.partial(stream) = Partial::default();
+            } else {
+                self.end_line(stream, false);
             }
         }
     }
@@ -341,7 +352,7 @@ impl Log {
     /// only then, so that what reaches the operator's log obeys the same
     /// budget as the step's report.
     pub(crate) fn line(&self, stream: Stream, line: &str, forward: impl FnOnce(&str)) {
-        if let Some(kept) = self.lock().push(stream, line.as_bytes()) {
+        if let Some(kept) = self.lock().push(stream, line.as_bytes(), false) {
             forward(kept);
         }
     }
@@ -461,7 +472,7 @@ mod tests {
 
     #[test]
     fn lines_are_kept_in_order_up_to_the_budget() {
-        let log = Log::new(4 * RECORD_OVERHEAD + 20);
+        let log = Log::new(4 * RECORD_OVERHEAD + 84);
         write(&log, Stream::Stdout, b"one\ntw");
         log.line(Stream::Log("info"), "hello", |_| {});
         write(&log, Stream::Stderr, b"oops\r\n");

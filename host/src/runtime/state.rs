@@ -114,7 +114,15 @@ impl PluginState {
     ) -> Result<Option<Store<PluginState>>, String> {
         let wasi = grants.wasi()?;
         let Some(permit) = engine.try_instance_permit() else { return Ok(None) };
-        Ok(Some(PluginState::build(engine, permit, wasi, caller, assets, limits, None)))
+        let mut store = PluginState::build(engine, permit, wasi, caller, assets, limits, None);
+        store.data_mut().limiter.spare = true;
+        Ok(Some(store))
+    }
+
+    /// The spare is made: from now on its growth may wait for memory like
+    /// any instance's.
+    pub(crate) fn spare_made(&mut self) {
+        self.limiter.spare = false;
     }
 
     fn build(
@@ -239,7 +247,13 @@ impl host::Host for PluginState {
 /// the debug log.
 pub(crate) fn describe_failure(error: &wasmtime::Error, store: &Store<PluginState>) -> String {
     let caller = &store.data().caller;
-    tracing::debug!(step = &*caller.name, plugin = &*caller.plugin, "guest call failed: {error:?}");
+    let full = format!("{error:?}");
+    tracing::debug!(
+        step = &*caller.name,
+        plugin = &*caller.plugin,
+        "guest call failed: {}",
+        printable(&full)
+    );
     let mut message = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
         None => error.root_cause().to_string(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::catalog::{Catalog, Reload};
 use super::instances::Pools;
 use super::plugin::PluginError;
-use crate::model::{Emitter, EventData, error_chain};
+use crate::model::{Emitter, EventData, error_chain, printable};
 use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
 use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
 
@@ -38,11 +38,11 @@ impl Reloader {
         match self.catalog.reload(name).await {
             Ok(Reload::Unchanged) => {}
             Ok(Reload::Added { version, .. }) => {
-                tracing::info!("plugin {name} {version} added");
+                tracing::info!("plugin {name} {} added", printable(&version));
                 emit(EventData::PluginAdded { plugin, version });
             }
             Ok(Reload::Replaced { old, version, .. }) => {
-                tracing::info!("plugin {name} reloaded: now {version}");
+                tracing::info!("plugin {name} reloaded: now {}", printable(&version));
                 self.pools.retire(&old);
                 emit(EventData::PluginReloaded { plugin, version });
             }
@@ -54,7 +54,8 @@ impl Reloader {
             Err(e) => {
                 let error = error_chain(&e);
                 tracing::warn!(
-                    "plugin {name} was not reloaded, the old version goes on serving: {error}"
+                    "plugin {name} was not reloaded, the old version goes on serving: {}",
+                    printable(&error)
                 );
                 emit(EventData::PluginReloadFailed { plugin, error });
                 return Err(e);

@@ -30,11 +30,28 @@ async fn a_flood_of_empty_lines_costs_the_budget_and_is_counted() {
             .await;
     let bad = summary.step("bad").unwrap();
     assert_eq!(bad.status, StepStatus::Succeeded, "{bad:#?}");
-    // Each kept line costs its overhead (64 bytes): at most 1024 are kept.
-    assert!(bad.log.len() <= 1024, "{} lines kept", bad.log.len());
-    assert!(!bad.log.is_empty());
-    let dropped = 200_000 + 100_000 - bad.log.len() as u64;
-    assert_eq!(bad.log_dropped_bytes, dropped, "every dropped line counts its line break");
+    // Each kept line costs its overhead (80 bytes): at most 819 are kept,
+    // all of them printed lines, which came first.
+    assert!(bad.log.len() <= 819, "{} lines kept", bad.log.len());
+    assert!(!bad.log.is_empty() && bad.log.iter().all(|l| l == "stdout: "), "{:?}", &bad.log[..3]);
+    let kept = bad.log.len() as u64;
+    assert_eq!(bad.log_dropped_lines, 200_000 + 100_000 - kept);
+    // A dropped printed line counts its line break; an empty log record has none.
+    assert_eq!(bad.log_dropped_bytes, 200_000 - kept);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_nested_deeper_than_a_tree_can_hold_is_refused() {
+    let toml = format!(
+        "{}[[step]]\nid = \"next\"\nplugin = \"identity\"\nneeds = [\"bad\"]\n",
+        one("mode = \"deep-output\"", "")
+    );
+    let summary = run(&host_with(|_| {}), &toml, json!(1)).await;
+    let bad = summary.step("bad").unwrap();
+    let error = bad.error.as_ref().unwrap();
+    assert_eq!(error.kind, FailureKind::InvalidOutput, "{error:?}");
+    assert!(error.message.contains("recursion limit exceeded"), "{}", error.message);
+    assert_eq!(summary.step("next").unwrap().status, StepStatus::Skipped);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,6 +150,27 @@ async fn warm_spares_never_starve_a_long_chain_of_distinct_steps() {
     let summary = run(&host, &toml, json!("x")).await;
     assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
     assert!(host.instances_in_use() <= 8);
+}
+
+/// Reused instances go back to their pools idle, each holding a slot: the
+/// fifth step of a chain over four slots gets one only because the least
+/// recently used idle instance is dropped for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_instances_are_dropped_for_a_step_that_needs_their_slot() {
+    let host = host_with(|c| c.engine.max_instances = 4);
+    let mut toml = String::from("[flow]\nname = \"reused\"\n");
+    for i in 0..6 {
+        let needs = if i == 0 { String::new() } else { format!("needs = [\"s{}\"]\n", i - 1) };
+        toml += &format!(
+            "[[step]]\nid = \"s{i}\"\nplugin = \"hostile\"\nconfig = {{ mode = \"ok\", n = {i} }}\n\
+             pool = {{ reuse = 100, min = 0, create_timeout_ms = 2000 }}\n{needs}"
+        );
+    }
+    let summary = run(&host, &toml, json!("x")).await;
+    assert_eq!(summary.status, RunStatus::Succeeded, "{summary:#?}");
+    let idle: usize = host.pool_stats().iter().map(|(_, s)| s.available).sum();
+    assert_eq!(idle, 4, "the four most recent stay idle: {:?}", host.pool_stats());
+    assert_eq!(host.instances_in_use(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -90,6 +90,8 @@ impl Guest for Hostile {
                 text.push(']');
                 Ok(text)
             }
+            // Arrays nested 10 000 deep: valid JSON no tree can be built of.
+            "deep-output" => Ok(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
             "loop" => loop {
                 std::hint::black_box(());
             },
