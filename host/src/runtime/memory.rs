@@ -266,8 +266,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_instances_are_dropped_before_anyone_waits() {
         let budget = MemoryBudget::new(1);
-        let idle = std::sync::Mutex::new(Some(budget.reservation()));
-        idle.lock().unwrap().as_mut().unwrap().grow(12, false, || false).await.unwrap();
+        let mut held = budget.reservation();
+        held.grow(12, false, || false).await.unwrap();
+        let idle = std::sync::Mutex::new(Some(held));
         let mut step = budget.reservation();
         let evict = || idle.lock().unwrap().take().is_some();
         step.grow(8, false, evict).await.unwrap();
