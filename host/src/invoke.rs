@@ -101,7 +101,7 @@ impl WasmInvoker {
             let (catalog, owned) = (self.catalog.clone(), name.clone());
             let (run_id, events) = (self.run_id.clone(), self.events.clone());
             let span = tracing::info_span!("load", run_id = &*run_id, plugin = %owned);
-            let task = tokio::spawn(tracing::Instrument::instrument(
+            let mut load = Box::pin(tracing::Instrument::instrument(
                 async move {
                     let started = Instant::now();
                     let (plugin, source) = catalog.load_traced(&owned).await?;
@@ -115,9 +115,18 @@ impl WasmInvoker {
                 },
                 span,
             ));
-            let load =
-                async move { task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string()))) };
-            plugins.insert(name.clone(), load.boxed().shared());
+            // A plugin already in memory is loaded by the first poll: no
+            // task, no other thread woken. Otherwise the same load goes on
+            // in a task of its own, so compiles overlap the first steps.
+            let load = match (&mut load).now_or_never() {
+                Some(loaded) => futures::future::ready(loaded).boxed(),
+                None => {
+                    let task = tokio::spawn(load);
+                    async move { task.await.unwrap_or_else(|e| Err(PluginError::Host(e.to_string()))) }
+                        .boxed()
+                }
+            };
+            plugins.insert(name.clone(), load.shared());
         }
         plugins
     }

@@ -38,7 +38,8 @@ pub use self::model::{
 };
 pub use self::run::RunOptions;
 pub use self::runtime::{
-    CacheConfig, Catalog, Cause, EngineConfig, Kind, MemoryStats, PluginError, PluginInfo, Watch,
+    CacheConfig, Catalog, Cause, EngineConfig, Kind, MemoryStats, PluginError, PluginInfo,
+    ResetPath, Watch,
 };
 pub use tokio_util::sync::CancellationToken;
 

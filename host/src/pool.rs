@@ -207,9 +207,9 @@ impl<M: Manager> Pool<M> {
             Create,
             Wait(oneshot::Receiver<R>),
         }
-        let next = {
+        let (next, refill) = {
             let mut state = lock(&inner.state);
-            if let Some(idle) = state.idle.pop_back() {
+            let next = if let Some(idle) = state.idle.pop_back() {
                 state.in_use += 1;
                 Next::Ready(idle.resource)
             } else if state.live < inner.config.max {
@@ -220,9 +220,16 @@ impl<M: Manager> Pool<M> {
                 let (tx, rx) = oneshot::channel();
                 state.waiters.push_back(tx);
                 Next::Wait(rx)
-            }
+            };
+            // The maintenance task is woken only if there is work for it:
+            // waking another thread on every acquisition costs more than
+            // the acquisition itself.
+            let refill = state.idle.len() < inner.config.min || matches!(next, Next::Wait(_));
+            (next, refill)
         };
-        inner.refill.notify_one();
+        if refill {
+            inner.refill.notify_one();
+        }
         let resource = match next {
             Next::Ready(resource) => resource,
             Next::Create => match inner.create().await {
@@ -416,14 +423,17 @@ impl<M: Manager> Inner<M> {
 
     /// A resource in use is gone (discarded, or its holder dropped it).
     fn forget(&self) {
-        {
+        let refill = {
             let mut state = lock(&self.state);
             state.in_use -= 1;
             state.live -= 1;
-        }
+            state.idle.len() < self.config.min || !state.waiters.is_empty()
+        };
         self.dropped.notify_waiters();
-        // A waiter may now be served by a new one.
-        self.refill.notify_one();
+        // A waiter may now be served by a new one; `min` may need one more.
+        if refill {
+            self.refill.notify_one();
+        }
     }
 }
 

@@ -13,9 +13,12 @@
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -150,6 +153,9 @@ impl<I> RunContext<I> {
     }
 }
 
+/// A step run in the scheduler's own task, and its index.
+type Inline = (usize, Pin<Box<dyn Future<Output = std::thread::Result<Finished>> + Send>>);
+
 /// What a step task returns: its index, when it ran, and how it went.
 struct Finished {
     index: usize,
@@ -213,6 +219,7 @@ pub(crate) async fn run<I: StepInvoker>(
             .collect(),
         held: HashSet::new(),
         running: JoinSet::new(),
+        inline: None,
         tasks: HashMap::new(),
         failed: false,
         stopping: false,
@@ -282,6 +289,11 @@ struct Scheduler<'p, I> {
     /// The exclusive resources held by running steps.
     held: HashSet<String>,
     running: JoinSet<Finished>,
+    /// One step run in the scheduler's own task rather than spawned: a
+    /// chain, or the first step of a group, then costs no task spawn and no
+    /// wake-up of another thread. The others are spawned, so steps still
+    /// run on every core.
+    inline: Option<Inline>,
     tasks: HashMap<tokio::task::Id, usize>,
     failed: bool,
     /// No new step starts: a fail-fast failure, or a cancel.
@@ -308,9 +320,15 @@ impl<I: StepInvoker> Scheduler<'_, I> {
             if !self.stopping {
                 self.start_ready();
             }
-            if self.running.is_empty() {
+            if self.running.is_empty() && self.inline.is_none() {
                 return ended;
             }
+            let inline = async {
+                match &mut self.inline {
+                    Some((index, step)) => (*index, step.as_mut().await),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled(), if ended == Ended::Done => {
                     ended = Ended::Cancelled;
@@ -319,6 +337,10 @@ impl<I: StepInvoker> Scheduler<'_, I> {
                 _ = &mut timeout, if ended == Ended::Done => {
                     ended = Ended::TimedOut;
                     self.stop();
+                }
+                (index, done) = inline => {
+                    self.inline = None;
+                    self.inline_finished(index, done);
                 }
                 Some(joined) = self.running.join_next_with_id() => self.joined(joined),
             }
@@ -329,7 +351,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
     /// their resources are free.
     fn start_ready(&mut self) {
         let mut blocked = Vec::new();
-        while self.running.len() < self.limit {
+        while self.running.len() + usize::from(self.inline.is_some()) < self.limit {
             let Some(next) = self.ready.pop() else { break };
             let step = &self.ctx.flow.steps[next.index];
             if step.resources.iter().any(|r| self.held.contains(r)) {
@@ -355,11 +377,17 @@ impl<I: StepInvoker> Scheduler<'_, I> {
             Ok(input) => {
                 self.held.extend(step.resources.iter().cloned());
                 let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin);
-                let task = self.running.spawn(tracing::Instrument::instrument(
-                    execute(self.ctx.clone(), index, input),
-                    span,
-                ));
-                self.tasks.insert(task.id(), index);
+                let step =
+                    tracing::Instrument::instrument(execute(ctx.clone(), index, input), span);
+                if self.inline.is_none() {
+                    // A panic in the host's code fails the step, as it does
+                    // in a spawned task.
+                    let step = AssertUnwindSafe(step).catch_unwind();
+                    self.inline = Some((index, Box::pin(step)));
+                } else {
+                    let task = self.running.spawn(step);
+                    self.tasks.insert(task.id(), index);
+                }
                 // Until it reports back, it counts as started.
                 self.reports[index].attempts = 1;
                 self.started[index] = Some(Instant::now());
@@ -395,25 +423,36 @@ impl<I: StepInvoker> Scheduler<'_, I> {
         }
     }
 
+    /// The inline step ended, or its future panicked (a bug in the host).
+    fn inline_finished(&mut self, index: usize, done: std::thread::Result<Finished>) {
+        match done {
+            Ok(done) => self.finished(done),
+            Err(_) => self.host_failed(index, "the host failed while running it (a panic)".into()),
+        }
+    }
+
+    /// A bug in the host, not in the plugin: fail the step, keep going.
+    fn host_failed(&mut self, index: usize, what: String) {
+        let now = Instant::now();
+        let failure = failure(&self.ctx.flow.steps[index], FailureKind::Internal, &what);
+        self.finished(Finished {
+            index,
+            start: now,
+            end: now,
+            attempts: 1,
+            result: Err(failure),
+            log: StepLog::default(),
+        });
+    }
+
     fn joined(&mut self, joined: Result<(tokio::task::Id, Finished), tokio::task::JoinError>) {
         match joined {
             Ok((_, done)) => self.finished(done),
             // Aborted when the run stopped: reported as cancelled at the end.
             Err(e) if e.is_cancelled() => {}
-            // A bug in the host, not in the plugin: fail the step, keep going.
             Err(e) => {
                 let Some(&index) = self.tasks.get(&e.id()) else { return };
-                let now = Instant::now();
-                let what = format!("the host failed while running it: {e}");
-                let failure = failure(&self.ctx.flow.steps[index], FailureKind::Internal, &what);
-                self.finished(Finished {
-                    index,
-                    start: now,
-                    end: now,
-                    attempts: 1,
-                    result: Err(failure),
-                    log: StepLog::default(),
-                });
+                self.host_failed(index, format!("the host failed while running it: {e}"));
             }
         }
     }
@@ -457,6 +496,8 @@ impl<I: StepInvoker> Scheduler<'_, I> {
     fn stop(&mut self) {
         self.stopping = true;
         self.running.abort_all();
+        // Dropped: its attempt is cut as a spawned one's is.
+        self.inline = None;
     }
 }
 

@@ -143,10 +143,17 @@ impl Catalog {
 
     /// Whether the directory has a plugin called `name`.
     pub fn contains(&self, name: &str) -> bool {
+        if !valid_name(name) {
+            return false;
+        }
+        // A name already resolved is looked at again when it is loaded (or
+        // kept current by the watcher): no second `stat` on a run's path.
+        if lock(&self.digests).contains_key(name) {
+            return true;
+        }
         // A valid name is a plain file name, so the path stays in the
         // directory; reading goes through the capability (see `read`).
-        valid_name(name)
-            && std::fs::symlink_metadata(self.path_of(&wasm(name))).is_ok_and(|m| !m.is_dir())
+        std::fs::symlink_metadata(self.path_of(&wasm(name))).is_ok_and(|m| !m.is_dir())
     }
 
     fn path_of(&self, file: &str) -> PathBuf {

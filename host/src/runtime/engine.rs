@@ -9,7 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::memory::MemoryBudget;
 pub use super::memory::MemoryStats;
 
-use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How the engine is set up. The defaults suit a host running up to about a
 /// thousand steps at once.
@@ -37,6 +37,48 @@ pub struct EngineConfig {
     /// (or of the cgroup's limit, if lower); the CLI's
     /// `--max-total-memory-mb` (`QFLOW_MAX_TOTAL_MEMORY_MB`) sets it.
     pub max_total_memory_mb: u64,
+    /// How the pooling allocator resets a slot when an instance ends.
+    pub reset: ResetPath,
+}
+
+/// How an ended instance's slot is made clean for the next one. A fresh
+/// instance per call is the default, so this is paid once per step: with
+/// `madvise` alone, every reset and every first write after it (a
+/// copy-on-write fault) costs TLB-shootdown interrupts to the other cores
+/// while they run steps. Keeping the first pages of each memory resident
+/// and resetting them in place, finding the dirty ones with the kernel's
+/// `PAGEMAP_SCAN` (Linux 6.7+), avoids most of them; where the kernel lacks
+/// it, wasmtime falls back to resetting the resident part with `memset` and
+/// the rest with `madvise`. Isolation is the same either way: a fresh
+/// instance sees nothing of the previous one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResetPath {
+    /// Use `PAGEMAP_SCAN` where the kernel has it (`QFLOW_PAGEMAP=0` turns
+    /// it off).
+    pub pagemap_scan: bool,
+    /// Bytes at the start of each linear memory kept resident and reset in
+    /// place: 1 MiB, where a small step's stack, data and heap live.
+    pub memory_keep_resident: usize,
+    /// Bytes of each table kept resident: 64 KiB.
+    pub table_keep_resident: usize,
+}
+
+impl Default for ResetPath {
+    fn default() -> ResetPath {
+        ResetPath {
+            pagemap_scan: std::env::var("QFLOW_PAGEMAP").map_or(true, |v| v != "0" && v != "off"),
+            memory_keep_resident: 1 << 20,
+            table_keep_resident: 64 << 10,
+        }
+    }
+}
+
+impl ResetPath {
+    /// Whether `PAGEMAP_SCAN` is used: asked for, and the kernel has it.
+    pub fn pagemap_scan_active(&self) -> bool {
+        self.pagemap_scan && PoolingAllocationConfig::is_pagemap_scan_available()
+    }
 }
 
 impl Default for EngineConfig {
@@ -46,6 +88,7 @@ impl Default for EngineConfig {
             max_instances: 1000,
             epoch_tick: Duration::from_millis(10),
             max_total_memory_mb: (machine_memory_mb() / 2).max(64),
+            reset: ResetPath::default(),
         }
     }
 }
@@ -233,6 +276,15 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
     // Copy-on-write images make a fresh instance's memory a mapping, not a copy.
     config.memory_init_cow(std::env::var("QFLOW_X_COW").map_or(true, |v| v != "0"));
     if let Some(settings) = pooling {
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(settings)));
+    }
+    config
+}
+
+/// The pooling allocator: slots for every step instance and host call, and
+/// the reset path.
+fn pooling_config(settings: &EngineConfig) -> PoolingAllocationConfig {
+    {
         let n = settings.max_instances.saturating_add(HOST_CALL_SLOTS);
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(n)
@@ -244,6 +296,12 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
             .total_memories(n.saturating_mul(2))
             .max_memories_per_component(2)
             .max_tables_per_component(4);
+        let reset = settings.reset;
+        // `Auto`: used where the kernel has it, a clean fallback where not
+        // (`Yes` would refuse to start there).
+        pool.pagemap_scan(if reset.pagemap_scan { Enabled::Auto } else { Enabled::No })
+            .linear_memory_keep_resident(reset.memory_keep_resident)
+            .table_keep_resident(reset.table_keep_resident);
         // EXPERIMENT: reset-path knobs from the environment.
         let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
         if let Some(on) = var("QFLOW_X_PAGEMAP") {
@@ -265,9 +323,8 @@ fn wasmtime_config(pooling: Option<&EngineConfig>) -> Config {
         if let Some(n) = var("QFLOW_X_BATCH") {
             pool.decommit_batch_size(n);
         }
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        pool
     }
-    config
 }
 
 /// Advances the engine's epoch every `tick` until the engine is dropped.
@@ -283,4 +340,36 @@ fn spawn_epoch_ticker(engine: &wasmtime::Engine, tick: Duration) -> std::io::Res
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard on the reset path: asked for by default, and in force
+    /// wherever the kernel has `PAGEMAP_SCAN`, with pages kept resident for
+    /// it to work on (without them wasmtime never scans).
+    #[test]
+    fn the_cheap_reset_path_is_on_by_default_where_the_kernel_has_it() {
+        let config = EngineConfig {
+            reset: ResetPath { pagemap_scan: true, ..ResetPath::default() },
+            ..EngineConfig::default()
+        };
+        let pool = pooling_config(&config);
+        assert_eq!(pool.get_pagemap_scan(), Enabled::Auto);
+        assert!(config.reset.memory_keep_resident > 0 && config.reset.table_keep_resident > 0);
+        assert_eq!(
+            config.reset.pagemap_scan_active(),
+            PoolingAllocationConfig::is_pagemap_scan_available()
+        );
+        let off = EngineConfig {
+            reset: ResetPath { pagemap_scan: false, ..ResetPath::default() },
+            ..config
+        };
+        assert_eq!(pooling_config(&off).get_pagemap_scan(), Enabled::No);
+        assert!(!off.reset.pagemap_scan_active());
+        // Either way an engine starts: `Auto` never refuses a kernel.
+        assert!(Engine::new(&config).is_ok_and(|e| e.pooling()));
+        assert!(Engine::new(&off).is_ok_and(|e| e.pooling()));
+    }
 }

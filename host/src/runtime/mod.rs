@@ -20,7 +20,7 @@ mod watch;
 
 pub use self::catalog::Catalog;
 pub use self::components::CacheConfig;
-pub use self::engine::{EngineConfig, MemoryStats};
+pub use self::engine::{EngineConfig, MemoryStats, ResetPath};
 pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};
 pub use self::watch::Watch;
 

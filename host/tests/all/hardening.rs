@@ -54,6 +54,26 @@ async fn an_output_nested_deeper_than_a_tree_can_hold_is_refused() {
     assert_eq!(summary.step("next").unwrap().status, StepStatus::Skipped);
 }
 
+/// What one call leaves in memory is gone for the next on a fresh instance,
+/// whatever the reset path keeps resident; the same instance reused finds
+/// it (which shows the search can find it at all).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_instance_sees_nothing_of_the_previous_call() {
+    // With the reset path that scans for dirty pages, and with the one that
+    // falls back to memset and madvise (a kernel without PAGEMAP_SCAN).
+    for pagemap_scan in [true, false] {
+        let host = host_with(|c| c.engine.reset.pagemap_scan = pagemap_scan);
+        for (pool, expected) in [("", false), ("pool = { reuse = 2, min = 0 }", true)] {
+            let toml = one("mode = \"secret\"", pool);
+            let written = run(&host, &toml, json!({"write": 4711})).await;
+            assert_eq!(written.output("bad"), Some(json!("written")), "{written:#?}");
+            let found = run(&host, &toml, json!({"find": 4711})).await;
+            let what = format!("pagemap_scan {pagemap_scan}, {pool:?}");
+            assert_eq!(found.output("bad"), Some(json!({"found": expected})), "{what}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_with_no_timeout_gets_the_hosts_default() {
     let host = host_with(|c| c.step_timeout = Duration::from_millis(500));

@@ -92,6 +92,21 @@ impl Guest for Hostile {
             }
             // Arrays nested 10 000 deep: valid JSON no tree can be built of.
             "deep-output" => Ok(format!("{}{}", "[".repeat(10_000), "]".repeat(10_000))),
+            // `{"write": N}` leaves a secret made of N in the heap; `{"find":
+            // N}` looks through the whole linear memory for it. A fresh
+            // instance must never find what an earlier call wrote.
+            "secret" => {
+                let input: Value = serde_json::from_str(&input).unwrap_or_default();
+                let secret = |n: u64| format!("QFLOW-SECRET-{n}-END");
+                if let Some(n) = input.get("write").and_then(Value::as_u64) {
+                    let kept: &'static mut String = Box::leak(Box::new(secret(n)));
+                    std::hint::black_box(kept);
+                    return Ok("\"written\"".to_owned());
+                }
+                let n = input.get("find").and_then(Value::as_u64).unwrap_or_default();
+                let needle = secret(n);
+                Ok(format!("{{\"found\":{}}}", memory_holds(needle.as_bytes())))
+            }
             "loop" => loop {
                 std::hint::black_box(());
             },
@@ -250,6 +265,20 @@ impl Guest for Hostile {
 }
 
 qflow_sdk::step_bindings::export_step_world!(Hostile with_types_in qflow_sdk::step_bindings);
+
+/// Whether the bytes of `needle` appear anywhere in this instance's linear
+/// memory other than where `needle` itself is.
+fn memory_holds(needle: &[u8]) -> bool {
+    let size = core::arch::wasm32::memory_size(0) * 65536;
+    let own = needle.as_ptr() as usize..needle.as_ptr() as usize + needle.len();
+    // SAFETY: on wasm32, every address below the memory's size is memory
+    // this instance owns; the first page is skipped, so no address is null.
+    let memory = unsafe { core::slice::from_raw_parts(65536 as *const u8, size - 65536) };
+    memory.windows(needle.len()).enumerate().any(|(at, window)| {
+        let address = at + 65536;
+        window == needle && !own.contains(&address)
+    })
+}
 
 /// Recursion without end: the guest's stack overflows.
 #[allow(unconditional_recursion)]
