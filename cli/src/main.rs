@@ -228,14 +228,19 @@ pub(crate) async fn open_store(args: &HostArgs) -> anyhow::Result<Arc<SqliteStor
 
 /// A host that keeps its runs in the run store of `args`.
 pub(crate) async fn host_with_store(args: &HostArgs) -> anyhow::Result<Host> {
+    host_with_store_for(args, Room::Any).await
+}
+
+/// [`host_with_store`], with room for `room`.
+pub(crate) async fn host_with_store_for(args: &HostArgs, room: Room) -> anyhow::Result<Host> {
     let store = open_store(args).await?;
-    Ok(host(args)?.with_store(store, STORED_OUTPUT_BYTES))
+    Ok(host_with_room(args, room)?.with_store(store, STORED_OUTPUT_BYTES))
 }
 
 /// Step outputs up to this size (as JSON) are kept whole in the run store;
 /// larger ones as their hash and size. 64 KiB keeps a report readable and
 /// the store small.
-const STORED_OUTPUT_BYTES: usize = 64 << 10;
+pub(crate) const STORED_OUTPUT_BYTES: usize = 64 << 10;
 
 /// How long a finishing command waits for its runs to reach the store.
 const FLUSH_WITHIN: Duration = Duration::from_secs(10);
@@ -326,9 +331,30 @@ fn block_on<T>(command: impl Future<Output = anyhow::Result<T>>) -> anyhow::Resu
 /// How long a finished command waits for its runtime's last tasks.
 const SHUTDOWN_WITHIN: Duration = Duration::from_millis(250);
 
+/// How many step instances a host makes room for. The engine reserves a
+/// stack with a guard page for each, up front: room for a thousand costs a
+/// short process more than its whole run (a thousand `mprotect` calls, and
+/// as many to undo), so a command that runs one flow makes room for what
+/// that flow can use.
+#[derive(Clone, Copy)]
+pub(crate) enum Room {
+    /// Any flow: a server, a watch (the engine's default, 1000).
+    Any,
+    /// One flow of this many steps: two instances a step (one running, one
+    /// spare), at least 16.
+    Flow(usize),
+    /// No step runs (plan, plugins list): `describe` has slots of its own.
+    Nothing,
+}
+
 /// A host on the plugins directory; must be called inside the runtime, so
 /// that it can preload hot plugins in the background.
 pub(crate) fn host(args: &HostArgs) -> anyhow::Result<Host> {
+    host_with_room(args, Room::Any)
+}
+
+/// [`host`], with room for `room`.
+pub(crate) fn host_with_room(args: &HostArgs, room: Room) -> anyhow::Result<Host> {
     let plugins = &args.plugins;
     if !plugins.is_dir() {
         bail!(
@@ -343,6 +369,14 @@ pub(crate) fn host(args: &HostArgs) -> anyhow::Result<Host> {
     }
     config.step_timeout = args.step_timeout.into();
     config.run_timeout = args.run_timeout.into();
+    match room {
+        Room::Any => {}
+        Room::Flow(steps) => {
+            let room = steps.saturating_mul(2).saturating_add(8).clamp(16, 1000);
+            config.engine.max_instances = u32::try_from(room).unwrap_or(1000);
+        }
+        Room::Nothing => config.engine.max_instances = 1,
+    }
     if let Some(mb) = args.max_total_memory_mb {
         config.engine.max_total_memory_mb = mb;
     }
@@ -438,7 +472,7 @@ async fn run(
 ) -> anyhow::Result<ExitCode> {
     let flow = load_flow(flow)?;
     let input = read_input(input)?;
-    let host = host_with_store(args).await?;
+    let host = host_with_store_for(args, Room::Flow(flow.steps.len())).await?;
     // Known before the run starts, so that --events can follow it.
     let run_id = uuid::Uuid::new_v4().to_string();
     let options = options.run_id(run_id.clone());
@@ -652,7 +686,7 @@ async fn run_once(host: &Host, flow: &Flow, input: &Value, json: bool) -> anyhow
 
 async fn plan(flow: &Path, args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
     let flow = load_flow(flow)?;
-    let host = host(args)?;
+    let host = host_with_room(args, Room::Nothing)?;
     host.check(&flow)?;
     let plan = host.plan(&flow);
     if json {
@@ -766,7 +800,7 @@ pub(crate) fn print_summary(summary: &RunSummary) {
 }
 
 async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let host = host(args)?;
+    let host = host_with_room(args, Room::Nothing)?;
     let described = host.catalog().describe_all().await?;
     if json {
         let entries: Vec<Value> = described

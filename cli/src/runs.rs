@@ -8,7 +8,10 @@ use clap::Subcommand;
 use qflow::model::{RunQuery, RunRecord, RunState, RunStore, printable};
 use qflow::{Flow, Format, RunOptions};
 
-use crate::{HostArgs, Printed, flush, host_with_store, limits, open_store, status_code};
+use crate::{
+    HostArgs, Printed, Room, STORED_OUTPUT_BYTES, flush, host_with_room, limits, open_store,
+    status_code,
+};
 
 #[derive(Subcommand)]
 pub(crate) enum Command {
@@ -93,9 +96,8 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Rerun { id, host, json } => {
-            let host = host_with_store(&host).await?;
-            let store = host.store().context("the host keeps no runs")?;
+        Command::Rerun { id, host: args, json } => {
+            let store = open_store(&args).await?;
             let record = store.run(&id).await?.with_context(|| no_run(&id))?;
             let (text, origin) = store.flow_of(&id).await?.with_context(|| no_run(&id))?;
             let path = Path::new(&origin);
@@ -106,6 +108,8 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
             };
             let base = path.parent().unwrap_or(Path::new("."));
             let flow = Flow::parse_with(&text, format, &origin, base, &limits())?;
+            let host = host_with_room(&args, Room::Flow(flow.steps.len()))?
+                .with_store(store, STORED_OUTPUT_BYTES);
             let summary = host.run_with(&flow, record.input, RunOptions::new()).await?;
             flush(&host).await;
             Printed::json(json).print(&flow, &summary)?;

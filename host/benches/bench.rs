@@ -32,15 +32,25 @@ fn main() {
     unsafe {
         std::env::set_var("RUST_LIB_BACKTRACE", "0")
     };
+    // The bench re-runs itself as the baseline of the `process` scenario.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = args.as_slice()
+        && flag == "--bare-process"
+    {
+        bare_process(path);
+        return;
+    }
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let plugins = build_plugins();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 8] = [
+    let scenarios: [(&str, Scenario); 10] = [
         ("planning", planning),
         ("floor", floor),
+        ("marginal", marginal),
         ("chain", chain),
+        ("process", process),
         ("pools", pools),
         ("load", load),
         ("zipf", zipf),
@@ -67,19 +77,45 @@ fn build_plugins() -> PathBuf {
     out
 }
 
-/// The floor: per-call cost of a trivial step through Qflow (a one-step
-/// flow, run to the end) against bare wasmtime's pooled `InstancePre`
-/// instantiate + call of the same component. Bare wasmtime is measured on
-/// the calling thread and in a spawned task: a step runs in a task on the
-/// multi-threaded runtime, where an instance's first writes (copy-on-write
-/// faults) and its slot's reset cost TLB shootdowns across cores that the
-/// calling thread, with the other cores idle, does not pay.
+/// The floor: bare wasmtime's pooled `InstancePre` instantiate + call of the
+/// same trivial component, with the same reset path as Qflow's engine, on
+/// the calling thread and in a spawned task (where a step runs).
+struct Floor {
+    thread: Duration,
+    task: Duration,
+}
+
+impl Floor {
+    fn measure(rt: &tokio::runtime::Runtime, plugins: &Path) -> Floor {
+        let component = plugins.join("identity.wasm");
+        Floor {
+            thread: rt.block_on(bare_calls(&component, 2000, false, true)),
+            task: rt.block_on(bare_calls(&component, 2000, true, true)),
+        }
+    }
+
+    /// Both rows of a figure against the floor.
+    fn rows(&self, table: &mut Table, scenario: &str, qflow: Duration) {
+        table.row(scenario, "bare wasmtime", self.thread, qflow);
+        table.row(scenario, "bare wasmtime, in a task", self.task, qflow);
+    }
+}
+
+/// A trivial step's whole run through Qflow (a one-step flow, run to the
+/// end: planning, scheduling, an instance from the pool, `run`, checking
+/// the output, the summary) against the floor; and, for scale, bare
+/// wasmtime with its default reset path (memset and madvise).
 fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const CALLS: u32 = 2000;
     let component = plugins.join("identity.wasm");
-    let bare = rt.block_on(bare_calls(&component, CALLS, false));
-    let bare_in_task = rt.block_on(bare_calls(&component, CALLS, true));
-
+    let floor = Floor::measure(rt, plugins);
+    let defaults = rt.block_on(bare_calls(&component, CALLS, true, false));
+    table.row(
+        "bare wasmtime, default reset path (memset + madvise), in a task",
+        "bare wasmtime, Qflow's reset path, in a task",
+        floor.task,
+        defaults,
+    );
     for (what, pool) in [
         ("fresh instance", ""),
         ("fresh, no spare", "pool = { min = 0 }\n"),
@@ -97,10 +133,42 @@ fn floor(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
             })
             .await
         });
-        let scenario = format!("trivial step, per call (1-step flow, {what})");
-        table.row(&scenario, "bare wasmtime", bare, qflow);
-        table.row(&scenario, "bare wasmtime, in a task", bare_in_task, qflow);
+        floor.rows(table, &format!("trivial step, per call (1-step flow, {what})"), qflow);
     }
+}
+
+/// The marginal cost of one more independent trivial step: a 400-step flow
+/// of `hash` against a 1-step one, whole runs, per extra step.
+fn marginal(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    let floor = Floor::measure(rt, plugins);
+    let host = Host::new(HostConfig::new(plugins)).unwrap();
+    let flow_of = |n: usize| {
+        let mut toml = format!("[flow]\nname = \"wide-{n}\"\n");
+        for i in 0..n {
+            toml += &format!("[[step]]\nid = \"h{i}\"\nplugin = \"hash\"\n");
+        }
+        flow(&toml)
+    };
+    let (one, wide) = (flow_of(1), flow_of(400));
+    let time = |flow: &Flow, runs: u32| {
+        rt.block_on(async {
+            host.run(flow, json!("x")).await.unwrap();
+            per_call(runs, || async {
+                assert_eq!(host.run(flow, json!("x")).await.unwrap().status, RunStatus::Succeeded);
+            })
+            .await
+        })
+    };
+    let (t1, t400) = (time(&one, 500), time(&wide, 20));
+    let marginal = t400.saturating_sub(t1) / 399;
+    floor.rows(table, "one more independent trivial step (400 vs 1 steps of hash)", marginal);
+    let per_second = 400.0 / t400.as_secs_f64();
+    table.text_row(
+        "trivial steps per second, 400 at once on 2 cores",
+        "goal ≥ 50 000",
+        &format!("{per_second:.0}/s"),
+        &format!("{:.1} ms a run of 400", t400.as_secs_f64() * 1e3),
+    );
 }
 
 /// Planning hostile shapes: 250 steps each needing every earlier one (a
@@ -236,34 +304,130 @@ fn pools(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
 }
 
 /// 40 sequential trivial steps (the shape of Windmill's "40 light tasks"):
-/// Qflow's cost per step against the bare per-call floor.
+/// Qflow's cost per step against the floor; and 40 sequential `fib(10)`
+/// steps, whose whole run the issue that set the goal measured (≤ 2 ms).
 fn chain(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
     const STEPS: usize = 40;
     const RUNS: u32 = 50;
-    let bare = rt.block_on(bare_calls(&plugins.join("identity.wasm"), 1000, true));
-    let mut toml = String::from("[flow]\nname = \"chain\"\n");
-    for i in 0..STEPS {
-        toml += &format!("[[step]]\nid = \"s{i}\"\nplugin = \"identity\"\n");
-        if i > 0 {
-            toml += &format!("needs = [\"s{}\"]\n", i - 1);
+    let floor = Floor::measure(rt, plugins);
+    let chain_of = |plugin: &str, config: &str| {
+        let mut toml = String::from("[flow]\nname = \"chain\"\n");
+        for i in 0..STEPS {
+            toml += &format!("[[step]]\nid = \"s{i}\"\nplugin = \"{plugin}\"\n{config}");
+            if i > 0 {
+                toml += &format!("needs = [\"s{}\"]\n", i - 1);
+            }
         }
-    }
-    let flow = flow(&toml);
+        flow(&toml)
+    };
     let host = Host::new(HostConfig::new(plugins)).unwrap();
-    let per_run = rt.block_on(async {
-        host.run(&flow, json!({})).await.unwrap();
-        per_call(RUNS, || async {
-            let summary = host.run(&flow, json!({"n": 1})).await.unwrap();
-            assert_eq!(summary.status, RunStatus::Succeeded);
+    let per_run = |flow: &Flow| {
+        rt.block_on(async {
+            host.run(flow, json!({})).await.unwrap();
+            per_call(RUNS, || async {
+                let summary = host.run(flow, json!({"n": 1})).await.unwrap();
+                assert_eq!(summary.status, RunStatus::Succeeded);
+            })
+            .await
         })
-        .await
-    });
-    table.row(
-        "40 sequential trivial steps, per step",
-        "bare wasmtime, in a task",
-        bare,
-        per_run / STEPS as u32,
+    };
+    let identity = per_run(&chain_of("identity", ""));
+    floor.rows(table, "40 sequential trivial steps, per step", identity / STEPS as u32);
+    let fib = per_run(&chain_of("fib", "config = { n = 10 }\n"));
+    table.text_row(
+        "40 sequential fib(10) steps, whole run",
+        "goal ≤ 2 ms",
+        &human(fib),
+        &format!("{} a step", human(fib / STEPS as u32)),
     );
+}
+
+/// The whole `qflow run` process for a 1-step flow, with a warm disk cache,
+/// against a process that does the same on bare wasmtime: start, load the
+/// precompiled component from disk, instantiate, call, exit.
+fn process(_: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    const RUNS: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("one.toml");
+    std::fs::write(&flow, "[flow]\nname = \"one\"\n[[step]]\nid = \"s\"\nplugin = \"identity\"\n")
+        .unwrap();
+    let qflow = qflow_tests::qflow_bin();
+    let run_qflow = || {
+        let status = std::process::Command::new(qflow)
+            .args(["run", flow.to_str().unwrap()])
+            .env("QFLOW_PLUGINS", plugins)
+            .env("QFLOW_CACHE_DIR", dir.path().join("cache"))
+            .env("QFLOW_DATA_DIR", dir.path().join("data"))
+            .env("RUST_BACKTRACE", "0")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let artifact = dir.path().join("identity.cwasm");
+    std::fs::write(
+        &artifact,
+        bare_engine(true)
+            .precompile_component(&std::fs::read(plugins.join("identity.wasm")).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let me = std::env::current_exe().unwrap();
+    let run_bare = || {
+        let status = std::process::Command::new(&me)
+            .args(["--bare-process", artifact.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let time = |f: &dyn Fn()| {
+        f();
+        f(); // warm: the disk cache, the page cache
+        median(
+            (0..RUNS)
+                .map(|_| {
+                    let start = Instant::now();
+                    f();
+                    start.elapsed()
+                })
+                .collect(),
+        )
+    };
+    let (bare, whole) = (time(&run_bare), time(&run_qflow));
+    table.row(
+        "whole process: `qflow run` of a 1-step flow, warm cache (goal < 10 ms)",
+        "bare wasmtime process",
+        bare,
+        whole,
+    );
+}
+
+/// The baseline process for `process`: the precompiled component at `path`,
+/// on bare wasmtime, instantiated and called once.
+fn bare_process(path: &str) {
+    use wasmtime::component::{Component, HasSelf, Linker};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let engine = bare_engine(true);
+        // SAFETY: the bench wrote this artifact with this engine's settings
+        // a moment ago, and nothing changes it.
+        #[allow(unsafe_code)]
+        let component = unsafe { Component::deserialize_file(&engine, path) }.unwrap();
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+        bare::qflow::plugin::host::add_to_linker::<_, HasSelf<BareState>>(&mut linker, |s| s)
+            .unwrap();
+        let pre = bare::StepPre::new(linker.instantiate_pre(&component).unwrap()).unwrap();
+        let state = BareState {
+            wasi: wasmtime_wasi::WasiCtxBuilder::new().build(),
+            table: wasmtime::component::ResourceTable::new(),
+        };
+        let mut store = wasmtime::Store::new(&engine, state);
+        let step = pre.instantiate_async(&mut store).await.unwrap();
+        let out = step.call_run(&mut store, "{}").await.unwrap().unwrap();
+        assert_eq!(out, "{}");
+    });
 }
 
 /// Loading a component: compiling it (no cache), loading its precompiled
@@ -555,16 +719,30 @@ impl bare::qflow::plugin::host::Host for BareState {
     }
 }
 
+/// Bare wasmtime's engine: the pooling allocator, with (`tuned`) the reset
+/// path Qflow's engine uses by default, or wasmtime's own defaults.
+fn bare_engine(tuned: bool) -> wasmtime::Engine {
+    use wasmtime::{Config, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
+    let mut pool = PoolingAllocationConfig::new();
+    if tuned {
+        let reset = qflow::ResetPath::default();
+        pool.pagemap_scan(Enabled::Auto)
+            .linear_memory_keep_resident(reset.memory_keep_resident)
+            .table_keep_resident(reset.table_keep_resident);
+    }
+    let mut config = Config::new();
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    wasmtime::Engine::new(&config).unwrap()
+}
+
 /// Bare wasmtime: pooling allocator, one `InstancePre`, then per call a new
 /// store, an instantiation and one call of `run` — on the calling thread, or
 /// (`spawned`) in a task on the multi-threaded runtime, as a step runs.
-async fn bare_calls(component: &Path, calls: u32, spawned: bool) -> Duration {
+async fn bare_calls(component: &Path, calls: u32, spawned: bool, tuned: bool) -> Duration {
     use wasmtime::component::{Component, HasSelf, Linker};
-    use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+    use wasmtime::{Engine, Store};
 
-    let mut config = Config::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(PoolingAllocationConfig::new()));
-    let engine = Engine::new(&config).unwrap();
+    let engine = bare_engine(tuned);
     let component = Component::from_file(&engine, component).unwrap();
     let mut linker = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();

@@ -60,6 +60,11 @@ pub struct PoolConfig {
     pub create_timeout_ms: u64,
     /// How long `acquire` may wait when `max` are in use (ms).
     pub acquire_timeout_ms: u64,
+    /// Keep `min` ready only while making a resource takes at least this
+    /// long on average (µs); `None`: always. Handing a ready resource over
+    /// from the maintenance task costs a wake-up of another thread, which
+    /// is more than making a cheap resource on the spot.
+    pub min_only_if_slower_than_us: Option<u64>,
 }
 
 impl Default for PoolConfig {
@@ -71,6 +76,7 @@ impl Default for PoolConfig {
             health_check_ms: 30_000,
             create_timeout_ms: 10_000,
             acquire_timeout_ms: 30_000,
+            min_only_if_slower_than_us: None,
         }
     }
 }
@@ -105,13 +111,19 @@ struct Idle<R> {
     since: Instant,
 }
 
-struct State<R> {
+/// What a waiter is handed: a resource, or the error of the creation made
+/// for it.
+type Handed<R, E> = Result<R, PoolError<E>>;
+
+struct State<R, E> {
     idle: VecDeque<Idle<R>>,
     /// First come, first served.
-    waiters: VecDeque<oneshot::Sender<R>>,
+    waiters: VecDeque<oneshot::Sender<Handed<R, E>>>,
     /// Resources alive: idle, in use and being made.
     live: usize,
     in_use: usize,
+    /// Spares the maintenance task is making now.
+    making: usize,
 }
 
 /// How many acquisition times are kept for the percentiles.
@@ -120,7 +132,7 @@ const SAMPLES: usize = 4096;
 struct Inner<M: Manager> {
     manager: M,
     config: PoolConfig,
-    state: Mutex<State<M::Resource>>,
+    state: Mutex<State<M::Resource, M::Error>>,
     /// Wakes the maintenance task: something was taken or dropped. Shared,
     /// so the task can wait on it without keeping the pool alive.
     refill: Arc<Notify>,
@@ -137,6 +149,8 @@ struct Inner<M: Manager> {
     last_acquire: Mutex<Instant>,
     acquisitions: AtomicU64,
     creations: AtomicU64,
+    /// How long a creation takes, a moving average in ns.
+    create_ns: AtomicU64,
     failures: AtomicU64,
     /// Recent acquisition times, in ns.
     samples: Mutex<VecDeque<u64>>,
@@ -172,6 +186,7 @@ impl<M: Manager> Pool<M> {
                 waiters: VecDeque::new(),
                 live: 0,
                 in_use: 0,
+                making: 0,
             }),
             refill: Arc::new(Notify::new()),
             dropped: Notify::new(),
@@ -180,6 +195,7 @@ impl<M: Manager> Pool<M> {
             last_acquire: Mutex::new(Instant::now()),
             acquisitions: AtomicU64::new(0),
             creations: AtomicU64::new(0),
+            create_ns: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES)),
         });
@@ -202,16 +218,22 @@ impl<M: Manager> Pool<M> {
             return Err(PoolError::Draining);
         }
         *lock(&inner.last_acquire) = started;
-        enum Next<R> {
+        enum Next<R, E> {
             Ready(R),
             Create,
-            Wait(oneshot::Receiver<R>),
+            Wait(oneshot::Receiver<Handed<R, E>>),
         }
         let (next, refill) = {
             let mut state = lock(&inner.state);
             let next = if let Some(idle) = state.idle.pop_back() {
                 state.in_use += 1;
                 Next::Ready(idle.resource)
+            } else if state.making > state.waiters.len() {
+                // A spare is on its way: take it rather than make a second
+                // one beside it (on two cores, the two would race).
+                let (tx, rx) = oneshot::channel();
+                state.waiters.push_back(tx);
+                Next::Wait(rx)
             } else if state.live < inner.config.max {
                 state.live += 1;
                 state.in_use += 1;
@@ -224,7 +246,8 @@ impl<M: Manager> Pool<M> {
             // The maintenance task is woken only if there is work for it:
             // waking another thread on every acquisition costs more than
             // the acquisition itself.
-            let refill = state.idle.len() < inner.config.min || matches!(next, Next::Wait(_));
+            let refill = state.idle.len() < inner.min()
+                || (matches!(next, Next::Wait(_)) && state.making == 0);
             (next, refill)
         };
         if refill {
@@ -245,7 +268,9 @@ impl<M: Manager> Pool<M> {
                 let limit = Duration::from_millis(inner.config.acquire_timeout_ms);
                 match tokio::time::timeout(limit, rx).await {
                     // A releaser counted it in use for us.
-                    Ok(Ok(resource)) => resource,
+                    Ok(Ok(Ok(resource))) => resource,
+                    // The creation made for us failed (and was counted).
+                    Ok(Ok(Err(e))) => return Err(e),
                     // The pool dropped our sender: it is draining.
                     Ok(Err(_)) => return Err(PoolError::Draining),
                     Err(_) => {
@@ -363,6 +388,16 @@ impl<M: Manager> Inner<M> {
         self.made(self.manager.create()).await
     }
 
+    /// How many idle resources to keep ready now: `min`, unless making
+    /// them failed lately, or they are cheap enough to make on the spot.
+    fn min(&self) -> usize {
+        let cheap = self.config.min_only_if_slower_than_us.is_some_and(|us| {
+            let made = self.creations.load(Ordering::Relaxed) > 0;
+            made && self.create_ns.load(Ordering::Relaxed) < us.saturating_mul(1000)
+        });
+        if self.filling.load(Ordering::Relaxed) && !cheap { self.config.min } else { 0 }
+    }
+
     async fn create_spare(&self) -> Result<M::Resource, PoolError<M::Error>> {
         self.made(self.manager.create_spare()).await
     }
@@ -373,6 +408,7 @@ impl<M: Manager> Inner<M> {
         creating: impl Future<Output = Result<M::Resource, M::Error>>,
     ) -> Result<M::Resource, PoolError<M::Error>> {
         let limit = Duration::from_millis(self.config.create_timeout_ms);
+        let started = Instant::now();
         let result = match tokio::time::timeout(limit, creating).await {
             Ok(Ok(resource)) => Ok(resource),
             Ok(Err(e)) => Err(PoolError::Create(e)),
@@ -380,7 +416,15 @@ impl<M: Manager> Inner<M> {
         };
         match &result {
             Ok(_) => {
-                self.creations.fetch_add(1, Ordering::Relaxed);
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let average = match self.creations.fetch_add(1, Ordering::Relaxed) {
+                    0 => took,
+                    _ => {
+                        let old = self.create_ns.load(Ordering::Relaxed);
+                        old - old / 8 + took / 8
+                    }
+                };
+                self.create_ns.store(average, Ordering::Relaxed);
                 self.filling.store(true, Ordering::Relaxed);
             }
             Err(_) => {
@@ -398,25 +442,74 @@ impl<M: Manager> Inner<M> {
         samples.push_back(took.as_nanos().min(u64::MAX as u128) as u64);
     }
 
+    /// A creation by the maintenance task ended (`for_waiter`: it was made
+    /// because a step waited). The resource goes to the first waiter, else
+    /// to the idle list; an error goes to the waiter it was made for.
+    /// Whether to back off before trying again.
+    fn created(
+        &self,
+        state: &mut MutexGuard<'_, State<M::Resource, M::Error>>,
+        made: Result<M::Resource, PoolError<M::Error>>,
+        for_waiter: bool,
+    ) -> bool {
+        let e = match made {
+            Ok(resource) => {
+                state.in_use += 1;
+                self.hand_over(state, resource);
+                return false;
+            }
+            Err(e) => e,
+        };
+        state.live -= 1;
+        // A spare that could not be made without waiting (no free slot, no
+        // free memory) while a step waits for it: the next turn makes the
+        // step's own at once, waiting as a step would.
+        if !for_waiter && state.waiters.iter().any(|w| !w.is_closed()) {
+            return false;
+        }
+        self.filling.store(false, Ordering::Relaxed);
+        let shown = crate::model::printable(&e.to_string()).into_owned();
+        tracing::debug!("a pool could not make a resource in the background: {shown}");
+        // Made for a waiter: it gets the error, as if it had made it.
+        let mut e = Some(e);
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(Err(e.take().unwrap_or(PoolError::Draining))) {
+                Ok(()) => break,
+                Err(Err(back)) => e = Some(back),
+                Err(Ok(_)) => unreachable!("an error was sent"),
+            }
+        }
+        !for_waiter
+    }
+
     /// A resource comes back: to the first waiter, else to the idle list.
-    fn give_back(&self, mut resource: M::Resource) {
+    fn give_back(&self, resource: M::Resource) {
         let mut state = lock(&self.state);
+        self.hand_over(&mut state, resource);
+    }
+
+    fn hand_over(
+        &self,
+        state: &mut MutexGuard<'_, State<M::Resource, M::Error>>,
+        mut resource: M::Resource,
+    ) {
         if !self.draining.load(Ordering::Acquire) {
             while let Some(waiter) = state.waiters.pop_front() {
-                match waiter.send(resource) {
+                match waiter.send(Ok(resource)) {
                     // Still counted in use, now by the waiter.
                     Ok(()) => return,
                     // That waiter gave up: try the next.
-                    Err(back) => resource = back,
+                    Err(Ok(back)) => resource = back,
+                    Err(Err(_)) => unreachable!("a resource was sent"),
                 }
             }
             state.in_use -= 1;
             state.idle.push_back(Idle { resource, since: Instant::now() });
             return;
         }
+        // Draining: dropped here (under the lock: draining is rare).
         state.in_use -= 1;
         state.live -= 1;
-        drop(state);
         drop(resource);
         self.dropped.notify_waiters();
     }
@@ -427,7 +520,7 @@ impl<M: Manager> Inner<M> {
             let mut state = lock(&self.state);
             state.in_use -= 1;
             state.live -= 1;
-            state.idle.len() < self.config.min || !state.waiters.is_empty()
+            state.idle.len() < self.min() || !state.waiters.is_empty()
         };
         self.dropped.notify_waiters();
         // A waiter may now be served by a new one; `min` may need one more.
@@ -449,7 +542,7 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
         let config = inner.config;
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let in_use = lock(&inner.last_acquire).elapsed() < idle_timeout;
-        let min = if in_use && inner.filling.load(Ordering::Relaxed) { config.min } else { 0 };
+        let min = if in_use { inner.min() } else { 0 };
         // Make what is missing, one at a time: for a waiter, whatever it
         // takes; a spare only if the manager can make one without waiting.
         let make = {
@@ -457,6 +550,7 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
             let waiting = state.waiters.iter().any(|w| !w.is_closed());
             if (waiting || state.idle.len() < min) && state.live < config.max {
                 state.live += 1;
+                state.making += 1;
                 Some(waiting)
             } else {
                 None
@@ -464,19 +558,14 @@ async fn maintain<M: Manager>(pool: Weak<Inner<M>>) {
         };
         if let Some(waiting) = make {
             let made = if waiting { inner.create().await } else { inner.create_spare().await };
-            match made {
-                Ok(resource) => {
-                    lock(&inner.state).in_use += 1;
-                    inner.give_back(resource);
-                }
-                Err(e) => {
-                    lock(&inner.state).live -= 1;
-                    inner.filling.store(false, Ordering::Relaxed);
-                    let e = crate::model::printable(&e.to_string()).into_owned();
-                    tracing::debug!("a pool could not make a resource in the background: {e}");
-                    // Do not spin on a failing manager.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            let back_off = {
+                let mut state = lock(&inner.state);
+                state.making -= 1;
+                inner.created(&mut state, made, waiting)
+            };
+            // Do not spin on a failing manager.
+            if back_off {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             continue;
         }
@@ -575,6 +664,8 @@ mod tests {
         made: AtomicUsize,
         fail: AtomicBool,
         unhealthy: AtomicBool,
+        /// How long a creation takes, in ms (on tokio's clock).
+        slow_ms: std::sync::atomic::AtomicU64,
     }
 
     impl Manager for Arc<Counter> {
@@ -582,6 +673,10 @@ mod tests {
         type Error = String;
 
         async fn create(&self) -> Result<usize, String> {
+            let slow = self.slow_ms.load(Ordering::SeqCst);
+            if slow > 0 {
+                tokio::time::sleep(Duration::from_millis(slow)).await;
+            }
             if self.fail.load(Ordering::SeqCst) {
                 return Err("cannot".into());
             }
@@ -711,6 +806,36 @@ mod tests {
         let stats = pool.stats();
         assert_eq!(stats.available, 2);
         assert!(stats.creations >= 4, "{stats:?}");
+    }
+
+    /// On two cores, a step that made its own instance while the pool was
+    /// making a spare paid for two: it takes the spare instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_while_a_spare_is_made_takes_that_spare() {
+        let counter = Arc::new(Counter::default());
+        counter.slow_ms.store(100, Ordering::SeqCst);
+        let pool =
+            Pool::new(counter.clone(), PoolConfig { acquire_timeout_ms: 5000, ..config(1, 10) });
+        settle().await; // the spare is being made
+        let taken = pool.acquire().await.unwrap();
+        assert_eq!(pool.stats().creations, 1, "the spare, and no second one");
+        drop(taken);
+    }
+
+    /// The error of a creation made for a waiter reaches that waiter, not
+    /// an acquisition timeout later.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_gets_the_error_of_the_creation_made_for_it() {
+        let counter = Arc::new(Counter::default());
+        counter.slow_ms.store(100, Ordering::SeqCst);
+        counter.fail.store(true, Ordering::SeqCst);
+        let pool =
+            Pool::new(counter.clone(), PoolConfig { acquire_timeout_ms: 60_000, ..config(1, 10) });
+        settle().await;
+        let started = Instant::now();
+        let err = pool.acquire().await.err().unwrap();
+        assert_eq!(err, PoolError::Create("cannot".into()));
+        assert!(started.elapsed() < Duration::from_secs(1), "not the 60 s timeout");
     }
 
     #[tokio::test]

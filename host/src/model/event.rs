@@ -2,7 +2,7 @@
 //! CloudEvents 1.0 (JSON format): the seam for progress bars, the server's
 //! event stream, the run store and metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -262,16 +262,18 @@ const EVENT_BUFFER: usize = 4096;
 /// The host's event channel.
 #[derive(Clone)]
 pub(crate) struct EventBus {
-    sender: broadcast::Sender<Event>,
+    /// Made by the first subscriber: a process that runs one flow and
+    /// listens to nothing never allocates the buffer.
+    sender: Arc<OnceLock<broadcast::Sender<Event>>>,
 }
 
 impl EventBus {
     pub(crate) fn new() -> EventBus {
-        EventBus { sender: broadcast::channel(EVENT_BUFFER).0 }
+        EventBus { sender: Arc::default() }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.sender.subscribe()
+        self.sender.get_or_init(|| broadcast::channel(EVENT_BUFFER).0).subscribe()
     }
 
     /// What emits the events of `source`, numbering them from 1.
@@ -283,7 +285,7 @@ impl EventBus {
 /// Stamps and sends the events of one source.
 #[derive(Clone)]
 pub(crate) struct Emitter {
-    sender: broadcast::Sender<Event>,
+    sender: Arc<OnceLock<broadcast::Sender<Event>>>,
     source: Arc<str>,
     /// The last sequence number given; held while the event is sent, so
     /// that events of one source go out in the order they are numbered
@@ -297,9 +299,7 @@ impl Emitter {
     /// lists) would otherwise be built on every step for nobody.
     pub(crate) fn emit(&self, data: impl FnOnce() -> EventData) {
         // Nobody listening costs nothing: no id, no clock read, no data.
-        if self.sender.receiver_count() == 0 {
-            return;
-        }
+        let Some(sender) = self.sender.get().filter(|s| s.receiver_count() > 0) else { return };
         let data = data();
         let id = uuid::Uuid::new_v4().to_string();
         // Nothing panics while holding the lock; recover the count if it ever did.
@@ -314,7 +314,7 @@ impl Emitter {
             data,
         };
         // A receiver may have gone since: nobody is watching.
-        let _ = self.sender.send(event);
+        let _ = sender.send(event);
     }
 }
 

@@ -24,6 +24,10 @@ use super::state::{AssetSource, Caller, Limits, PluginState, describe_failure};
 use crate::model::{FailureKind, InstanceKey, PoolSettings, PoolStats, StepLog};
 use crate::pool::{Manager, Pool, PoolConfig, PoolError};
 
+/// Below this average time to make an instance (instantiate and `init`),
+/// the default spare is not kept: handing one over costs about 15–20 µs.
+const SPARE_WORTH_US: u64 = 100;
+
 /// The pool's limits and timings from merged settings, and how many calls
 /// an instance serves.
 fn resolve(settings: PoolSettings, max_instances: usize) -> (PoolConfig, u32) {
@@ -35,6 +39,11 @@ fn resolve(settings: PoolSettings, max_instances: usize) -> (PoolConfig, u32) {
         health_check_ms: settings.health_check_ms.unwrap_or(defaults.health_check_ms),
         create_timeout_ms: settings.create_timeout_ms.unwrap_or(defaults.create_timeout_ms),
         acquire_timeout_ms: settings.acquire_timeout_ms.unwrap_or(defaults.acquire_timeout_ms),
+        // The default spare is kept only for plugins whose instances take
+        // a while to make (a slow `init`): a trivial one is made on the
+        // spot faster than a spare is handed over from another thread. A
+        // `min` that someone set is kept whatever it costs.
+        min_only_if_slower_than_us: settings.min.is_none().then_some(SPARE_WORTH_US),
     };
     (config, settings.reuse.unwrap_or(1).max(1))
 }
