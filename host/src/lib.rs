@@ -151,7 +151,7 @@ impl HostConfig {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         numbers.check("engine.epoch_tick", Some(ms(engine.epoch_tick)), 1..=1000, "ms");
         let cache = &self.cache;
-        numbers.check("cache.memory_limit", Some(cache.memory_limit), 1 << 20..=1 << 40, "bytes");
+        numbers.check("cache.memory_limit", Some(cache.memory_limit), 1 << 20..=u64::MAX, "bytes");
         numbers.check(
             "cache.asset_memory_limit",
             Some(cache.asset_memory_limit),
