@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use qflow::model::{printable, printable_lines};
+use qflow::model::{Retention, RunStore, printable, printable_lines};
 use qflow::store::SqliteStore;
 use qflow::{
     CancellationToken, EventData, Flow, FlowLimits, Host, HostConfig, Keep, RunOptions, RunStatus,
@@ -205,9 +205,24 @@ pub(crate) struct HostArgs {
     /// (default 1 MiB); a flow may set a lower limit.
     #[arg(long, env = "QFLOW_MAX_LOG_BYTES")]
     max_log_bytes: Option<u64>,
+    /// Keep at most this many runs in the run store (default: no limit).
+    #[arg(long, env = "QFLOW_KEEP_RUNS")]
+    keep_runs: Option<u64>,
+    /// Keep no run older than this many days in the run store.
+    #[arg(long, env = "QFLOW_KEEP_DAYS", default_value_t = 90)]
+    keep_days: u64,
 }
 
 impl HostArgs {
+    /// How long the run store keeps runs.
+    pub(crate) fn retention(&self) -> Retention {
+        let retention = Retention::forever().keep_days(self.keep_days);
+        match self.keep_runs {
+            Some(runs) => retention.keep_runs(runs),
+            None => retention,
+        }
+    }
+
     /// The run store's file.
     pub(crate) fn store_path(&self) -> anyhow::Result<PathBuf> {
         let dir = match &self.data_dir {
@@ -223,7 +238,16 @@ impl HostArgs {
 /// The run store of `args`, opened (and migrated).
 pub(crate) async fn open_store(args: &HostArgs) -> anyhow::Result<Arc<SqliteStore>> {
     let path = args.store_path()?;
-    Ok(Arc::new(SqliteStore::open(&path).await?))
+    let store = Arc::new(SqliteStore::open(&path).await?);
+    // What retention no longer keeps goes in the background; a command
+    // that ends first leaves it for the next one.
+    let (pruning, retention) = (store.clone(), args.retention());
+    tokio::spawn(async move {
+        if let Err(e) = pruning.prune(retention).await {
+            tracing::warn!("{e}");
+        }
+    });
+    Ok(store)
 }
 
 /// A host that keeps its runs in the run store of `args`.
@@ -234,7 +258,7 @@ pub(crate) async fn host_with_store(args: &HostArgs) -> anyhow::Result<Host> {
 /// [`host_with_store`], with room for `room`.
 pub(crate) async fn host_with_store_for(args: &HostArgs, room: Room) -> anyhow::Result<Host> {
     let store = open_store(args).await?;
-    Ok(host_with_room(args, room)?.with_store(store, STORED_OUTPUT_BYTES))
+    Ok(host_with_room(args, room)?.with_store(store, STORED_OUTPUT_BYTES).await?)
 }
 
 /// Step outputs up to this size (as JSON) are kept whole in the run store;
@@ -546,6 +570,20 @@ fn interrupt_signal() -> anyhow::Result<tokio::signal::unix::Signal> {
 async fn serve(args: &HostArgs, config: qflow_server::ServerConfig) -> anyhow::Result<ExitCode> {
     let host = Arc::new(host_with_store(args).await?);
     let _watch = host.watch()?;
+    // Retention again every hour while the server runs (and once at open).
+    if let Some(store) = host.store().cloned() {
+        let retention = args.retention();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            hourly.tick().await;
+            loop {
+                hourly.tick().await;
+                if let Err(e) = store.prune(retention).await {
+                    tracing::warn!("{e}");
+                }
+            }
+        });
+    }
     let state = qflow_server::AppState::new(host.clone(), config)?;
     state.watch_flows();
     // SIGTERM (a service manager) and Ctrl-C both stop it gracefully.

@@ -109,7 +109,8 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let base = path.parent().unwrap_or(Path::new("."));
             let flow = Flow::parse_with(&text, format, &origin, base, &limits())?;
             let host = host_with_room(&args, Room::Flow(flow.steps.len()))?
-                .with_store(store, STORED_OUTPUT_BYTES);
+                .with_store(store, STORED_OUTPUT_BYTES)
+                .await?;
             let summary = host.run_with(&flow, record.input, RunOptions::new()).await?;
             flush(&host).await;
             Printed::json(json).print(&flow, &summary)?;

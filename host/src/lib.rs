@@ -216,7 +216,14 @@ pub struct Host {
     runs: Option<(Arc<dyn RunStore>, RunWriter)>,
     /// The default step and run timeouts.
     timeouts: (std::time::Duration, std::time::Duration),
+    /// Whether hot plugins are preloaded (again once a store says which).
+    preload: bool,
+    /// When the last metrics snapshot went to the store.
+    snapshot: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often, at most, a metrics snapshot is kept while runs end.
+const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The file, in the cache directory, of the step durations.
 const HISTORY: &str = "history.json";
@@ -315,6 +322,8 @@ impl Host {
             },
             pools: pools.clone(),
             timeouts: (config.step_timeout, config.run_timeout),
+            preload: config.preload,
+            snapshot: Mutex::new(None),
             history: Mutex::new(history),
             analyses: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(ANALYSES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -341,14 +350,65 @@ impl Host {
     }
 
     /// Keeps every run of this host in `store`: its start, its flow and
-    /// input, and its summary, written in batches by a task of the host's
+    /// input, its events and its summary; the host's own events; a metrics
+    /// snapshot every 10 s while runs end; each step's recent duration and
+    /// each plugin's use count — written in batches by a task of the host's
     /// (so this must be called inside a tokio runtime), never on a step's
     /// path. Step outputs over `max_output_bytes` of JSON are kept as their
     /// SHA-256 and size.
-    pub fn with_store(mut self, store: Arc<dyn RunStore>, max_output_bytes: usize) -> Host {
+    ///
+    /// The durations and use counts are read from the store; a store that
+    /// has none yet takes those of the cache directory's old `history.json`
+    /// and `uses.json`, once (the files are then renamed `*.imported`).
+    pub async fn with_store(
+        mut self,
+        store: Arc<dyn RunStore>,
+        max_output_bytes: usize,
+    ) -> Result<Host, StoreError> {
         let writer = RunWriter::spawn(store.clone(), max_output_bytes);
+        let mut durations = store.durations().await?;
+        if durations.is_empty() {
+            let old = std::mem::take(&mut lock(&self.history).0);
+            for (flow, steps) in &old {
+                let steps = steps.iter().map(|(step, ms)| (step.clone(), *ms)).collect();
+                writer.send(StoreWrite::Durations { flow: flow.clone(), steps }).await;
+            }
+            durations = old;
+        }
+        let mut uses = store.uses().await?;
+        if uses.is_empty() {
+            uses = self.catalog.uses_snapshot().into_iter().collect();
+            if !uses.is_empty() {
+                writer.send(StoreWrite::Uses(uses.clone().into_iter().collect())).await;
+            }
+        }
+        if let Some(disk) = self.catalog.store().disk() {
+            disk.retire_state(HISTORY);
+            disk.retire_state(runtime::USES);
+        }
+        lock(&self.history).0 = durations;
+        self.catalog.set_uses(uses);
+        // The host's own events (plugins, caches, the optimizer) go to the
+        // store as they come; a run's go with its end.
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        self.events.set_sink(sink);
+        let forward = writer.clone();
+        tokio::spawn(async move {
+            while let Some(first) = events.recv().await {
+                let mut batch = vec![first];
+                while let Ok(next) = events.try_recv() {
+                    batch.push(next);
+                }
+                forward.send(StoreWrite::Events(batch)).await;
+            }
+        });
+        if self.preload {
+            let (catalog, assets, threshold) =
+                (self.catalog.clone(), self.assets.clone(), self.preload_threshold);
+            tokio::spawn(async move { preload(&catalog, &assets, threshold).await });
+        }
         self.runs = Some((store, writer));
-        self
+        Ok(self)
     }
 
     /// The run store, if the host keeps its runs.
@@ -451,9 +511,27 @@ impl Host {
         };
         if let Some((_, writer)) = &self.runs {
             // Waits here, before the run starts, if the store is behind.
-            writer.send(StoreWrite::Started(run_start(&run_id, &flow, &input))).await;
+            let start = StoreWrite::Started(run_start(&run_id, &flow, &input));
+            if options.durable {
+                // The writer lives as long as the host.
+                let _ = writer.send_written(start).await.await;
+            } else {
+                writer.send(start).await;
+            }
         }
-        let events = self.events.emitter(format!("/qflow/runs/{run_id}"));
+        if let Some(stored) = &options.stored {
+            stored.notify_one();
+        }
+        let durable = options.durable;
+        let source = format!("/qflow/runs/{run_id}");
+        // With a store, the run's events are kept with it.
+        let (events, recorded) = match &self.runs {
+            Some(_) => {
+                let (events, recorded) = self.events.recording_emitter(source);
+                (events, Some(recorded))
+            }
+            None => (self.events.emitter(source), None),
+        };
         let invoker = WasmInvoker::new(
             flow.clone(),
             self.catalog.clone(),
@@ -481,11 +559,25 @@ impl Host {
             });
         }
         summary.store = self.stats();
-        self.remember_durations(&flow, &summary);
+        let durations = self.remember_durations(&flow, &summary);
         lock(&self.totals).add(&summary);
         if let Some((_, writer)) = &self.runs {
+            if let Some(recorded) = recorded {
+                let recorded = std::mem::take(&mut *lock(&recorded));
+                writer.send(StoreWrite::Events(recorded)).await;
+            }
+            writer.send(StoreWrite::Durations { flow: flow.name.clone(), steps: durations }).await;
+            writer.send(StoreWrite::Uses(self.catalog.uses_snapshot())).await;
+            if let Some(document) = self.snapshot_due() {
+                writer.send(StoreWrite::Metrics { at_ms: unix_ms(), document }).await;
+            }
             let (summary, ended_at_ms) = (Box::new(summary.clone()), unix_ms());
-            writer.send(StoreWrite::Finished { summary, ended_at_ms }).await;
+            let end = StoreWrite::Finished { summary, ended_at_ms };
+            if durable {
+                let _ = writer.send_written(end).await.await;
+            } else {
+                writer.send(end).await;
+            }
         }
         Ok(summary)
     }
@@ -529,13 +621,30 @@ impl Host {
         analysis
     }
 
-    fn remember_durations(&self, flow: &Flow, summary: &RunSummary) {
+    /// The metrics document, if the last snapshot is older than
+    /// [`SNAPSHOT_EVERY`] (the clock restarts then).
+    fn snapshot_due(&self) -> Option<serde_json::Value> {
+        let now = std::time::Instant::now();
+        {
+            let mut last = lock(&self.snapshot);
+            if last.is_some_and(|at| now.duration_since(at) < SNAPSHOT_EVERY) {
+                return None;
+            }
+            *last = Some(now);
+        }
+        let level = model::optimize::Level::default().to_string();
+        serde_json::to_value(self.metrics(&level)).ok()
+    }
+
+    /// Folds the run's step times into the moving averages; the flow's
+    /// averages as they are now.
+    fn remember_durations(&self, flow: &Flow, summary: &RunSummary) -> Vec<(String, f64)> {
         let mut history = lock(&self.history);
         // Keys are made the first time only: this runs after every run.
         if !history.0.contains_key(&flow.name) {
             history.0.insert(flow.name.clone(), HashMap::new());
         }
-        let Some(durations) = history.0.get_mut(&flow.name) else { return };
+        let Some(durations) = history.0.get_mut(&flow.name) else { return Vec::new() };
         for (step, report) in flow.steps.iter().zip(&summary.steps) {
             if let (StepStatus::Succeeded, Some(ms)) = (report.status, report.duration_ms()) {
                 match durations.get_mut(&step.id) {
@@ -546,6 +655,10 @@ impl Host {
                 }
             }
         }
+        if self.runs.is_none() {
+            return Vec::new();
+        }
+        durations.iter().map(|(step, ms)| (step.clone(), *ms)).collect()
     }
 
     /// Reloads the plugin `name` now: a new or changed `NAME.wasm` is
@@ -670,8 +783,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Drop for Host {
     /// Saves the use counts and step durations, so that the next host
-    /// preloads what this one used most and plans with what it learnt.
+    /// preloads what this one used most and plans with what it learnt (a
+    /// host with a run store has written them there as it went).
     fn drop(&mut self) {
+        if self.runs.is_some() {
+            return;
+        }
         self.catalog.save_uses();
         if let Some(disk) = self.catalog.store().disk() {
             disk.save_state(HISTORY, &lock(&self.history).to_file());

@@ -39,8 +39,14 @@ fn main() {
         let mut config = HostConfig::new(plugins);
         config.cache.dir = None;
         config.preload = false;
-        let host = Arc::new(Host::new(config).unwrap());
+        // The server keeps every run in a store, durably before it answers:
+        // the in-process baseline does the same, so the difference is HTTP.
+        let data = tempfile::tempdir().unwrap();
+        let store = qflow::store::SqliteStore::open(&data.path().join("qflow.db")).await.unwrap();
+        let host = Host::new(config).unwrap().with_store(Arc::new(store), 1 << 16).await.unwrap();
+        let host = Arc::new(host);
         let flow = Arc::new(Flow::parse(FLOW, Format::Toml, "bench", plugins).unwrap());
+        let durable = || qflow::RunOptions::new().durable();
 
         // The baseline: the same runs in-process, CLIENTS at a time.
         host.run(&flow, json!(1)).await.unwrap();
@@ -49,7 +55,7 @@ fn main() {
             move || {
                 let (host, flow) = (host.clone(), flow.clone());
                 async move {
-                    let summary = host.run(&flow, json!(1)).await.unwrap();
+                    let summary = host.run_with(&flow, json!(1), durable()).await.unwrap();
                     assert_eq!(summary.status, RunStatus::Succeeded);
                 }
             }
@@ -61,7 +67,7 @@ fn main() {
             move || {
                 let (host, flow) = (host.clone(), flow.clone());
                 async move {
-                    host.run(&flow, json!(1)).await.unwrap();
+                    host.run_with(&flow, json!(1), durable()).await.unwrap();
                 }
             }
         })

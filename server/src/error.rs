@@ -52,6 +52,12 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// 503: the run store failed (the database went away): the server's
+    /// trouble, not the request's, and worth trying again.
+    pub fn store(error: qflow::model::StoreError) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", error.to_string())
+    }
+
     /// The status it answers with.
     pub fn status(&self) -> StatusCode {
         self.status

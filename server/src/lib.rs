@@ -31,6 +31,8 @@ mod runs;
         runs::list,
         runs::show,
         runs::cancel,
+        runs::events,
+        runs::metrics_history,
         optimization::metrics,
         optimization::pools,
         optimization::recommendations,
@@ -111,6 +113,10 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The host keeps no runs: a server answers for runs only once they
+    /// are in a run store.
+    #[error("the server needs a host that keeps its runs (Host::with_store)")]
+    NoStore,
     /// The address could not be bound, or serving failed.
     #[error("cannot serve on {addr}")]
     Io {
@@ -125,6 +131,8 @@ pub enum ServeError {
 /// What every handler shares.
 pub struct AppState {
     host: Arc<Host>,
+    /// The host's run store: the record of every run.
+    store: Arc<dyn qflow::model::RunStore>,
     config: ServerConfig,
     flows: flows::Registry,
     runs: runs::Registry,
@@ -144,7 +152,9 @@ impl AppState {
     /// A server's state on `host`, with the flows of `config.flows_dir`.
     pub fn new(host: Arc<Host>, config: ServerConfig) -> Result<Arc<AppState>, ServeError> {
         let flows = flows::Registry::new(config.flows_dir.clone())?;
+        let store = host.store().cloned().ok_or(ServeError::NoStore)?;
         Ok(Arc::new(AppState {
+            store,
             metrics: metrics::Metrics::new(host.clone()),
             host,
             config,
@@ -168,6 +178,11 @@ impl AppState {
     /// The host the server runs flows on.
     pub fn host(&self) -> &Arc<Host> {
         &self.host
+    }
+
+    /// The run store.
+    pub(crate) fn store(&self) -> &Arc<dyn qflow::model::RunStore> {
+        &self.store
     }
 
     /// Stops accepting new runs and ends the event streams.
@@ -201,8 +216,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/flows/{id}/optimize", post(optimization::optimize))
         .route("/runs", get(runs::list))
         .route("/runs/{id}", get(runs::show))
+        .route("/runs/{id}/events", get(runs::events))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/optimization/metrics", get(optimization::metrics))
+        .route("/optimization/metrics/history", get(runs::metrics_history))
         .route("/optimization/pools/stats", get(optimization::pools))
         .route("/plugins", get(flows::plugins))
         .route("/events", get(events::stream))

@@ -32,6 +32,10 @@ pub(crate) async fn pools(State(state): State<Arc<AppState>>) -> impl IntoRespon
     Json(json!({ "wasm": PoolSummary::of(&state.host.pool_stats()) }))
 }
 
+/// How many of a flow's past runs (the newest, from the run store) the
+/// optimizer weighs.
+const PAST_RUNS: u32 = 200;
+
 /// What could make a flow better, with the evidence.
 #[utoipa::path(get, path = "/api/v1/flows/{id}/recommendations", params(("id" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = crate::error::Body<'static>)))]
@@ -40,7 +44,7 @@ pub(crate) async fn recommendations(
     UrlPath(id): UrlPath<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let served = state.flows.get(&id)?;
-    let runs = state.runs.summaries_of(&id);
+    let runs = state.host.past_runs(&id, PAST_RUNS).await.map_err(ApiError::store)?;
     let count = runs.len();
     let recommendations = state.host.recommend(&served.flow, runs);
     Ok(Json(json!({ "flow": id, "runs": count, "recommendations": recommendations })))
@@ -69,7 +73,7 @@ pub(crate) async fn optimize(
     let request: OptimizeRequest = json_body(&body?)?;
     let served = state.flows.get(&id)?;
     let level = request.level.unwrap_or(state.config.level);
-    let runs = state.runs.summaries_of(&id);
+    let runs = state.host.past_runs(&id, PAST_RUNS).await.map_err(ApiError::store)?;
     let optimized = state.host.optimize(&served.flow, level, runs).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "optimizer", qflow::error_chain(&e))
     })?;

@@ -19,6 +19,9 @@ use tokio::sync::oneshot;
 /// A server running in this process, and how to stop it.
 struct Server {
     base: String,
+    /// The run store's directory, alive as long as the server (unless the
+    /// test gave one of its own).
+    _data: Option<tempfile::TempDir>,
     state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), qflow_server::ServeError>>,
@@ -31,12 +34,26 @@ impl Server {
     }
 
     async fn start_with(config: ServerConfig, tune: impl FnOnce(&mut HostConfig)) -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let path = data.path().join("qflow.db");
+        let mut server = Server::start_on(config, &path, tune).await;
+        server._data = Some(data);
+        server
+    }
+
+    /// A server whose run store is the file at `store`.
+    async fn start_on(
+        config: ServerConfig,
+        store: &std::path::Path,
+        tune: impl FnOnce(&mut HostConfig),
+    ) -> Server {
         let mut host = HostConfig::new(qflow_tests::plugins_dir());
         host.cache.dir = None;
         host.preload = false;
         tune(&mut host);
-        let host = Arc::new(Host::new(host).unwrap());
-        let state = AppState::new(host, config).unwrap();
+        let store = qflow::store::SqliteStore::open(store).await.unwrap();
+        let host = Host::new(host).unwrap().with_store(Arc::new(store), 1 << 16).await.unwrap();
+        let state = AppState::new(Arc::new(host), config).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let (bound, address) = oneshot::channel::<SocketAddr>();
         let task = tokio::spawn(qflow_server::serve(
@@ -51,6 +68,7 @@ impl Server {
         let addr = address.await.expect("the server binds");
         Server {
             base: format!("http://{addr}"),
+            _data: None,
             state,
             stop: Some(stop),
             task,
@@ -408,7 +426,10 @@ async fn a_token_is_required_off_loopback_and_checked_on_every_request() {
     let mut host = HostConfig::new(qflow_tests::plugins_dir());
     host.cache.dir = None;
     host.preload = false;
-    let state = AppState::new(Arc::new(Host::new(host).unwrap()), config).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let store = qflow::store::SqliteStore::open(&data.path().join("qflow.db")).await.unwrap();
+    let host = Host::new(host).unwrap().with_store(Arc::new(store), 1 << 16).await.unwrap();
+    let state = AppState::new(Arc::new(host), config).unwrap();
     let refused = qflow_server::serve(state, async {}, |_| panic!("it must not bind")).await;
     let message = refused.unwrap_err().to_string();
     assert!(message.contains("without a token"), "{message}");
@@ -610,6 +631,8 @@ async fn the_openapi_document_describes_every_route() {
         ("/api/v1/flows/{id}/optimize", "post"),
         ("/api/v1/runs", "get"),
         ("/api/v1/runs/{id}", "get"),
+        ("/api/v1/runs/{id}/events", "get"),
+        ("/api/v1/optimization/metrics/history", "get"),
         ("/api/v1/runs/{id}/cancel", "post"),
         ("/api/v1/optimization/metrics", "get"),
         ("/api/v1/optimization/pools/stats", "get"),
@@ -625,14 +648,70 @@ async fn the_openapi_document_describes_every_route() {
         );
     }
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for schema in
-        ["RunSummary", "StepReport", "FailureKind", "OptimizationMetrics", "Record", "StartRun"]
-    {
+    for schema in [
+        "RunSummary",
+        "StepReport",
+        "FailureKind",
+        "OptimizationMetrics",
+        "Record",
+        "Line",
+        "StartRun",
+    ] {
         assert!(schemas.contains_key(schema), "no schema {schema}: {:?}", schemas.keys());
     }
     let runs = &paths["/api/v1/runs"]["get"]["parameters"];
     let names: Vec<&str> =
         runs.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["flow", "status", "limit"]);
+    assert_eq!(names, ["flow", "status", "limit", "before"]);
     server.stop().await;
+}
+
+/// A server restarted on the same run store answers for the runs of the
+/// one before: each run, its events, the list by pages, and the metrics
+/// history the dashboard draws.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_are_answered_for_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let store = data.path().join("qflow.db");
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let flow = "[flow]\nname = \"kept\"\n[[step]]\nid = \"same\"\nplugin = \"identity\"\n";
+    let first = Server::start_on(config.clone(), &store, |_| {}).await;
+    let (status, _) = first.post_raw("/api/v1/flows", "application/toml", flow).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (status, summary) =
+            first.post("/api/v1/flows/kept/runs", json!({"input": n, "wait": true})).await;
+        assert_eq!(status, StatusCode::OK, "{summary}");
+        ids.push(summary["run_id"].as_str().unwrap().to_owned());
+    }
+    first.stop().await;
+
+    let second = Server::start_on(config, &store, |_| {}).await;
+    let (status, record) = second.get(&format!("/api/v1/runs/{}", ids[0])).await;
+    assert_eq!(status, StatusCode::OK, "{record}");
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["input"], 0);
+    assert_eq!(record["summary"]["steps"][0]["output"], 0);
+    let (_, events) = second.get(&format!("/api/v1/runs/{}/events", ids[0])).await;
+    let kinds: Vec<&str> =
+        events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"q.qflow.run.started.v1"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"q.qflow.run.finished.v1"), "{kinds:?}");
+    let (_, page) = second.get("/api/v1/runs?flow=kept&limit=2").await;
+    let page: Vec<&str> =
+        page.as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap()).collect();
+    assert_eq!(page, [ids[2].as_str(), ids[1].as_str()], "newest first");
+    let (_, rest) = second.get(&format!("/api/v1/runs?flow=kept&before={}", ids[1])).await;
+    assert_eq!(rest[0]["run_id"], ids[0].as_str());
+    assert!(
+        rest[0]["wall_ms"].as_f64().is_some() && rest[0]["efficiency"].as_f64().is_some(),
+        "{rest}"
+    );
+    let (_, history) = second.get("/api/v1/optimization/metrics/history").await;
+    assert!(!history.as_array().unwrap().is_empty(), "a snapshot was kept");
+    let (status, error) = second.get("/api/v1/runs/no-such-run/events").await;
+    assert_eq!((status, error["code"].as_str()), (StatusCode::NOT_FOUND, Some("not-found")));
+    second.stop().await;
 }

@@ -692,3 +692,107 @@ fn a_run_whose_process_was_killed_is_interrupted() {
     assert_eq!(state(&running[0]["run_id"]), "interrupted", "{listed}");
     assert_eq!(state(&finished["run_id"]), "succeeded", "{listed}");
 }
+
+/// One HTTP/1.1 request on its own connection, the whole answer read: the
+/// status and the JSON body.
+fn http(base: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let host = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let status: u16 = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, text) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    // A chunked body: the chunks' sizes are lines of their own.
+    let text = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        text.split("\r\n").enumerate().filter(|(n, _)| n % 2 == 1).map(|(_, c)| c).collect()
+    } else {
+        text.to_owned()
+    };
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// `qflow serve` on a loopback port of its own, on `data`; its base URL.
+fn serve_on(data: &Path, flows: &Path) -> (std::process::Child, String) {
+    let mut server =
+        command(&["serve", "--addr", "127.0.0.1:0", "--flows", flows.to_str().unwrap()])
+            .env("QFLOW_DATA_DIR", data)
+            .env("QFLOW_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let stderr_lines = lines(server.stderr.take().unwrap());
+    let line = wait_for(&stderr_lines, "qflow serving on ");
+    let url = line.rsplit("serving on ").next().unwrap().trim().to_owned();
+    (server, url)
+}
+
+/// The server killed (SIGKILL) in the middle of 200 runs: the next one on
+/// the same store has every run it had accepted, each finished run intact,
+/// every unfinished one interrupted.
+#[test]
+fn a_server_killed_mid_runs_loses_nothing_it_accepted() {
+    let (data, flows) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(
+        flows.path().join("nap.toml"),
+        "[flow]\nname = \"nap\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\n",
+    )
+    .unwrap();
+    let (mut server, url) = serve_on(data.path(), flows.path());
+    let mut accepted = Vec::new();
+    for n in 0..200 {
+        // Even runs end at once; odd ones would take a minute.
+        let ms = if n % 2 == 0 { 0 } else { 60_000 };
+        let (status, body) = http(
+            &url,
+            "POST",
+            "/api/v1/flows/nap/runs",
+            Some(&serde_json::json!({"input": {"ms": ms, "n": n}})),
+        );
+        assert_eq!(status, 202, "{body}");
+        accepted.push((body["run_id"].as_str().unwrap().to_owned(), ms));
+    }
+    // Wait (a generous minute at most) until the quick ones have ended.
+    let mut finished = Vec::new();
+    for _ in 0..600 {
+        let (_, page) = http(&url, "GET", "/api/v1/runs?status=succeeded&limit=1000", None);
+        finished = page
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run_id"].as_str().unwrap().to_owned())
+            .collect();
+        if finished.len() >= 100 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(finished.len(), 100, "the quick runs ended");
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let (mut again, url) = serve_on(data.path(), flows.path());
+    for (run_id, ms) in &accepted {
+        let (status, record) = http(&url, "GET", &format!("/api/v1/runs/{run_id}"), None);
+        assert_eq!(status, 200, "run {run_id} was accepted, then lost: {record}");
+        if finished.contains(run_id) || *ms == 0 {
+            assert_eq!(record["status"], "succeeded", "{record}");
+            assert_eq!(record["summary"]["steps"][0]["status"], "succeeded", "{record}");
+        } else {
+            assert_eq!(record["status"], "interrupted", "{record}");
+            assert!(record.get("summary").is_none(), "{record}");
+        }
+    }
+    again.kill().unwrap();
+    again.wait().unwrap();
+}

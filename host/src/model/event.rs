@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use super::report::{RunStatus, StepStatus};
 
@@ -262,30 +262,64 @@ const EVENT_BUFFER: usize = 4096;
 /// The host's event channel.
 #[derive(Clone)]
 pub(crate) struct EventBus {
+    shared: Arc<Outlets>,
+}
+
+/// Where events go.
+#[derive(Default)]
+struct Outlets {
     /// Made by the first subscriber: a process that runs one flow and
     /// listens to nothing never allocates the buffer.
-    sender: Arc<OnceLock<broadcast::Sender<Event>>>,
+    broadcast: OnceLock<broadcast::Sender<Event>>,
+    /// Every event not recorded with its run, for the run store: the
+    /// host's own events are few (plugins, caches, the optimizer), so this
+    /// channel loses none and never makes an emitter wait.
+    sink: OnceLock<mpsc::UnboundedSender<Event>>,
 }
+
+/// The events a run's emitter has recorded, in the order they were sent.
+pub(crate) type Recorded = Arc<std::sync::Mutex<Vec<Event>>>;
 
 impl EventBus {
     pub(crate) fn new() -> EventBus {
-        EventBus { sender: Arc::default() }
+        EventBus { shared: Arc::default() }
     }
 
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.sender.get_or_init(|| broadcast::channel(EVENT_BUFFER).0).subscribe()
+        self.shared.broadcast.get_or_init(|| broadcast::channel(EVENT_BUFFER).0).subscribe()
+    }
+
+    /// From now on, every event that is not recorded with its run goes to
+    /// `sink` too (set once).
+    pub(crate) fn set_sink(&self, sink: mpsc::UnboundedSender<Event>) {
+        let _ = self.shared.sink.set(sink);
     }
 
     /// What emits the events of `source`, numbering them from 1.
     pub(crate) fn emitter(&self, source: String) -> Emitter {
-        Emitter { sender: self.sender.clone(), source: Arc::from(source), sequence: Arc::default() }
+        Emitter {
+            outlets: self.shared.clone(),
+            source: Arc::from(source),
+            sequence: Arc::default(),
+            record: None,
+        }
+    }
+
+    /// [`EventBus::emitter`] that also keeps every event it sends, to be
+    /// stored with the run it belongs to.
+    pub(crate) fn recording_emitter(&self, source: String) -> (Emitter, Recorded) {
+        let recorded = Recorded::default();
+        let emitter = Emitter { record: Some(recorded.clone()), ..self.emitter(source) };
+        (emitter, recorded)
     }
 }
 
 /// Stamps and sends the events of one source.
 #[derive(Clone)]
 pub(crate) struct Emitter {
-    sender: Arc<OnceLock<broadcast::Sender<Event>>>,
+    outlets: Arc<Outlets>,
+    /// Where this emitter keeps what it sends, if it records.
+    record: Option<Recorded>,
     source: Arc<str>,
     /// The last sequence number given; held while the event is sent, so
     /// that events of one source go out in the order they are numbered
@@ -299,7 +333,11 @@ impl Emitter {
     /// lists) would otherwise be built on every step for nobody.
     pub(crate) fn emit(&self, data: impl FnOnce() -> EventData) {
         // Nobody listening costs nothing: no id, no clock read, no data.
-        let Some(sender) = self.sender.get().filter(|s| s.receiver_count() > 0) else { return };
+        let sender = self.outlets.broadcast.get().filter(|s| s.receiver_count() > 0);
+        let sink = if self.record.is_none() { self.outlets.sink.get() } else { None };
+        if sender.is_none() && sink.is_none() && self.record.is_none() {
+            return;
+        }
         let data = data();
         let id = uuid::Uuid::new_v4().to_string();
         // Nothing panics while holding the lock; recover the count if it ever did.
@@ -313,8 +351,17 @@ impl Emitter {
             sequence: *sequence,
             data,
         };
+        if let Some(record) = &self.record {
+            record.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(event.clone());
+        }
+        if let Some(sink) = sink {
+            // The store's side ends only with the host.
+            let _ = sink.send(event.clone());
+        }
         // A receiver may have gone since: nobody is watching.
-        let _ = sender.send(event);
+        if let Some(sender) = sender {
+            let _ = sender.send(event);
+        }
     }
 }
 

@@ -37,7 +37,8 @@ pub use self::report::{
 pub use self::settings::PoolSettings;
 pub use self::stats::{CacheStats, ComponentStats, PoolStats, Stats};
 pub use self::store::{
-    ParseStateError, RunQuery, RunRecord, RunStart, RunState, RunStore, StoreError, StoreWrite,
+    Durations, MetricsSnapshot, ParseStateError, Retention, RunQuery, RunRecord, RunStart,
+    RunState, RunStore, StoreError, StoreWrite,
 };
 
 pub(crate) use self::check::{LOG_BYTES, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS};

@@ -5,10 +5,13 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::collections::HashMap;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::event::Event;
 use super::report::{RunStatus, RunSummary};
 
 /// Where a run stands, as the store knows it.
@@ -169,6 +172,7 @@ impl RunQuery {
 
 /// What the writer hands a store, many at once.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum StoreWrite {
     /// A run started.
     Started(RunStart),
@@ -179,6 +183,68 @@ pub enum StoreWrite {
         /// When, in ms since the Unix epoch.
         ended_at_ms: i64,
     },
+    /// Events, in the order they were sent: a run's, written with its end,
+    /// or the host's own (plugins, caches, the optimizer).
+    Events(Vec<Event>),
+    /// The metrics document at `at_ms`: the dashboard's time series.
+    Metrics {
+        /// When, in ms since the Unix epoch.
+        at_ms: i64,
+        /// The document (`OptimizationMetrics`, as JSON).
+        document: Value,
+    },
+    /// A flow's steps' recent durations (moving averages, in ms): what
+    /// the critical path is estimated from.
+    Durations {
+        /// The flow.
+        flow: String,
+        /// Each step's average.
+        steps: Vec<(String, f64)>,
+    },
+    /// How often each plugin and asset was used (`plugin:NAME`,
+    /// `asset:KEY`), in all: what a host preloads.
+    Uses(Vec<(String, u64)>),
+}
+
+/// How long runs are kept: the newest `keep_runs`, none older than
+/// `keep_days`. A run still running is never removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Retention {
+    /// At most this many runs.
+    pub keep_runs: Option<u64>,
+    /// None that started more than this many days ago.
+    pub keep_days: Option<u64>,
+}
+
+impl Retention {
+    /// Keep everything.
+    pub fn forever() -> Retention {
+        Retention::default()
+    }
+
+    /// At most `runs` runs.
+    pub fn keep_runs(mut self, runs: u64) -> Retention {
+        self.keep_runs = Some(runs);
+        self
+    }
+
+    /// None older than `days`.
+    pub fn keep_days(mut self, days: u64) -> Retention {
+        self.keep_days = Some(days);
+        self
+    }
+}
+
+/// A metrics document as it was at one moment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MetricsSnapshot {
+    /// When, in ms since the Unix epoch.
+    pub at_ms: i64,
+    /// The document.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub document: Value,
 }
 
 /// Why the store failed.
@@ -218,4 +284,28 @@ pub trait RunStore: Send + Sync + 'static {
         &'a self,
         run_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<(String, String)>, StoreError>>;
+
+    /// The events of the run `run_id`, in order.
+    fn events<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<Vec<Event>, StoreError>>;
+
+    /// The metrics snapshots taken since `since_ms`, oldest first, at most
+    /// `limit` (the newest of them, if there are more).
+    fn metrics(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<MetricsSnapshot>, StoreError>>;
+
+    /// Every flow's steps' recent durations: flow → step → ms.
+    fn durations(&self) -> BoxFuture<'_, Result<Durations, StoreError>>;
+
+    /// How often each plugin and asset was used.
+    fn uses(&self) -> BoxFuture<'_, Result<HashMap<String, u64>, StoreError>>;
+
+    /// Removes what `retention` no longer keeps (runs, their events, old
+    /// snapshots) and gives the space back; how many runs it removed.
+    fn prune(&self, retention: Retention) -> BoxFuture<'_, Result<u64, StoreError>>;
 }
+
+/// Every flow's steps' recent durations: flow → step → ms.
+pub type Durations = HashMap<String, HashMap<String, f64>>;

@@ -90,6 +90,15 @@ pub struct RunOptions {
     /// flow's results are kept): a long chain of large outputs holds one
     /// or two at a time, not all. `None` keeps every output.
     pub retain_output_bytes: Option<u64>,
+    /// With a run store: wait until the run's start is in the store before
+    /// it starts (then notify `stored`, if given), and until its end is
+    /// before the run returns. A server answers only for runs it cannot
+    /// lose; a host process that dies can then only leave them
+    /// interrupted, never forgotten.
+    pub durable: bool,
+    /// Notified once the run's start is in the store (at once without a
+    /// store).
+    pub stored: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl RunOptions {
@@ -125,6 +134,12 @@ impl RunOptions {
     /// The whole run may take at most this long.
     pub fn run_timeout(mut self, timeout: Duration) -> RunOptions {
         self.run_timeout = Some(timeout);
+        self
+    }
+
+    /// The run is in the store before it starts and before it returns.
+    pub fn durable(mut self) -> RunOptions {
+        self.durable = true;
         self
     }
 

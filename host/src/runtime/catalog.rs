@@ -32,8 +32,9 @@ struct Fingerprint {
     modified: Option<SystemTime>,
 }
 
-/// The file, in the cache directory, of the use counts.
-const USES: &str = "uses.json";
+/// The file, in the cache directory, of the use counts (when no run store
+/// keeps them).
+pub(crate) const USES: &str = "uses.json";
 
 /// What a reload found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,6 +435,16 @@ impl Catalog {
             Some(old) => Reload::Replaced { old, new: digest, version },
             None => Reload::Added { new: digest, version },
         })
+    }
+
+    /// Every use count.
+    pub(crate) fn uses_snapshot(&self) -> Vec<(String, u64)> {
+        lock(&self.uses).iter().map(|(key, n)| (key.clone(), *n)).collect()
+    }
+
+    /// Takes the use counts a run store kept.
+    pub(crate) fn set_uses(&self, uses: HashMap<String, u64>) {
+        *lock(&self.uses) = uses;
     }
 
     pub(crate) fn count_use(&self, key: String) {

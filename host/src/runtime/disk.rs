@@ -155,6 +155,14 @@ impl DiskCache {
             .unwrap_or_default()
     }
 
+    /// Renames a state file that something else now keeps to
+    /// `NAME.imported`, so it is taken only once.
+    pub(crate) fn retire_state(&self, name: &str) {
+        if self.root.exists(name) {
+            let _ = self.root.rename(name, &self.root, format!("{name}.imported"));
+        }
+    }
+
     pub(crate) fn save_state<T: serde::Serialize>(&self, name: &str, state: &T) {
         if !self.writable.load(Ordering::Relaxed) {
             return;

@@ -19,6 +19,7 @@ mod state;
 mod watch;
 
 pub use self::catalog::Catalog;
+pub(crate) use self::catalog::USES;
 pub use self::components::CacheConfig;
 pub use self::engine::{EngineConfig, MemoryStats, ResetPath};
 pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};

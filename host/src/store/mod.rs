@@ -32,7 +32,11 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
+/// Answered once a write is in the store.
+pub(crate) type Written = oneshot::Receiver<()>;
+
 /// A host's handle on its writer task.
+#[derive(Clone)]
 pub(crate) struct RunWriter {
     sender: mpsc::Sender<Message>,
 }
@@ -50,6 +54,15 @@ impl RunWriter {
     pub(crate) async fn send(&self, write: StoreWrite) {
         // The writer runs as long as a sender exists: it cannot be gone.
         let _ = self.sender.send(Message::Write(write)).await;
+    }
+
+    /// Queues `write`; the answer comes once it (and all before it) is in
+    /// the store.
+    pub(crate) async fn send_written(&self, write: StoreWrite) -> Written {
+        self.send(write).await;
+        let (done, written) = oneshot::channel();
+        let _ = self.sender.send(Message::Flush(done)).await;
+        written
     }
 
     /// Waits until everything queued so far is written, or `within` has
