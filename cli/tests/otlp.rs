@@ -113,12 +113,14 @@ fn spans(bodies: &[Value]) -> HashMap<String, Span> {
 fn a_run_exports_its_span_tree_over_otlp() {
     let (endpoint, bodies) = collector();
     let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qflow"))
         .args(["run", "examples/orders-report.toml", "--json", "--plugins"])
         .arg(plugins_dir())
         .arg("--cache-dir")
         .arg(cache.path())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("QFLOW_DATA_DIR", data.path())
         .current_dir(repo())
         .output()
         .unwrap();

@@ -69,3 +69,29 @@ pub(crate) async fn stream(
         .take_until(state.shutdown.clone().cancelled_owned());
     Ok(SseResponse::new(stream).keep_alive(KeepAlive::default()))
 }
+
+/// `GET /events/history?type=&limit=`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    /// Only events whose type starts with this, such as `q.qflow.plugin.`.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// At most this many, the newest (100; at most 1000).
+    limit: Option<u32>,
+}
+
+/// The host's own stored events (plugins, caches, the optimizer; a run's
+/// are on `GET /runs/{id}/events`), oldest first.
+#[utoipa::path(get, path = "/api/v1/events/history", params(HistoryQuery),
+    responses((status = 200, body = [Object]), (status = 400, body = crate::error::Body<'static>)))]
+pub(crate) async fn history(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<axum::Json<Vec<qflow::Event>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("bad-query", e.body_text()))?;
+    let prefix = query.kind.unwrap_or_default();
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let events = state.store().host_events(&prefix, limit).await.map_err(ApiError::store)?;
+    Ok(axum::Json(events))
+}

@@ -196,6 +196,13 @@ pub(crate) async fn show(
     let mut body = serde_json::to_value(summary(&served)).unwrap_or_default();
     body["text"] = json!(&*served.flow.text);
     body["plan"] = serde_json::to_value(&plan).unwrap_or_default();
+    // What a drawing of the graph needs: each step, its plugin and needs.
+    body["graph"] = served
+        .flow
+        .steps
+        .iter()
+        .map(|s| json!({ "id": s.id, "plugin": s.plugin.to_string(), "needs": s.needs }))
+        .collect();
     Ok(Json(body))
 }
 

@@ -7,6 +7,7 @@
 //! runs it until shutdown, then lets the runs in flight finish.
 #![deny(missing_docs)]
 
+mod dashboard;
 mod error;
 mod events;
 mod flows;
@@ -38,9 +39,11 @@ mod runs;
         optimization::recommendations,
         optimization::optimize,
         events::stream,
+        events::history,
         metrics::prometheus,
         healthz,
-        openapi
+        openapi,
+        dashboard::index
     ),
     components(schemas(error::Body<'static>, qflow::Plan, qflow::model::optimize::Recommendation))
 )]
@@ -223,9 +226,11 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/optimization/pools/stats", get(optimization::pools))
         .route("/plugins", get(flows::plugins))
         .route("/events", get(events::stream))
+        .route("/events/history", get(events::history))
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/api/v1", api)
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics::prometheus))
         .route("/healthz", get(healthz))
         .fallback(not_found)
@@ -301,7 +306,11 @@ async fn authorize(State(state): State<Arc<AppState>>, request: Request, next: N
             return error.into_response();
         }
     }
-    if let Some(token) = &state.config.token {
+    // The dashboard's files hold no data: served to anyone who may reach
+    // the server (its API calls carry the token).
+    if let Some(token) =
+        state.config.token.as_ref().filter(|_| !dashboard::is_dashboard(request.uri().path()))
+    {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)

@@ -3,13 +3,13 @@
 // A test that panics on a broken expectation is doing its job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use qflow_tests::{hostile_dir, plugins_dir, qflow_bin, repo, scratch};
+use qflow_tests::{
+    Server, hostile_dir, http, lines, plugins_dir, qflow_bin, repo, scratch, wait_for,
+};
 use serde_json::Value;
 
 /// `qflow` with the args, from the repository's root, on the bundled
@@ -31,19 +31,6 @@ fn qflow(args: &[&str]) -> Output {
     command(args).output().expect("the qflow binary runs")
 }
 
-/// The lines a child writes to a pipe, as they come.
-fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// Waits for a child to exit, killing it after a generous minute so that a
 /// process that ignores a signal fails its test instead of hanging it.
 fn exit_of(mut child: std::process::Child) -> std::process::ExitStatus {
@@ -55,17 +42,6 @@ fn exit_of(mut child: std::process::Child) -> std::process::ExitStatus {
     }
     let _ = child.kill();
     panic!("qflow did not exit within a minute of the signal");
-}
-
-/// Waits (up to a generous bound) for a line that contains `text`.
-fn wait_for(lines: &mpsc::Receiver<String>, text: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains(text) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {text:?}: {e}"),
-        }
-    }
 }
 
 fn stdout_json(out: &Output) -> Value {
@@ -693,50 +669,6 @@ fn a_run_whose_process_was_killed_is_interrupted() {
     assert_eq!(state(&finished["run_id"]), "succeeded", "{listed}");
 }
 
-/// One HTTP/1.1 request on its own connection, the whole answer read: the
-/// status and the JSON body.
-fn http(base: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    use std::io::{Read, Write};
-    let host = base.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(host).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    let status: u16 = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, text) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    // A chunked body: the chunks' sizes are lines of their own.
-    let text = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        text.split("\r\n").enumerate().filter(|(n, _)| n % 2 == 1).map(|(_, c)| c).collect()
-    } else {
-        text.to_owned()
-    };
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// `qflow serve` on a loopback port of its own, on `data`; its base URL.
-fn serve_on(data: &Path, flows: &Path) -> (std::process::Child, String) {
-    let mut server =
-        command(&["serve", "--addr", "127.0.0.1:0", "--flows", flows.to_str().unwrap()])
-            .env("QFLOW_DATA_DIR", data)
-            .env("QFLOW_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-    let stderr_lines = lines(server.stderr.take().unwrap());
-    let line = wait_for(&stderr_lines, "qflow serving on ");
-    let url = line.rsplit("serving on ").next().unwrap().trim().to_owned();
-    (server, url)
-}
-
 /// The server killed (SIGKILL) in the middle of 200 runs: the next one on
 /// the same store has every run it had accepted, each finished run intact,
 /// every unfinished one interrupted.
@@ -748,7 +680,8 @@ fn a_server_killed_mid_runs_loses_nothing_it_accepted() {
         "[flow]\nname = \"nap\"\n[[step]]\nid = \"nap\"\nplugin = \"sleep\"\n",
     )
     .unwrap();
-    let (mut server, url) = serve_on(data.path(), flows.path());
+    let server = Server::start(data.path(), flows.path(), plugins_dir());
+    let url = server.url.clone();
     let mut accepted = Vec::new();
     for n in 0..200 {
         // Even runs end at once; odd ones would take a minute.
@@ -778,10 +711,10 @@ fn a_server_killed_mid_runs_loses_nothing_it_accepted() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(finished.len(), 100, "the quick runs ended");
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
 
-    let (mut again, url) = serve_on(data.path(), flows.path());
+    let again = Server::start(data.path(), flows.path(), plugins_dir());
+    let url = again.url.clone();
     for (run_id, ms) in &accepted {
         let (status, record) = http(&url, "GET", &format!("/api/v1/runs/{run_id}"), None);
         assert_eq!(status, 200, "run {run_id} was accepted, then lost: {record}");
@@ -793,6 +726,5 @@ fn a_server_killed_mid_runs_loses_nothing_it_accepted() {
             assert!(record.get("summary").is_none(), "{record}");
         }
     }
-    again.kill().unwrap();
-    again.wait().unwrap();
+    again.kill();
 }

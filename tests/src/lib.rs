@@ -3,9 +3,14 @@
 //! directory; cargo rebuilds only what changed), and the `qflow` binary.
 #![allow(clippy::panic)]
 
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
 
 /// The repository's root.
 pub fn repo() -> &'static Path {
@@ -128,4 +133,107 @@ fn built_after_its_sources(bin: &Path) -> bool {
         )
         .filter_map(|path| newest(&path))
         .all(|modified| modified <= built)
+}
+
+/// A `qflow serve` of this build on a loopback port of its own; killed
+/// when dropped.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// Its base URL, such as `http://127.0.0.1:41234`.
+    pub url: String,
+}
+
+impl Server {
+    /// Serves the flows of `flows`, keeping runs in `data`, on `plugins`.
+    pub fn start(data: &Path, flows: &Path, plugins: &Path) -> Server {
+        let mut child = Command::new(qflow_bin())
+            .args(["serve", "--addr", "127.0.0.1:0", "--flows"])
+            .arg(flows)
+            .env("QFLOW_PLUGINS", plugins)
+            .env("QFLOW_DATA_DIR", data)
+            .env("QFLOW_CACHE_DIR", scratch("serve-cache"))
+            .env("QFLOW_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qflow serve: {e}"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let lines = lines(stderr);
+        let line = wait_for(&lines, "qflow serving on ");
+        let url = line.rsplit("serving on ").next().unwrap_or_default().trim().to_owned();
+        // Whatever else it says goes on being read, so it never blocks.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url }
+    }
+
+    /// One request to this server: see [`http`].
+    pub fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        http(&self.url, method, path, body)
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines a child writes to a pipe, as they come.
+pub fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (up to a generous minute) for a line that contains `text`.
+pub fn wait_for(lines: &mpsc::Receiver<String>, text: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, the whole answer read: the
+/// status and the JSON body (`null` if it is not JSON).
+pub fn http(base: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let host = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host)
+        .unwrap_or_else(|e| panic!("cannot connect to {host}: {e}"));
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("cannot send: {e}"));
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap_or_else(|e| panic!("cannot read the answer: {e}"));
+    let answer = String::from_utf8_lossy(&answer);
+    let status: u16 = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, text) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    // A chunked body: the chunks' sizes are lines of their own.
+    let text: String = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        text.split("\r\n").enumerate().filter(|(n, _)| n % 2 == 1).map(|(_, c)| c).collect()
+    } else {
+        text.to_owned()
+    };
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }

@@ -296,6 +296,14 @@ pub trait RunStore: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<MetricsSnapshot>, StoreError>>;
 
+    /// The newest `limit` events that belong to no run (plugins, caches,
+    /// the optimizer) whose type starts with `prefix`, oldest first.
+    fn host_events<'a>(
+        &'a self,
+        prefix: &'a str,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>>;
+
     /// Every flow's steps' recent durations: flow → step → ms.
     fn durations(&self) -> BoxFuture<'_, Result<Durations, StoreError>>;
 

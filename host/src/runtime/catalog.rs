@@ -243,6 +243,7 @@ impl Catalog {
             needs: d.needs.clone(),
             path: self.path_of(&wasm(name)),
             digest: hex::encode(plugin.digest),
+            loaded_from: plugin.loaded_from.as_str().to_owned(),
         }
     }
 

@@ -195,6 +195,9 @@ pub struct PluginInfo {
     pub path: PathBuf,
     /// The SHA-256 digest of the file, in hex.
     pub digest: String,
+    /// Where this host got its compiled code: `disk` (the precompiled
+    /// cache) or `compile` (Cranelift).
+    pub loaded_from: String,
 }
 
 /// What `describe()` said, checked against the world the component implements.

@@ -61,6 +61,9 @@ impl SqliteStore {
             // Pruned runs give their pages back a few at a time.
             .auto_vacuum(SqliteAutoVacuum::Incremental)
             .busy_timeout(busy);
+        // Two processes opening a new file at once would both apply the
+        // first migration: the setup below is one process's at a time.
+        let _setup = setup_lock(path, busy).await.map_err(|e| failed(&e))?;
         // A handful of readers beside the one writer task.
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -367,6 +370,32 @@ impl RunStore for SqliteStore {
         .boxed()
     }
 
+    fn host_events<'a>(
+        &'a self,
+        prefix: &'a str,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<Event>, StoreError>> {
+        async move {
+            // A prefix, not a pattern: `%` and `_` in it match themselves.
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT event FROM (SELECT id, event FROM events WHERE run_id IS NULL \
+                 AND substr(type, 1, length(?1)) = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id",
+            )
+            .bind(prefix)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(database)?;
+            rows.into_iter()
+                .map(|(text,)| {
+                    serde_json::from_str(&text)
+                        .map_err(|e| StoreError::Corrupt(format!("a host event: {e}")))
+                })
+                .collect()
+        }
+        .boxed()
+    }
+
     fn metrics(
         &self,
         since_ms: i64,
@@ -466,4 +495,30 @@ fn process_alive(pid: i64) -> bool {
         return true;
     }
     cfg!(target_os = "linux") && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// An exclusive lock on `<db>.lock` (a file beside the database, not the
+/// database itself: SQLite's own locks are `fcntl` locks, which NFS would
+/// merge with ours), tried until `busy` has passed. Released when dropped.
+async fn setup_lock(db: &Path, busy: Duration) -> std::io::Result<std::fs::File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&name)?;
+    let deadline = tokio::time::Instant::now() + busy;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(format!(
+                    "another process held {} for longer than {} ms",
+                    Path::new(&name).display(),
+                    busy.as_millis()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
 }

@@ -255,6 +255,25 @@ async fn a_locked_database_is_refused_with_its_path() {
     assert!(SqliteStore::open(&path).await.is_ok(), "usable once the lock is gone");
 }
 
+/// Processes that open a new database at the same moment (the first runs
+/// of a fresh machine) all find it migrated; none applies a migration twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_database_opened_at_once_by_many_is_migrated_once() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qflow.db");
+        let opens = (0..8).map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move { SqliteStore::open(&path).await.map(drop) })
+        });
+        for open in futures::future::join_all(opens).await {
+            if let Err(e) = open.unwrap() {
+                panic!("round {round}: {e}");
+            }
+        }
+    }
+}
+
 /// Retention keeps the newest runs (and none older than the days given),
 /// never a running one, and takes the removed runs' events with them.
 #[tokio::test]
