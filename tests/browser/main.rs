@@ -2,8 +2,8 @@
 //! ChromeDriver (WebDriver), against a real `qflow serve` on loopback. Every
 //! page is loaded at 1280×800 and 390×844 and saved as a screenshot in
 //! `target/screenshots/`; a run started from the page is followed live to
-//! its timeline; and the page must report no error (its own error log, which
-//! catches script errors, failed requests and `console.error`).
+//! its timeline; and neither the browser's console (errors, failed loads)
+//! nor the page's own error log (failed API requests) may show an error.
 //!
 //! ChromeDriver and Chromium come from Debian (`chromium`,
 //! `chromium-driver`); `.ci/run` installs them. Where they are missing the
@@ -98,6 +98,7 @@ impl Drop for Driver {
 
 async fn browser(driver: &Driver, profile: &Path) -> Client {
     let mut capabilities = serde_json::Map::new();
+    capabilities.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
     capabilities.insert(
         "goog:chromeOptions".into(),
         json!({
@@ -134,10 +135,39 @@ async fn until(client: &Client, what: &str, script: &str) {
     }
 }
 
-/// What the page recorded as errors.
+/// ChromeDriver's browser log since the last read: every console message,
+/// failed load and uncaught exception.
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(json!({"type": "browser"}).to_string()))
+    }
+}
+
+/// What went wrong on the page: the console's errors (as the browser
+/// logged them) and what the page recorded itself.
 async fn errors(client: &Client) -> Vec<String> {
+    let mut errors = Vec::new();
+    let log = client.issue_cmd(BrowserLog).await.expect("the browser log");
+    for entry in log.as_array().into_iter().flatten() {
+        if entry["level"] == "SEVERE" {
+            errors.push(format!("console: {}", entry["message"].as_str().unwrap_or_default()));
+        }
+    }
     let found = client.execute("return window.__qflowErrors || ['no error log'];", vec![]).await;
-    serde_json::from_value(found.unwrap_or_default()).unwrap_or_default()
+    let page: Vec<String> = serde_json::from_value(found.unwrap_or_default()).unwrap_or_default();
+    errors.extend(page.into_iter().map(|e| format!("page: {e}")));
+    errors
 }
 
 /// Loads `hash`, waits until the page says it is drawn, checks it has no

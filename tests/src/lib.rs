@@ -128,8 +128,15 @@ fn built_after_its_sources(bin: &Path) -> bool {
     let sources = sources.iter().map(|s| repo().join(s));
     sources
         .chain(
-            ["server/src", "server/Cargo.toml", "wit", "plugin-build/src", "Cargo.lock"]
-                .map(|s| repo().join(s)),
+            [
+                "server/src",
+                "server/dashboard",
+                "server/Cargo.toml",
+                "wit",
+                "plugin-build/src",
+                "Cargo.lock",
+            ]
+            .map(|s| repo().join(s)),
         )
         .filter_map(|path| newest(&path))
         .all(|modified| modified <= built)
