@@ -152,7 +152,11 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         .await?
                 }
                 None => {
-                    json!({ "wasm": qflow::model::PoolSummary::of(&host(&target.host)?.pool_stats()) })
+                    let host = host(&target.host)?;
+                    json!({
+                        "wasm": qflow::model::PoolSummary::of(&host.pool_stats()),
+                        "http": qflow::model::PoolSummary::of(&host.http_pool_stats()),
+                    })
                 }
             };
             if target.json {

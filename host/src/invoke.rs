@@ -238,7 +238,11 @@ impl StepInvoker for WasmInvoker {
             pre,
             plugin: &step.plugin.name,
             config: serde_json::to_string(&step.config).unwrap_or_else(|_| "{}".to_owned()),
-            grants: Grants { dirs: step.dirs.clone(), env: step.env.clone() },
+            grants: Grants {
+                dirs: step.dirs.clone(),
+                env: step.env.clone(),
+                http: Arc::from(step.http.as_slice()),
+            },
             settings: step.pool,
             assets: self.assets.clone() as Arc<dyn AssetSource>,
         });

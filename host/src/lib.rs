@@ -38,8 +38,8 @@ pub use self::model::{
 };
 pub use self::run::RunOptions;
 pub use self::runtime::{
-    CacheConfig, Catalog, Cause, EngineConfig, Kind, MemoryStats, PluginError, PluginInfo,
-    ResetPath, Watch,
+    CacheConfig, Catalog, Cause, EngineConfig, HttpConfig, Kind, MemoryStats, PluginError,
+    PluginInfo, ResetPath, Watch,
 };
 pub use tokio_util::sync::CancellationToken;
 
@@ -597,7 +597,13 @@ impl Host {
     /// pools.
     pub fn metrics_of(&self, level: &str, totals: &RunTotals) -> OptimizationMetrics {
         let components = self.catalog.store().stats();
-        OptimizationMetrics::new(level, totals, &components, &self.pool_stats())
+        OptimizationMetrics::new(
+            level,
+            totals,
+            &components,
+            &self.pool_stats(),
+            &self.http_pool_stats(),
+        )
     }
 
     /// The flow's dependency analysis, with step durations estimated from
@@ -761,6 +767,12 @@ impl Host {
     /// Each instance pool's figures, by plugin name.
     pub fn pool_stats(&self) -> Vec<(String, PoolStats)> {
         self.pools.stats()
+    }
+
+    /// Each outbound HTTP connection pool's figures, by origin
+    /// (`scheme://host:port`).
+    pub fn http_pool_stats(&self) -> Vec<(String, PoolStats)> {
+        self.catalog.engine().http().stats()
     }
 
     /// How many plugin instances are alive right now (running steps,

@@ -165,10 +165,10 @@ impl Collector for HostFigures {
         )?;
         // One plugin may have several pools (one per config): a series per
         // plugin, summed; the slowest pool's quantiles.
-        let mut pools: Vec<(String, qflow::PoolStats)> = Vec::new();
+        let mut pools: Vec<(&str, String, qflow::PoolStats)> = Vec::new();
         for (plugin, s) in self.host.pool_stats() {
-            match pools.iter_mut().find(|(p, _)| *p == plugin) {
-                Some((_, sum)) => {
+            match pools.iter_mut().find(|(_, p, _)| *p == plugin) {
+                Some((_, _, sum)) => {
                     sum.total += s.total;
                     sum.available += s.available;
                     sum.in_use += s.in_use;
@@ -176,14 +176,17 @@ impl Collector for HostFigures {
                     sum.acquire_p50_us = sum.acquire_p50_us.max(s.acquire_p50_us);
                     sum.acquire_p99_us = sum.acquire_p99_us.max(s.acquire_p99_us);
                 }
-                None => pools.push((plugin, s)),
+                None => pools.push(("wasm", plugin, s)),
             }
         }
+        // Outbound HTTP: a pool per origin.
+        pools
+            .extend(self.host.http_pool_stats().into_iter().map(|(origin, s)| ("http", origin, s)));
         let by_pool = |f: &dyn Fn(&qflow::PoolStats) -> f64| -> Vec<(Labels, f64)> {
             pools
                 .iter()
-                .map(|(plugin, s)| {
-                    (vec![("kind", "wasm".to_owned()), ("key", plugin.clone())], f(s))
+                .map(|(kind, key, s)| {
+                    (vec![("kind", (*kind).to_owned()), ("key", key.clone())], f(s))
                 })
                 .collect()
         };
@@ -203,17 +206,17 @@ impl Collector for HostFigures {
         )?;
         let acquisitions: Vec<(Labels, u64)> = pools
             .iter()
-            .map(|(plugin, s)| {
-                (vec![("kind", "wasm".to_owned()), ("key", plugin.clone())], s.acquisitions)
+            .map(|(kind, key, s)| {
+                (vec![("kind", (*kind).to_owned()), ("key", key.clone())], s.acquisitions)
             })
             .collect();
         counter(&mut encoder, "pool_acquisitions", "Resources handed out so far", &acquisitions)?;
         let mut quantiles = Vec::new();
-        for (plugin, s) in &pools {
+        for (kind, key, s) in &pools {
             for (quantile, us) in [("0.5", s.acquire_p50_us), ("0.99", s.acquire_p99_us)] {
                 let labels = vec![
-                    ("kind", "wasm".to_owned()),
-                    ("key", plugin.clone()),
+                    ("kind", (*kind).to_owned()),
+                    ("key", key.clone()),
                     ("quantile", quantile.to_owned()),
                 ];
                 quantiles.push((labels, us / 1e6));

@@ -29,7 +29,10 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResp
 #[utoipa::path(get, path = "/api/v1/optimization/pools/stats",
     responses((status = 200, body = qflow::model::ResourcePools)))]
 pub(crate) async fn pools(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({ "wasm": PoolSummary::of(&state.host.pool_stats()) }))
+    Json(json!({
+        "wasm": PoolSummary::of(&state.host.pool_stats()),
+        "http": PoolSummary::of(&state.host.http_pool_stats()),
+    }))
 }
 
 /// How many of a flow's past runs (the newest, from the run store) the

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+mod http;
+
+pub use self::http::HttpServer;
+
 /// The repository's root.
 pub fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

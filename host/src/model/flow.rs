@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::check::{LOG_BYTES, MAX_PARALLEL, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS, mib};
+use super::grant::HttpGrant;
 use super::graph;
 use super::input::{Source, Template};
 use super::settings::PoolSettings;
@@ -116,6 +117,8 @@ pub struct Step {
     pub dirs: Vec<Mount>,
     /// Environment variables it sees (and no others).
     pub env: Vec<(String, String)>,
+    /// The origins it may send HTTP requests to (none: no HTTP at all).
+    pub http: Vec<HttpGrant>,
     /// Its linear memory limit in bytes (`None`: the flow's, else the host's).
     pub max_memory_bytes: Option<u64>,
     /// The indices (in `Flow::steps`) of `needs`.
@@ -147,6 +150,7 @@ impl InstanceKey {
             "config": step.config,
             "dirs": step.dirs,
             "env": step.env,
+            "http": step.http,
             "max_memory_bytes": step.max_memory_bytes,
             "pool": step.pool,
         });
@@ -212,6 +216,19 @@ enum RawMount {
 }
 
 /// Checks directory grants: absolute guest paths, existing host directories.
+/// A step's `http` grants; each one that is not a grant is a problem.
+fn grants(owner: &str, raw: &[String], problems: &mut Vec<Problem>) -> Vec<HttpGrant> {
+    raw.iter()
+        .filter_map(|text| {
+            HttpGrant::parse(text)
+                .map_err(|message| {
+                    problems.push(Problem::BadGrant { owner: owner.to_owned(), message })
+                })
+                .ok()
+        })
+        .collect()
+}
+
 fn mounts(
     owner: &str,
     raw: BTreeMap<String, RawMount>,
@@ -397,6 +414,14 @@ pub enum Problem {
         host: String,
         /// What is wrong.
         reason: String,
+    },
+    /// A grant that is not one (`http = [...]`).
+    #[error("{owner}: {message}")]
+    BadGrant {
+        /// The step, as `step \`id\``.
+        owner: String,
+        /// What is wrong, naming the grant.
+        message: String,
     },
 }
 
@@ -594,6 +619,8 @@ struct RawStep {
     dirs: BTreeMap<String, RawMount>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    http: Vec<String>,
     max_memory_mb: Option<u64>,
 }
 
@@ -703,6 +730,7 @@ impl RawFlow {
                     pool: raw.pool,
                     dirs: mounts(&owner, raw.dirs.clone(), base, problems),
                     env: raw.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    http: grants(&owner, &raw.http, problems),
                     max_memory_bytes: raw.max_memory_mb.or(self.flow.max_memory_mb).map(mib),
                     deps,
                     input,

@@ -90,8 +90,11 @@ impl LazyLoading {
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResourcePools {
-    /// The pre-warmed WebAssembly instance pools.
+    /// The pre-warmed WebAssembly instance pools, by plugin.
     pub wasm: PoolSummary,
+    /// Steps' outbound HTTP connections, by origin (`scheme://host:port`).
+    #[serde(default)]
+    pub http: PoolSummary,
 }
 
 /// A kind of pool, summed over its pools, with a breakdown by key.
@@ -206,6 +209,7 @@ impl OptimizationMetrics {
         totals: &RunTotals,
         components: &ComponentStats,
         wasm_pools: &[(String, PoolStats)],
+        http_pools: &[(String, PoolStats)],
     ) -> OptimizationMetrics {
         let wasm = PoolSummary::of(wasm_pools);
         OptimizationMetrics {
@@ -224,7 +228,7 @@ impl OptimizationMetrics {
                 runs: totals.runs,
             },
             lazy_loading: LazyLoading::from_stats(components),
-            resource_pools: ResourcePools { wasm },
+            resource_pools: ResourcePools { wasm, http: PoolSummary::of(http_pools) },
         }
     }
 }
@@ -289,6 +293,7 @@ mod tests {
             &RunTotals::default(),
             &ComponentStats::default(),
             &pools,
+            &[],
         );
         let json = serde_json::to_value(&doc).unwrap();
         for key in [

@@ -6,6 +6,7 @@
 mod check;
 mod event;
 mod flow;
+mod grant;
 mod graph;
 mod input;
 mod json;
@@ -23,6 +24,7 @@ pub use self::flow::{
     Flow, FlowError, FlowLimits, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step,
     Strategy, read_text,
 };
+pub use self::grant::{HttpGrant, HttpScheme, is_internal};
 pub use self::json::Json;
 pub use self::metrics::{
     ExecutionOptimization, KeyedPool, LazyLoading, OptimizationMetrics, PoolSummary, ResourcePools,

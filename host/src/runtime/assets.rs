@@ -147,7 +147,7 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
         plugin: Arc::from(key.plugin.name.as_str()),
     };
     let deadline = tokio::time::Instant::now() + LOADER_TIME_LIMIT;
-    let grants = Grants { dirs: key.dirs.clone(), env: Vec::new() };
+    let grants = Grants { dirs: key.dirs.clone(), env: Vec::new(), http: Arc::from([]) };
     let mut store = PluginState::host_call_store(
         catalog.engine(),
         caller,

@@ -86,6 +86,7 @@ impl ComponentStore {
     ) -> wasmtime::Result<ComponentStore> {
         let mut linker = Linker::new(engine.wasmtime());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         super::sandbox::guard_symlinks(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
         let disk = config

@@ -1,6 +1,7 @@
 //! The one wasmtime [`Engine`](wasmtime::Engine) every plugin runs on, and
 //! the settings Qflow narrows wasmtime to.
 
+use super::http::{HttpClient, HttpConfig};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct EngineConfig {
     pub max_total_memory_mb: u64,
     /// How the pooling allocator resets a slot when an instance ends.
     pub reset: ResetPath,
+    /// Steps' outbound HTTP: its connection pools and limits.
+    pub http: HttpConfig,
 }
 
 /// How an ended instance's slot is made clean for the next one. A fresh
@@ -92,6 +95,7 @@ impl Default for EngineConfig {
             epoch_tick: Duration::from_millis(10),
             max_total_memory_mb: (machine_memory_mb() / 2).max(64),
             reset: ResetPath::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -148,6 +152,7 @@ pub(crate) struct Engine {
     host_calls: Arc<Semaphore>,
     memory: Arc<MemoryBudget>,
     reclaim: Arc<OnceLock<Weak<dyn Reclaim>>>,
+    http: Arc<HttpClient>,
 }
 
 impl Engine {
@@ -176,7 +181,13 @@ impl Engine {
             host_calls: Arc::new(Semaphore::new(HOST_CALL_SLOTS as usize)),
             memory: MemoryBudget::new(config.max_total_memory_mb),
             reclaim: Arc::default(),
+            http: Arc::new(HttpClient::new(config.http)),
         })
+    }
+
+    /// The host's outbound HTTP client (its connection pools).
+    pub(crate) fn http(&self) -> &Arc<HttpClient> {
+        &self.http
     }
 
     /// Who to ask for idle instances when slots or memory run short (the

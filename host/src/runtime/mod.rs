@@ -11,6 +11,7 @@ mod catalog;
 mod components;
 mod disk;
 mod engine;
+mod http;
 mod instances;
 mod memory;
 mod plugin;
@@ -22,6 +23,7 @@ pub use self::catalog::Catalog;
 pub(crate) use self::catalog::USES;
 pub use self::components::CacheConfig;
 pub use self::engine::{EngineConfig, MemoryStats, ResetPath};
+pub use self::http::HttpConfig;
 pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};
 pub use self::watch::Watch;
 

@@ -13,16 +13,29 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder, WasiView};
 
 use super::engine::Engine;
 use super::memory::{MemoryBudget, Refused, Reservation};
-use crate::model::{Mount, StepLog};
+use crate::model::{HttpGrant, Mount, StepLog};
 
 /// What the operator grants one step or loader: nothing else is there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub(crate) struct Grants {
     pub(crate) dirs: Vec<Mount>,
     pub(crate) env: Vec<(String, String)>,
+    /// The origins its HTTP requests may reach.
+    pub(crate) http: Arc<[HttpGrant]>,
+}
+
+/// Grants made ready for one instance: its WASI context and its HTTP grants.
+pub(crate) struct Granted {
+    pub(crate) wasi: WasiCtxBuilder,
+    pub(crate) http: Arc<[HttpGrant]>,
 }
 
 impl Grants {
+    /// What one instance gets: [`Grants::wasi`] and the HTTP grants.
+    pub(crate) fn granted(&self) -> Result<Granted, String> {
+        Ok(Granted { wasi: self.wasi()?, http: self.http.clone() })
+    }
+
     /// A WASI context with exactly these grants: the directories preopened
     /// (read-only unless granted writable), the variables set, no network,
     /// no inherited environment, no arguments, stdin closed.

@@ -9,12 +9,14 @@ use tokio::time::Instant;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use futures::future::BoxFuture;
 
 use super::bindings::{LogLevel, StepError, host};
 use super::engine::Engine;
-use super::sandbox::{Grants, Limiter, Log, Stream};
+use super::http::StepHttp;
+use super::sandbox::{Granted, Grants, Limiter, Log, Stream};
 use crate::model::{StepLog, printable};
 
 /// An asset's contents, shared by every step that reads it.
@@ -66,6 +68,9 @@ pub(crate) struct PluginState {
     _permit: OwnedSemaphorePermit,
     /// When the current call must end; checked at every epoch tick.
     deadline: Option<Instant>,
+    /// `wasi:http`: the caller's grants over the host's connection pools.
+    http: StepHttp,
+    http_ctx: WasiHttpCtx,
 }
 
 impl PluginState {
@@ -82,9 +87,9 @@ impl PluginState {
         limits: Limits,
         deadline: Option<Instant>,
     ) -> Result<Store<PluginState>, String> {
-        let wasi = grants.wasi()?;
+        let granted = grants.granted()?;
         let permit = engine.instance_permit().await;
-        Ok(PluginState::build(engine, permit, wasi, caller, assets, limits, deadline))
+        Ok(PluginState::build(engine, permit, granted, caller, assets, limits, deadline))
     }
 
     /// [`PluginState::store`] for one of the host's own calls (`describe`,
@@ -97,9 +102,9 @@ impl PluginState {
         limits: Limits,
         deadline: Option<Instant>,
     ) -> Result<Store<PluginState>, String> {
-        let wasi = grants.wasi()?;
+        let granted = grants.granted()?;
         let permit = engine.host_call_permit().await;
-        Ok(PluginState::build(engine, permit, wasi, caller, None, limits, deadline))
+        Ok(PluginState::build(engine, permit, granted, caller, None, limits, deadline))
     }
 
     /// [`PluginState::store`] for a spare instance, only if a slot is free
@@ -112,9 +117,9 @@ impl PluginState {
         grants: &Grants,
         limits: Limits,
     ) -> Result<Option<Store<PluginState>>, String> {
-        let wasi = grants.wasi()?;
+        let granted = grants.granted()?;
         let Some(permit) = engine.try_instance_permit() else { return Ok(None) };
-        let mut store = PluginState::build(engine, permit, wasi, caller, assets, limits, None);
+        let mut store = PluginState::build(engine, permit, granted, caller, assets, limits, None);
         store.data_mut().limiter.spare = true;
         Ok(Some(store))
     }
@@ -128,19 +133,26 @@ impl PluginState {
     fn build(
         engine: &Engine,
         permit: OwnedSemaphorePermit,
-        mut wasi: wasmtime_wasi::WasiCtxBuilder,
+        granted: Granted,
         caller: Caller,
         assets: Option<Arc<dyn AssetSource>>,
         limits: Limits,
         deadline: Option<Instant>,
     ) -> Store<PluginState> {
         let log = Log::new(limits.log);
+        let Granted { mut wasi, http } = granted;
         let wasi = wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr)).build();
         let state = PluginState {
             wasi,
             table: ResourceTable::new(),
             log,
             limiter: Limiter::new(limits.memory, engine.clone()),
+            http: StepHttp {
+                client: engine.http().clone(),
+                grants: http,
+                caller: caller.name.clone(),
+            },
+            http_ctx: WasiHttpCtx::new(),
             caller,
             assets,
             _permit: permit,
@@ -164,6 +176,7 @@ impl PluginState {
 
     /// Readies a (pooled) instance for a call: whom it serves now, and until when.
     pub(crate) fn prepare(&mut self, caller: Caller, deadline: Option<Instant>) {
+        self.http.caller = caller.name.clone();
         self.caller = caller;
         self.deadline = deadline;
         // What warming the instance printed is nobody's business now.
@@ -192,6 +205,12 @@ impl PluginState {
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for PluginState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http_ctx, table: &mut self.table, hooks: &mut self.http }
     }
 }
 

@@ -7,6 +7,7 @@
 mod failures;
 mod flows;
 mod hardening;
+mod http;
 mod optimize;
 mod pools;
 mod reload;

@@ -316,3 +316,181 @@ macro_rules! export_loader {
         $crate::loader_bindings::export_loader_world!(__QflowLoader with_types_in $crate::loader_bindings);
     };
 }
+
+/// Outbound HTTP from a step, over the standard `wasi:http` interfaces: the
+/// host sends it only where the step's `http` grants allow, over its pooled
+/// connections.
+///
+/// ```ignore
+/// let response = qflow_sdk::http::get("http://127.0.0.1:8089/orders")?;
+/// let orders: Vec<Order> = response.json()?;
+/// ```
+pub mod http {
+    use serde::de::DeserializeOwned;
+    use wasi::http::outgoing_handler;
+    use wasi::http::types::{
+        ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
+    };
+    use wasi::io::streams::StreamError;
+
+    use super::Error;
+
+    /// A response, read whole.
+    #[derive(Debug, Clone)]
+    pub struct Response {
+        /// The status code.
+        pub status: u16,
+        /// The headers, as sent.
+        pub headers: Vec<(String, Vec<u8>)>,
+        /// The body.
+        pub body: Vec<u8>,
+    }
+
+    impl Response {
+        /// The body as UTF-8 text.
+        pub fn text(&self) -> Result<&str, Error> {
+            std::str::from_utf8(&self.body)
+                .map_err(|e| Error::new("http-body", format!("not UTF-8 text: {e}")))
+        }
+
+        /// The body as JSON.
+        pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
+            serde_json::from_slice(&self.body)
+                .map_err(|e| Error::new("http-body", format!("not the JSON expected: {e}")))
+        }
+
+        /// A header's first value, as text.
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        }
+    }
+
+    /// `GET url`.
+    pub fn get(url: &str) -> Result<Response, Error> {
+        request("GET", url, &[], None)
+    }
+
+    /// Sends `method url` with `headers` and an optional `body`, and reads
+    /// the response whole. A request the host refuses (no grant, an internal
+    /// address, a limit) fails with the host's reason; so does a response
+    /// over the host's size limit.
+    pub fn request(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, Error> {
+        let bad_url = |why: &str| Error::new("http-url", format!("{url}: {why}"));
+        let (scheme, rest) =
+            url.split_once("://").ok_or_else(|| bad_url("no scheme (http:// or https://)"))?;
+        let scheme = match scheme.to_ascii_lowercase().as_str() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            other => Scheme::Other(other.to_owned()),
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_owned()),
+        };
+        if authority.is_empty() {
+            return Err(bad_url("no host"));
+        }
+        let fields: Vec<(String, Vec<u8>)> =
+            headers.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect();
+        let fields =
+            Fields::from_list(&fields).map_err(|e| Error::new("http-header", format!("{e:?}")))?;
+        let request = OutgoingRequest::new(fields);
+        let method = match method.to_ascii_uppercase().as_str() {
+            "GET" => Method::Get,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "HEAD" => Method::Head,
+            "OPTIONS" => Method::Options,
+            other => Method::Other(other.to_owned()),
+        };
+        let rejected = |what: &str| Error::new("http-request", format!("{url}: bad {what}"));
+        request.set_method(&method).map_err(|()| rejected("method"))?;
+        request.set_scheme(Some(&scheme)).map_err(|()| rejected("scheme"))?;
+        request.set_authority(Some(authority)).map_err(|()| rejected("host"))?;
+        request.set_path_with_query(Some(&path)).map_err(|()| rejected("path"))?;
+        let outgoing = request.body().map_err(|()| rejected("body"))?;
+        let pending = outgoing_handler::handle(request, None).map_err(|e| failed(url, &e))?;
+        if let Some(bytes) = body {
+            let stream = outgoing.write().map_err(|()| rejected("body"))?;
+            for chunk in bytes.chunks(4096) {
+                stream.blocking_write_and_flush(chunk).map_err(|e| stream_failed(url, e))?;
+            }
+        }
+        OutgoingBody::finish(outgoing, None).map_err(|e| failed(url, &e))?;
+
+        pending.subscribe().block();
+        let response = match pending.get() {
+            Some(Ok(Ok(response))) => response,
+            Some(Ok(Err(e))) => return Err(failed(url, &e)),
+            Some(Err(())) | None => return Err(Error::new("http", format!("{url}: no response"))),
+        };
+        let status = response.status();
+        let headers = response.headers().entries();
+        let incoming =
+            response.consume().map_err(|()| Error::new("http", format!("{url}: no body")))?;
+        let stream =
+            incoming.stream().map_err(|()| Error::new("http", format!("{url}: no body")))?;
+        let mut body = Vec::new();
+        loop {
+            match stream.blocking_read(64 << 10) {
+                Ok(chunk) => body.extend_from_slice(&chunk),
+                Err(StreamError::Closed) => break,
+                Err(e) => return Err(stream_failed(url, e)),
+            }
+        }
+        drop(stream);
+        drop(IncomingBody::finish(incoming));
+        Ok(Response { status, headers, body })
+    }
+
+    /// The host's reason, where it gave one; else the error code.
+    fn failed(url: &str, code: &ErrorCode) -> Error {
+        let code_name = match code {
+            ErrorCode::HttpRequestDenied => "http-denied",
+            ErrorCode::ConnectionReadTimeout | ErrorCode::HttpResponseTimeout => "http-timeout",
+            ErrorCode::HttpResponseBodySize(_) | ErrorCode::HttpRequestBodySize(_) => {
+                "http-too-large"
+            }
+            _ => "http",
+        };
+        let message = match code {
+            ErrorCode::InternalError(Some(reason)) => reason.clone(),
+            ErrorCode::HttpResponseBodySize(Some(limit)) => {
+                format!("the response is over the host's limit of {limit} bytes")
+            }
+            ErrorCode::HttpRequestBodySize(Some(limit)) => {
+                format!("the request is over the host's limit of {limit} bytes")
+            }
+            ErrorCode::ConnectionReadTimeout => {
+                "no response within the host's time limit".to_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        let mut error = Error::new(code_name, format!("{url}: {message}"));
+        if matches!(code, ErrorCode::ConnectionReadTimeout | ErrorCode::ConnectionRefused) {
+            error = error.retryable();
+        }
+        error
+    }
+
+    fn stream_failed(url: &str, error: StreamError) -> Error {
+        match error {
+            StreamError::LastOperationFailed(e) => match wasi::http::types::http_error_code(&e) {
+                Some(code) => failed(url, &code),
+                None => Error::new("http", format!("{url}: {}", e.to_debug_string())),
+            },
+            StreamError::Closed => Error::new("http", format!("{url}: the connection closed")),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Outbound HTTP from steps (`wasi:http`, the bundled `http-get`), against
+//! a real HTTP/1.1 server on loopback that counts the connections it
+//! accepts: grants, internal addresses, pooled keep-alive connections, the
+//! time and size limits.
+
+use std::time::Duration;
+
+use qflow::pool::PoolConfig;
+use qflow::{Host, HttpConfig, RunStatus, StepStatus};
+use serde_json::json;
+
+use qflow_tests::HttpServer as Server;
+
+use crate::support::{config, flow, plugins_dir};
+
+fn host_with(http: HttpConfig) -> Host {
+    let mut config = config(plugins_dir(), None);
+    config.engine.http = http;
+    Host::new(config).expect("the host starts")
+}
+
+/// A flow of `n` independent `http-get` steps fetching `url`, each with `grants`.
+fn fetches(n: usize, url: &str, grants: &str) -> String {
+    let mut toml = format!("[flow]\nname = \"fetch\"\nmax_parallel = {n}\n");
+    for i in 0..n {
+        toml += &format!(
+            "[[step]]\nid = \"get{i}\"\nplugin = \"http-get\"\nconfig = {{ url = \"{url}\" }}\nhttp = [{grants}]\n"
+        );
+    }
+    toml
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_requests_open_no_more_connections_than_the_pool_allows() {
+    let server = Server::start();
+    let mut pool = PoolConfig::default();
+    pool.min = 0;
+    pool.max = 4;
+    let host = host_with(HttpConfig::default().pool(pool));
+    let url = format!("http://127.0.0.1:{}/json", server.port);
+    let toml = fetches(200, &url, &format!("\"127.0.0.1:{}\"", server.port));
+    let summary = host.run(&flow(&toml), json!({})).await.unwrap();
+    assert_eq!(
+        summary.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        summary.steps.iter().find_map(|s| s.error.as_ref())
+    );
+    for i in 0..200 {
+        let output = summary.output(&format!("get{i}")).unwrap();
+        assert_eq!(output, json!({"status": 200, "body": {"n": 1}}));
+    }
+    let connections = server.accepted();
+    assert!((1..=4).contains(&connections), "{connections} connections for 200 requests");
+    let stats = host.http_pool_stats();
+    let origin = format!("http://127.0.0.1:{}", server.port);
+    let (_, stats) = stats.iter().find(|(o, _)| *o == origin).expect("the origin's pool");
+    assert_eq!(stats.acquisitions, 200, "{stats:?}");
+    assert_eq!(stats.in_use, 0, "every connection went back: {stats:?}");
+    let metrics = host.metrics("balanced");
+    assert!(metrics.resource_pools.http.by_key.iter().any(|k| k.key == origin), "{metrics:?}");
+}
+
+/// The one step's failure message, its run failed.
+async fn failure(host: &Host, toml: &str) -> String {
+    let summary = host.run(&flow(toml), json!({})).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Failed);
+    let step = &summary.steps[0];
+    assert_eq!(step.status, StepStatus::Failed);
+    step.error.as_ref().unwrap().message.clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_without_a_grant_is_refused_naming_the_origin() {
+    let server = Server::start();
+    let host = host_with(HttpConfig::default());
+    let url = format!("http://127.0.0.1:{}/json", server.port);
+    // No grant at all, then a grant for another port.
+    for grants in ["", "\"127.0.0.1:1\""] {
+        let message = failure(&host, &fetches(1, &url, grants)).await;
+        let origin = format!("http://127.0.0.1:{}", server.port);
+        assert!(message.contains(&format!("no http grant for {origin}")), "{message}");
+    }
+    assert_eq!(server.accepted(), 0, "nothing reached the server");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_that_resolves_to_loopback_is_refused_unless_the_address_is_granted() {
+    let server = Server::start();
+    let host = host_with(HttpConfig::default());
+    let url = format!("http://localhost:{}/json", server.port);
+    let message =
+        failure(&host, &fetches(1, &url, &format!("\"localhost:{}\"", server.port))).await;
+    assert!(message.contains("an internal address"), "{message}");
+    assert_eq!(server.accepted(), 0, "nothing reached the server");
+    // Granted by address, the same server answers.
+    let url = format!("http://127.0.0.1:{}/json", server.port);
+    let toml = fetches(1, &url, &format!("\"127.0.0.1:{}\"", server.port));
+    let summary = host.run(&flow(&toml), json!({})).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_server_and_an_endless_body_fail_their_request_with_the_limit() {
+    let server = Server::start();
+    let host = host_with(
+        HttpConfig::default()
+            .request_timeout(Duration::from_millis(300))
+            .max_response_bytes(1 << 20),
+    );
+    let grant = format!("\"127.0.0.1:{}\"", server.port);
+    let stall = format!("http://127.0.0.1:{}/stall", server.port);
+    let message = failure(&host, &fetches(1, &stall, &grant)).await;
+    assert!(message.contains("no response within the host's time limit"), "{message}");
+    let huge = format!("http://127.0.0.1:{}/huge", server.port);
+    let message = failure(&host, &fetches(1, &huge, &grant)).await;
+    assert!(message.contains("limit") && message.contains("1048576 bytes"), "{message}");
+    // The host is fine: the next request is served.
+    let ok = format!("http://127.0.0.1:{}/json", server.port);
+    let summary = host.run(&flow(&fetches(1, &ok, &grant)), json!({})).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded);
+}
+
+#[test]
+fn a_grant_that_is_not_one_is_a_problem_naming_the_step() {
+    let toml = fetches(1, "http://x/", "\"ftp://example.org\"");
+    let error = qflow::Flow::parse(&toml, qflow::Format::Toml, "<test>", std::path::Path::new("."))
+        .expect_err("refused");
+    let text = error.to_string();
+    assert!(text.contains("step `get0`") && text.contains("ftp://example.org"), "{text}");
+}
