@@ -241,7 +241,12 @@ impl StepInvoker for WasmInvoker {
             grants: Grants {
                 dirs: step.dirs.clone(),
                 env: step.env.clone(),
-                http: Arc::from(step.http.as_slice()),
+                // The step's own grants, and those of its plugin's settings file.
+                http: if prepared.key.file.http.is_empty() {
+                    Arc::from(step.http.as_slice())
+                } else {
+                    step.http.iter().chain(prepared.key.file.http.iter()).cloned().collect()
+                },
             },
             settings: step.pool,
             assets: self.assets.clone() as Arc<dyn AssetSource>,

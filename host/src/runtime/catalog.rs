@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::components::{ComponentStore, ReadBytes};
 use super::engine::Engine;
 use super::plugin::{Digest, LoadSource, Plugin, PluginError, PluginInfo, digest, valid_name};
-use crate::model::{Numbers, PoolSettings};
+use crate::model::{HttpGrant, Numbers, PoolSettings};
 
 /// What identifies a file's contents without reading it: when these are the
 /// same, what was read last time still holds.
@@ -56,6 +56,16 @@ pub(crate) enum Reload {
 struct SettingsFile {
     #[serde(default)]
     pool: PoolSettings,
+    #[serde(default)]
+    http: Vec<HttpGrant>,
+}
+
+/// What the operator set for a plugin in its settings file: its pools, and
+/// the origins every step of it may reach (beside each step's own grants).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PluginSettings {
+    pub(crate) pool: PoolSettings,
+    pub(crate) http: Arc<[HttpGrant]>,
 }
 
 /// The plugins directory.
@@ -66,7 +76,7 @@ pub struct Catalog {
     /// The digest each name stands for, and the file it was read from.
     digests: Mutex<HashMap<String, (Fingerprint, Digest)>>,
     /// Each plugin's settings file as last read (`None`: there was none).
-    settings: Mutex<HashMap<String, (Option<Fingerprint>, PoolSettings)>>,
+    settings: Mutex<HashMap<String, (Option<Fingerprint>, PluginSettings)>>,
     /// Whether a watcher keeps `digests` and `settings` current (see
     /// [`Catalog::resolve`]).
     watched: AtomicBool,
@@ -359,19 +369,19 @@ impl Catalog {
         Ok(digest)
     }
 
-    /// The plugin's own pool settings, from `NAME.plugin.toml` beside its
+    /// The plugin's own settings (pools, HTTP grants), from `NAME.plugin.toml` beside its
     /// component (none if there is no such file). Read on first use, and
     /// again once the plugin's component changes or the watcher sees the
     /// settings file change — not on every run, which would cost a `stat`
     /// each; read through the async file path, never under a lock.
-    pub(crate) async fn settings(&self, name: &str) -> Result<PoolSettings, PluginError> {
+    pub(crate) async fn settings(&self, name: &str) -> Result<PluginSettings, PluginError> {
         if let Some((_, settings)) = lock(&self.settings).get(name) {
-            return Ok(*settings);
+            return Ok(settings.clone());
         }
         let file = settings_file(name);
         let fingerprint = self.stat(&file)?;
         let settings = match fingerprint {
-            None => PoolSettings::default(),
+            None => PluginSettings::default(),
             Some(_) => {
                 let bytes = self.read(&file).await?;
                 let invalid = |message: String| PluginError::Settings {
@@ -379,18 +389,19 @@ impl Catalog {
                     message: message.trim_end().to_owned(),
                 };
                 let text = String::from_utf8(bytes).map_err(|e| invalid(e.to_string()))?;
-                let pool =
-                    toml::from_str::<SettingsFile>(&text).map_err(|e| invalid(e.to_string()))?.pool;
+                let file =
+                    toml::from_str::<SettingsFile>(&text).map_err(|e| invalid(e.to_string()))?;
+                let pool = file.pool;
                 let mut problems = Vec::new();
                 Numbers::of("", &mut problems).pool("pool", &pool);
                 if !problems.is_empty() {
                     let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
                     return Err(invalid(problems.join("; ")));
                 }
-                pool
+                PluginSettings { pool, http: Arc::from(file.http) }
             }
         };
-        lock(&self.settings).insert(name.to_owned(), (fingerprint, settings));
+        lock(&self.settings).insert(name.to_owned(), (fingerprint, settings.clone()));
         Ok(settings)
     }
 

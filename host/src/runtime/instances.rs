@@ -17,6 +17,7 @@ use wasmtime::Store;
 
 use super::bindings::StepError;
 use super::bindings::step::{Step as StepInstance, StepPre};
+use super::catalog::PluginSettings;
 use super::engine::{Engine, Reclaim};
 use super::plugin::Digest;
 use super::sandbox::Grants;
@@ -252,7 +253,7 @@ pub(crate) struct PoolKey {
     pub(crate) instance: InstanceKey,
     pub(crate) limits: Limits,
     /// The plugin's settings file, as read when the key was made.
-    pub(crate) file: PoolSettings,
+    pub(crate) file: PluginSettings,
 }
 
 /// What a new pool is made of.
@@ -302,7 +303,7 @@ impl Pools {
         pools.retain(|_, pool| !pool.pool.is_abandoned());
         let source = source();
         let (mut config, reuse) =
-            resolve(source.settings.or(key.file).or(self.defaults), self.max_instances);
+            resolve(source.settings.or(key.file.pool).or(self.defaults), self.max_instances);
         // Minimums together hold at most half the slots, so that instances
         // kept ready can never starve the steps that need one.
         let held: usize = pools.values().map(|p| p.pool.config().min).sum();

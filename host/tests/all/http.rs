@@ -129,3 +129,24 @@ fn a_grant_that_is_not_one_is_a_problem_naming_the_step() {
     let text = error.to_string();
     assert!(text.contains("step `get0`") && text.contains("ftp://example.org"), "{text}");
 }
+
+/// The operator grants a plugin's steps an origin in its settings file
+/// (`NAME.plugin.toml`), beside each step's own grants; a grant there that
+/// is not one fails the step naming the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugins_settings_file_grants_its_steps() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(plugins_dir().join("http-get.wasm"), dir.path().join("http-get.wasm")).unwrap();
+    let settings = dir.path().join("http-get.plugin.toml");
+    std::fs::write(&settings, format!("http = [\"127.0.0.1:{}\"]\n", server.port)).unwrap();
+    let host = Host::new(config(dir.path(), None)).expect("the host starts");
+    let url = format!("http://127.0.0.1:{}/json", server.port);
+    let summary = host.run(&flow(&fetches(1, &url, "")), json!({})).await.unwrap();
+    assert_eq!(summary.status, RunStatus::Succeeded, "{:?}", summary.steps[0].error);
+
+    std::fs::write(&settings, "http = [\"ftp://x\"]\n").unwrap();
+    let host = Host::new(config(dir.path(), None)).expect("the host starts");
+    let message = failure(&host, &fetches(1, &url, "")).await;
+    assert!(message.contains("http-get.plugin.toml") && message.contains("ftp://x"), "{message}");
+}
