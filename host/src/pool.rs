@@ -253,6 +253,7 @@ impl<M: Manager> Pool<M> {
         if refill {
             inner.refill.notify_one();
         }
+        let fresh = matches!(next, Next::Create);
         let resource = match next {
             Next::Ready(resource) => resource,
             Next::Create => match inner.create().await {
@@ -286,7 +287,7 @@ impl<M: Manager> Pool<M> {
         // In demand, and working: keep `min` ready again, even if it was
         // evicted.
         inner.filling.store(true, Ordering::Relaxed);
-        Ok(Pooled { resource: Some(resource), pool: self.inner.clone() })
+        Ok(Pooled { resource: Some(resource), pool: self.inner.clone(), fresh })
     }
 
     /// Stops handing out resources, drops the idle ones, and waits until
@@ -623,6 +624,7 @@ async fn check_health<M: Manager>(inner: &Inner<M>) {
 pub struct Pooled<M: Manager> {
     resource: Option<M::Resource>,
     pool: Arc<Inner<M>>,
+    fresh: bool,
 }
 
 impl<M: Manager> Pooled<M> {
@@ -633,6 +635,12 @@ impl<M: Manager> Pooled<M> {
             // `resource` is only taken by `release` and `drop`, which consume self.
             None => unreachable!("a pooled resource is present until released or dropped"),
         }
+    }
+
+    /// Whether the resource was made for this acquisition (not one that
+    /// served before, nor one handed over from another task).
+    pub fn is_new(&self) -> bool {
+        self.fresh
     }
 
     /// Gives the resource back for the next request.

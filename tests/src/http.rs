@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A keep-alive HTTP/1.1 server on a thread per connection:
 /// - `/json`: `{"n": 1}`;
+/// - `/once`: the same, then the connection closed;
 /// - `/stall`: never answers;
 /// - `/huge`: a chunked body that never ends.
 pub struct HttpServer {
@@ -73,6 +74,18 @@ fn serve(stream: TcpStream) {
                 if out.write_all(format!("{head}{body}").as_bytes()).is_err() {
                     return;
                 }
+            }
+            "/once" => {
+                // Answers, then closes without saying so (as a server whose
+                // keep-alive timeout ran out does): the client finds out only
+                // when it sends on this connection again.
+                let body = r#"{"n": 1}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = out.write_all(format!("{head}{body}").as_bytes());
+                return;
             }
             "/stall" => {
                 // Until the client gives up and closes.

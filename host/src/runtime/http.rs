@@ -192,14 +192,47 @@ impl HttpClient {
 
         let pool = self.pool(origin.clone());
         let exchange = async {
-            let mut connection = pool.acquire().await.map_err(|e| {
-                let message = format!("step `{caller}`: {origin}: {e}");
-                tracing::warn!("{message}");
-                Error::InternalError(Some(message))
-            })?;
-            connection.get().ready().await.map_err(Error::from)?;
-            let response = connection.get().send_request(request).await.map_err(Error::from)?;
-            Ok::<_, Error>((connection, response))
+            // An idempotent request (GET, HEAD …) may be sent again: its body
+            // (empty, nearly always) is read first and kept.
+            let (request, replay) = if idempotent(request.method()) {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect().await?.to_bytes();
+                let copy = (parts.clone(), bytes.clone());
+                (http::Request::from_parts(parts, full_body(bytes)), Some(copy))
+            } else {
+                (request, None)
+            };
+            let mut request = request;
+            // A pooled connection may have been closed by the server while it
+            // sat idle (its keep-alive ran out): the request goes on another
+            // connection, if it was not sent or can be sent again. A new
+            // connection gets one try.
+            loop {
+                let mut connection = pool.acquire().await.map_err(|e| {
+                    let message = format!("step `{caller}`: {origin}: {e}");
+                    tracing::warn!("{message}");
+                    Error::InternalError(Some(message))
+                })?;
+                let fresh = connection.is_new();
+                let sender = connection.get();
+                if sender.ready().await.is_err() {
+                    if fresh {
+                        return Err(Error::ConnectionTerminated);
+                    }
+                    continue;
+                }
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok::<_, Error>((connection, response)),
+                    Err(mut failed) => match (failed.take_message(), &replay) {
+                        (Some(unsent), _) if !fresh => request = unsent,
+                        (None, Some((parts, bytes))) if !fresh => {
+                            request =
+                                http::Request::from_parts(parts.clone(), full_body(bytes.clone()));
+                        }
+                        _ => return Err(Error::from(failed.into_error())),
+                    },
+                }
+            }
         };
         let (connection, response) = tokio::time::timeout(config.request_timeout, exchange)
             .await
@@ -227,6 +260,18 @@ impl HttpClient {
             .boxed_unsync()
         }))
     }
+}
+
+/// Whether sending `method` twice means the same as once (RFC 9110, 9.2.2).
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE, Method::PUT, Method::DELETE]
+        .contains(method)
+}
+
+/// A request body already read.
+fn full_body(bytes: Bytes) -> WasiBody {
+    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// The `wasi:http` hooks of one instance: its caller's grants over the

@@ -115,7 +115,9 @@ async fn a_stalled_server_and_an_endless_body_fail_their_request_with_the_limit(
     let huge = format!("http://127.0.0.1:{}/huge", server.port);
     let message = failure(&host, &fetches(1, &huge, &grant)).await;
     assert!(message.contains("limit") && message.contains("1048576 bytes"), "{message}");
-    // The host is fine: the next request is served.
+    // The host is fine: the next request is served (on a host whose time
+    // limit no loaded machine could miss).
+    let host = host_with(HttpConfig::default().max_response_bytes(1 << 20));
     let ok = format!("http://127.0.0.1:{}/json", server.port);
     let summary = host.run(&flow(&fetches(1, &ok, &grant)), json!({})).await.unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded);
@@ -149,4 +151,24 @@ async fn a_plugins_settings_file_grants_its_steps() {
     let host = Host::new(config(dir.path(), None)).expect("the host starts");
     let message = failure(&host, &fetches(1, &url, "")).await;
     assert!(message.contains("http-get.plugin.toml") && message.contains("ftp://x"), "{message}");
+}
+
+/// A pooled connection the server closed while it sat idle (its keep-alive
+/// ran out) is not a failed request: the request goes on a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_server_closed_is_replaced_not_a_failure() {
+    let server = Server::start();
+    let host = host_with(HttpConfig::default());
+    let url = format!("http://127.0.0.1:{}/once", server.port);
+    let toml = fetches(1, &url, &format!("\"127.0.0.1:{}\"", server.port));
+    for round in 0..20 {
+        let summary = host.run(&flow(&toml), json!({})).await.unwrap();
+        assert_eq!(
+            summary.status,
+            RunStatus::Succeeded,
+            "round {round}: {:?}",
+            summary.steps[0].error
+        );
+    }
+    assert_eq!(server.accepted(), 20, "a connection per request: the server closed each one");
 }
