@@ -189,6 +189,9 @@ pub struct LoaderSpec {
     pub params: Map<String, Value>,
     /// Host directories it may read, each mounted read-only at a guest path.
     pub dirs: Vec<Mount>,
+    /// The origins it may send HTTP requests to (none: no HTTP at all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpGrant>,
 }
 
 /// A host directory granted to a plugin.
@@ -633,6 +636,8 @@ struct RawLoader {
     /// Guest path → host directory.
     #[serde(default)]
     dirs: BTreeMap<String, RawMount>,
+    #[serde(default)]
+    http: Vec<String>,
 }
 
 impl RawFlow {
@@ -754,11 +759,13 @@ impl RawFlow {
             .map(|raw| {
                 let owner = format!("loader `{}`", raw.id);
                 let dirs = mounts(&owner, raw.dirs, base, problems);
+                let http = grants(&owner, &raw.http, problems);
                 LoaderSpec {
                     plugin: plugin_ref(&owner, &raw.plugin, problems),
                     params: table(&owner, "params", raw.params, problems),
                     id: raw.id,
                     dirs,
+                    http,
                 }
             })
             .collect();

@@ -16,7 +16,7 @@ use super::catalog::Catalog;
 use super::plugin::PluginError;
 use super::sandbox::Grants;
 use super::state::{AssetSource, Bytes, Caller, Limits, PluginState, describe_failure};
-use crate::model::{LoaderSpec, Mount, PluginRef};
+use crate::model::{HttpGrant, LoaderSpec, Mount, PluginRef};
 
 /// The longest one `load` call may run before it is interrupted: a request
 /// gives up sooner (the store's load timeout), but the call must end too.
@@ -35,6 +35,8 @@ pub(crate) struct AssetKey {
     plugin: PluginRef,
     params: String,
     dirs: Vec<Mount>,
+    #[serde(default)]
+    http: Vec<HttpGrant>,
     name: String,
 }
 
@@ -102,6 +104,7 @@ impl Assets {
             plugin: spec.plugin.clone(),
             params: Value::Object(spec.params.clone()).to_string(),
             dirs: spec.dirs.clone(),
+            http: spec.http.clone(),
             name: asset.to_owned(),
         })
     }
@@ -147,7 +150,8 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
         plugin: Arc::from(key.plugin.name.as_str()),
     };
     let deadline = tokio::time::Instant::now() + LOADER_TIME_LIMIT;
-    let grants = Grants { dirs: key.dirs.clone(), env: Vec::new(), http: Arc::from([]) };
+    let grants =
+        Grants { dirs: key.dirs.clone(), env: Vec::new(), http: Arc::from(key.http.as_slice()) };
     let mut store = PluginState::host_call_store(
         catalog.engine(),
         caller,

@@ -172,3 +172,13 @@ async fn a_connection_the_server_closed_is_replaced_not_a_failure() {
     }
     assert_eq!(server.accepted(), 20, "a connection per request: the server closed each one");
 }
+
+#[test]
+fn a_loaders_grant_is_checked_like_a_steps() {
+    let toml = "[flow]\nname = \"l\"\n[[loader]]\nid = \"web\"\nplugin = \"file-loader\"\nhttp = [\"*\"]\n\
+                [[step]]\nid = \"s\"\nplugin = \"identity\"\n";
+    let error = qflow::Flow::parse(toml, qflow::Format::Toml, "<test>", std::path::Path::new("."))
+        .expect_err("refused");
+    let text = error.to_string();
+    assert!(text.contains("loader `web`") && text.contains("http grant `*`"), "{text}");
+}
