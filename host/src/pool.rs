@@ -256,18 +256,33 @@ impl<M: Manager> Pool<M> {
         let fresh = matches!(next, Next::Create);
         let resource = match next {
             Next::Ready(resource) => resource,
-            Next::Create => match inner.create().await {
-                Ok(resource) => resource,
-                Err(e) => {
-                    let mut state = lock(&inner.state);
-                    state.live -= 1;
-                    state.in_use -= 1;
-                    return Err(e);
+            Next::Create => {
+                // Given up while it is being made (the caller's future
+                // dropped): its place is given back.
+                let mut pending = Pending { inner, making: true, rx: None };
+                let made = inner.create().await;
+                pending.making = false;
+                match made {
+                    Ok(resource) => resource,
+                    Err(e) => {
+                        let mut state = lock(&inner.state);
+                        state.live -= 1;
+                        state.in_use -= 1;
+                        return Err(e);
+                    }
                 }
-            },
+            }
             Next::Wait(rx) => {
                 let limit = Duration::from_millis(inner.config.acquire_timeout_ms);
-                match tokio::time::timeout(limit, rx).await {
+                // Given up while waiting, a resource handed over meanwhile
+                // goes back to the pool.
+                let mut pending = Pending { inner, making: false, rx: Some(rx) };
+                let Some(rx) = pending.rx.as_mut() else { unreachable!("just set") };
+                let waited = tokio::time::timeout(limit, rx).await;
+                if waited.is_ok() {
+                    pending.rx = None;
+                }
+                match waited {
                     // A releaser counted it in use for us.
                     Ok(Ok(Ok(resource))) => resource,
                     // The creation made for us failed (and was counted).
@@ -619,6 +634,29 @@ async fn check_health<M: Manager>(inner: &Inner<M>) {
     }
 }
 
+/// An acquisition under way, undone if its future is dropped: a resource
+/// being made gives its place back, one handed to a waiter that left goes
+/// back to the pool.
+struct Pending<'a, M: Manager> {
+    inner: &'a Inner<M>,
+    making: bool,
+    rx: Option<oneshot::Receiver<Handed<M::Resource, M::Error>>>,
+}
+
+impl<M: Manager> Drop for Pending<'_, M> {
+    fn drop(&mut self) {
+        if self.making {
+            self.inner.forget();
+        }
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Ok(resource)) = rx.try_recv() {
+                self.inner.give_back(resource);
+            }
+        }
+    }
+}
+
 /// A resource out of the pool. Dropping it discards it (it may be broken:
 /// a trapped instance, a timed-out call); [`Pooled::release`] gives it back.
 pub struct Pooled<M: Manager> {
@@ -720,6 +758,29 @@ mod tests {
         drop(taken);
         settle().await;
         assert_eq!(pool.stats().total, 3);
+    }
+
+    /// A caller that gives up (its future dropped: a step's deadline) while
+    /// its resource is being made, or while it waits, takes no place with it.
+    #[tokio::test(start_paused = true)]
+    async fn an_acquisition_given_up_halfway_leaves_the_pool_whole() {
+        let counter = Arc::new(Counter::default());
+        let pool =
+            Pool::new(counter.clone(), PoolConfig { create_timeout_ms: 60_000, ..config(0, 1) });
+        counter.slow_ms.store(1000, Ordering::SeqCst);
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), pool.acquire()).await;
+        assert!(gave_up.is_err(), "still being made when given up");
+        let stats = pool.stats();
+        assert_eq!((stats.total, stats.in_use), (0, 0), "{stats:?}");
+        counter.slow_ms.store(0, Ordering::SeqCst);
+        let held = pool.acquire().await.expect("the one place is free again");
+        // A waiter that leaves: the resource given back goes to the idle list.
+        let waiting = tokio::time::timeout(Duration::from_millis(10), pool.acquire()).await;
+        assert!(waiting.is_err());
+        held.release();
+        let stats = pool.stats();
+        assert_eq!((stats.total, stats.available, stats.in_use), (1, 1, 0), "{stats:?}");
+        pool.acquire().await.expect("served from the idle list").release();
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,6 +97,10 @@ impl HttpGrant {
             host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>()
         {
             GrantHost::Address(address)
+        } else if host.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(bad(
+                "not a host name (a name's last label is not a number) nor a whole address",
+            ));
         } else if let Some(suffix) = host.strip_prefix("*.") {
             if !is_name(suffix) {
                 return Err(bad("after `*.` comes a host name"));
@@ -180,15 +184,29 @@ pub fn is_internal(address: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 198 && (b == 18 || b == 19))
                 || a >= 240
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let first = segments[0];
+            // An IPv4 address inside a translated form: NAT64 (64:ff9b::/96,
+            // 64:ff9b:1::/48) and 6to4 (2002::/16) reach it on the far side.
+            let [a, b] = [segments[6], segments[7]].map(u16::to_be_bytes);
+            let embedded = |x: [u8; 2], y: [u8; 2]| IpAddr::V4([x[0], x[1], y[0], y[1]].into());
+            let translated = match segments {
+                [0x64, 0xff9b, 0, 0, 0, 0, ..] => Some(embedded(a, b)),
+                [0x64, 0xff9b, 1, ..] => Some(embedded(a, b)),
+                [0x2002, hi, lo, ..] => Some(embedded(hi.to_be_bytes(), lo.to_be_bytes())),
+                _ => None,
+            };
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                || translated.is_some_and(is_internal)
         }
     }
 }
@@ -266,9 +284,20 @@ mod tests {
         assert!(!g.allows(HttpScheme::Https, "example.org", 443));
         assert!(!g.allows(HttpScheme::Https, "badexample.org", 443));
         assert!(!g.allows(HttpScheme::Http, "a.example.org", 80));
-        for bad in
-            ["*", "a.*.org", "http://x/path", "ftp://x", "x:0", "x:70000", "user@x", "", "*."]
-        {
+        for bad in [
+            "*.0.0.1",
+            "*.1",
+            "10.1",
+            "*",
+            "a.*.org",
+            "http://x/path",
+            "ftp://x",
+            "x:0",
+            "x:70000",
+            "user@x",
+            "",
+            "*.",
+        ] {
             assert!(HttpGrant::parse(bad).is_err(), "{bad} was accepted");
         }
     }
@@ -276,6 +305,11 @@ mod tests {
     #[test]
     fn internal_addresses_are_known_in_every_spelling() {
         for internal in [
+            "64:ff9b::a00:1",
+            "64:ff9b:1::7f00:1",
+            "2002:a00:1::1",
+            "fec0::1",
+            "198.18.0.1",
             "127.0.0.1",
             "10.1.2.3",
             "172.16.0.1",
@@ -291,7 +325,7 @@ mod tests {
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::808:808"] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }
     }

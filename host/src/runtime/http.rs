@@ -141,6 +141,11 @@ impl HttpClient {
 
     fn pool(&self, origin: Origin) -> Arc<Pool<Connector>> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if !pools.contains_key(&origin) {
+            // Origins not used for an idle timeout, with no connection left,
+            // go: a wildcard grant does not grow the host without end.
+            pools.retain(|_, pool| !pool.is_abandoned());
+        }
         pools
             .entry(origin.clone())
             .or_insert_with(|| Arc::new(Pool::new(Connector { origin }, self.config.pool)))
@@ -160,7 +165,12 @@ impl HttpClient {
             Some(s) if s.eq_ignore_ascii_case("http") => HttpScheme::Http,
             _ => return Err(Error::HttpProtocolError),
         };
-        let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?.to_owned();
+        // One spelling per host: `API.example.com.` is `api.example.com`.
+        let host = uri.host().ok_or(Error::HttpRequestUriInvalid)?;
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(Error::HttpRequestUriInvalid);
+        }
         let port = uri.port_u16().unwrap_or(scheme.default_port());
         if !grants.iter().any(|g| g.allows(scheme, &host, port)) {
             let message = format!(
@@ -169,13 +179,25 @@ impl HttpClient {
             tracing::warn!("{message}");
             return Err(Error::InternalError(Some(message)));
         }
-        // The request's host is an address a grant names (names never are).
-        let internal = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
+        // An internal address is reached only when the request names it and
+        // a grant names that very address (a name never does).
+        let address = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        let internal =
+            address.is_some_and(|ip| grants.iter().any(|g| g.grants_address(scheme, ip, port)));
+        let host = match address {
+            Some(IpAddr::V6(v6)) => format!("[{v6}]"),
+            Some(IpAddr::V4(v4)) => v4.to_string(),
+            None => host,
+        };
         let origin = Origin { scheme, host, port, internal };
         let config = self.config;
 
         // Origin-form on the wire: the path and query, no scheme or authority.
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = match uri.path_and_query().map(|p| p.as_str()) {
+            None | Some("") => "/".to_owned(),
+            Some(p) if p.starts_with('?') => format!("/{p}"),
+            Some(p) => p.to_owned(),
+        };
         *request.uri_mut() = http::Uri::try_from(path).map_err(|_| Error::HttpRequestUriInvalid)?;
         if request.body().size_hint().lower() > config.max_request_bytes {
             return Err(Error::HttpRequestBodySize(Some(config.max_request_bytes)));

@@ -421,13 +421,21 @@ pub mod http {
         request.set_path_with_query(Some(&path)).map_err(|()| rejected("path"))?;
         let outgoing = request.body().map_err(|()| rejected("body"))?;
         let pending = outgoing_handler::handle(request, None).map_err(|e| failed(url, &e))?;
+        // A request the host refuses stops taking its body: the reason is
+        // then the response's error, so that comes first.
+        let mut sending = Ok(());
         if let Some(bytes) = body {
             let stream = outgoing.write().map_err(|()| rejected("body"))?;
             for chunk in bytes.chunks(4096) {
-                stream.blocking_write_and_flush(chunk).map_err(|e| stream_failed(url, e))?;
+                if let Err(e) = stream.blocking_write_and_flush(chunk) {
+                    sending = Err(stream_failed(url, e));
+                    break;
+                }
             }
         }
-        OutgoingBody::finish(outgoing, None).map_err(|e| failed(url, &e))?;
+        if let Err(e) = OutgoingBody::finish(outgoing, None) {
+            sending = sending.and(Err(failed(url, &e)));
+        }
 
         pending.subscribe().block();
         let response = match pending.get() {
@@ -435,6 +443,7 @@ pub mod http {
             Some(Ok(Err(e))) => return Err(failed(url, &e)),
             Some(Err(())) | None => return Err(Error::new("http", format!("{url}: no response"))),
         };
+        sending?;
         let status = response.status();
         let headers = response.headers().entries();
         let incoming =
