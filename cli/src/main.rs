@@ -193,6 +193,19 @@ pub(crate) struct HostArgs {
     /// half the machine's); an instance past it waits for memory.
     #[arg(long, env = "QFLOW_MAX_TOTAL_MEMORY_MB")]
     max_total_memory_mb: Option<u64>,
+    /// How long a step's HTTP request may wait for its response's headers,
+    /// connecting included.
+    #[arg(long, env = "QFLOW_HTTP_TIMEOUT", default_value = "30s")]
+    http_timeout: humantime::Duration,
+    /// Keep-alive connections per origin (scheme, host, port), shared by
+    /// every step.
+    #[arg(long, env = "QFLOW_HTTP_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    http_max_connections: u64,
+    /// The largest HTTP response body a step may read, in bytes.
+    #[arg(long, env = "QFLOW_HTTP_MAX_RESPONSE_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    http_max_response_bytes: u64,
     /// The largest output a step may return, in bytes (default 16 MiB); a
     /// flow may set a lower limit, never a higher one.
     #[arg(long, env = "QFLOW_MAX_OUTPUT_BYTES")]
@@ -404,6 +417,17 @@ pub(crate) fn host_with_room(args: &HostArgs, room: Room) -> anyhow::Result<Host
     if let Some(mb) = args.max_total_memory_mb {
         config.engine.max_total_memory_mb = mb;
     }
+    if args.http_timeout.is_zero() {
+        anyhow::bail!("--http-timeout must be more than 0 (such as 30s)");
+    }
+    let mut http_pool = config.engine.http.pool;
+    http_pool.max = usize::try_from(args.http_max_connections).unwrap_or(usize::MAX);
+    config.engine.http = config
+        .engine
+        .http
+        .pool(http_pool)
+        .request_timeout(args.http_timeout.into())
+        .max_response_bytes(args.http_max_response_bytes);
     if let Some(bytes) = args.max_output_bytes {
         config.max_output_bytes = bytes;
     }

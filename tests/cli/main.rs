@@ -728,3 +728,36 @@ fn a_server_killed_mid_runs_loses_nothing_it_accepted() {
     }
     again.kill();
 }
+
+/// `qflow run` with a step fetching from a loopback server: granted, it
+/// gets the body; `--http-max-response-bytes` below the body's size fails
+/// the step naming the limit; a zero `--http-timeout` is refused.
+#[test]
+fn run_fetches_over_http_within_the_limits_given() {
+    let server = qflow_tests::HttpServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let flow = dir.path().join("fetch.toml");
+    std::fs::write(
+        &flow,
+        format!(
+            "[flow]\nname = \"fetch\"\n[[step]]\nid = \"get\"\nplugin = \"http-get\"\n\
+             config = {{ url = \"http://127.0.0.1:{port}/json\" }}\nhttp = [\"127.0.0.1:{port}\"]\n",
+            port = server.port
+        ),
+    )
+    .unwrap();
+    let flow = flow.to_str().unwrap();
+    let out = qflow(&["run", flow, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = stdout_json(&out);
+    assert_eq!(summary["steps"][0]["output"], serde_json::json!({"status": 200, "body": {"n": 1}}));
+
+    let out = qflow(&["run", flow, "--json", "--http-max-response-bytes", "4"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = stdout_json(&out)["steps"][0]["error"]["message"].to_string();
+    assert!(message.contains("limit") && message.contains("4 bytes"), "{message}");
+
+    let out = qflow(&["run", flow, "--http-timeout", "0s"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--http-timeout must be more than 0"), "{}", stderr(&out));
+}
