@@ -15,10 +15,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use qflow_tests::{Server, plugins_dir, target_dir};
+use qflow_tests::{Server, lines, plugins_dir, target_dir, wait_for};
 use serde_json::{Value, json};
 
 /// The flow the dashboard shows: a fan-out and a join, with a nap long
@@ -73,18 +73,15 @@ struct Driver {
 impl Driver {
     fn start(path: &Path) -> Driver {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(path)
+        let mut child = Command::new(path)
             .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // Up (accepting connections) within a generous minute.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // It says when it listens.
+        let said = lines(child.stdout.take().unwrap());
+        wait_for(&said, "started successfully");
         Driver { child, url: format!("http://127.0.0.1:{port}") }
     }
 }
@@ -119,20 +116,18 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
         .expect("a browser session")
 }
 
-/// Waits (a generous minute at most) until `script` returns true.
+/// Asks the page until `script` returns true; a page that never gets there
+/// fails the test after 600 asks (a minute, idle), not hang it.
 async fn until(client: &Client, what: &str, script: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    for _ in 0..600 {
         let ready = client.execute(script, vec![]).await.unwrap();
         if ready == Value::Bool(true) {
             return;
         }
-        if Instant::now() > deadline {
-            let errors = errors(client).await;
-            panic!("{what} did not happen within a minute (page errors: {errors:?})");
-        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let errors = errors(client).await;
+    panic!("{what} did not happen after 600 asks (page errors: {errors:?})");
 }
 
 /// ChromeDriver's browser log since the last read: every console message,
@@ -197,14 +192,12 @@ async fn the_dashboard_shows_every_page_and_follows_a_run_live() {
     // Something to show: two runs (the second one a failure).
     let (status, _) = server.http("POST", "/api/v1/flows/demo/runs", Some(&json!({"wait": true})));
     assert_eq!(status, 200);
-    let failing = "[flow]\nname = \"broken\"\n[[step]]\nid = \"bad\"\nplugin = \"jq\"\nconfig = { filter = \".a.b\" }\n";
-    std::fs::write(flows.path().join("broken.toml"), failing).unwrap();
-    let registered = |_: ()| server.http("GET", "/api/v1/flows/broken", None).0 == 200;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !registered(()) {
-        assert!(Instant::now() < deadline, "the flows directory was not watched");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let failing = json!({
+        "flow": {"name": "broken"},
+        "step": [{"id": "bad", "plugin": "jq", "config": {"filter": ".a.b"}}],
+    });
+    let (status, answer) = server.http("POST", "/api/v1/flows", Some(&failing));
+    assert_eq!(status, 201, "{answer}");
     let (_, failed) = server.http(
         "POST",
         "/api/v1/flows/broken/runs",

@@ -360,12 +360,7 @@ impl RunStore for SqliteStore {
                     .fetch_all(&self.pool)
                     .await
                     .map_err(database)?;
-            rows.into_iter()
-                .map(|(text,)| {
-                    serde_json::from_str(&text)
-                        .map_err(|e| StoreError::Corrupt(format!("an event of run {run_id}: {e}")))
-                })
-                .collect()
+            decode_events(rows, &format!("an event of run {run_id}"))
         }
         .boxed()
     }
@@ -386,12 +381,7 @@ impl RunStore for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(database)?;
-            rows.into_iter()
-                .map(|(text,)| {
-                    serde_json::from_str(&text)
-                        .map_err(|e| StoreError::Corrupt(format!("a host event: {e}")))
-                })
-                .collect()
+            decode_events(rows, "a host event")
         }
         .boxed()
     }
@@ -495,6 +485,16 @@ fn process_alive(pid: i64) -> bool {
         return true;
     }
     cfg!(target_os = "linux") && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Stored events read back; `what` names one in the error if one is not
+/// an event.
+fn decode_events(rows: Vec<(String,)>, what: &str) -> Result<Vec<Event>, StoreError> {
+    rows.into_iter()
+        .map(|(text,)| {
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+        })
+        .collect()
 }
 
 /// An exclusive lock on `<db>.lock` (a file beside the database, not the
