@@ -153,10 +153,7 @@ pub(crate) async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 None => {
                     let host = host(&target.host)?;
-                    json!({
-                        "wasm": qflow::model::PoolSummary::of(&host.pool_stats()),
-                        "http": qflow::model::PoolSummary::of(&host.http_pool_stats()),
-                    })
+                    serde_json::to_value(host.resource_pools())?
                 }
             };
             if target.json {

@@ -10,7 +10,9 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::time::Instant;
 
-use crate::model::{Emitter, EventData, FailureKind, Flow, Json, Step, StepFailure, error_chain};
+use crate::model::{
+    Database, Emitter, EventData, FailureKind, Flow, Json, Step, StepFailure, error_chain,
+};
 use crate::run::{Attempt, StepInvoker};
 use crate::runtime::{
     AssetCache, AssetSource, Assets, CallFailure, Caller, Catalog, Grants, Limits, Plugin,
@@ -50,6 +52,8 @@ pub(crate) struct WasmInvoker {
     prepared: Vec<OnceLock<Prepared>>,
     limits: Limits,
     max_output_bytes: u64,
+    /// The databases the host declares, beside the flow's.
+    databases: Arc<[Database]>,
 }
 
 impl WasmInvoker {
@@ -60,7 +64,7 @@ impl WasmInvoker {
         catalog: Arc<Catalog>,
         asset_cache: Arc<AssetCache>,
         pools: Arc<Pools>,
-        defaults: Defaults,
+        (defaults, databases): (Defaults, Arc<[Database]>),
         (run_id, events): (Arc<str>, Emitter),
     ) -> WasmInvoker {
         let assets = Arc::new(Assets::new(catalog.clone(), asset_cache, flow.loaders.clone()));
@@ -84,6 +88,7 @@ impl WasmInvoker {
             pools,
             assets,
             plugins: OnceLock::new(),
+            databases,
             run_id,
             events,
         }
@@ -201,6 +206,17 @@ fn failure(step: &Step, kind: FailureKind, what: &str) -> StepFailure {
     StepFailure::new(&step.id, &step.plugin, kind, what)
 }
 
+impl WasmInvoker {
+    /// The databases `step` names, as the flow or the host declares them
+    /// (the host's check found each before the run began).
+    fn granted_databases(&self, step: &Step) -> Arc<[Database]> {
+        let declared = self.flow.databases.iter().chain(self.databases.iter());
+        let declared: Vec<&Database> = declared.collect();
+        let granted = step.databases.iter().filter_map(|id| declared.iter().find(|d| &d.id == id));
+        granted.map(|d| (*d).clone()).collect()
+    }
+}
+
 impl StepInvoker for WasmInvoker {
     fn start(&self) {
         // Only the scheduler calls this, once per run; a second call would
@@ -247,6 +263,7 @@ impl StepInvoker for WasmInvoker {
                 } else {
                     step.http.iter().chain(prepared.key.file.http.iter()).cloned().collect()
                 },
+                databases: self.granted_databases(step),
             },
             settings: step.pool,
             assets: self.assets.clone() as Arc<dyn AssetSource>,

@@ -84,6 +84,9 @@ pub struct HostConfig {
     /// How long a run may take in all: 24 hours, a net under the step
     /// timeouts rather than a budget.
     pub run_timeout: std::time::Duration,
+    /// Databases every flow's steps may be granted by id, beside those a
+    /// flow declares itself (`[[database]]`).
+    pub databases: Vec<model::Database>,
 }
 
 impl HostConfig {
@@ -100,7 +103,14 @@ impl HostConfig {
             pool: PoolSettings::default(),
             step_timeout: std::time::Duration::from_secs(15 * 60),
             run_timeout: std::time::Duration::from_secs(24 * 60 * 60),
+            databases: Vec::new(),
         }
+    }
+
+    /// Adds a database steps may be granted.
+    pub fn database(mut self, database: model::Database) -> HostConfig {
+        self.databases.push(database);
+        self
     }
 
     /// Keeps precompiled components in `dir` (`None`: in memory only).
@@ -161,6 +171,13 @@ impl HostConfig {
         numbers.check("cache.load_timeout", Some(ms(cache.load_timeout)), 1..=86_400_000, "ms");
         numbers.check("step_timeout", Some(ms(self.step_timeout)), model::TIMEOUT_MS, "ms");
         numbers.check("run_timeout", Some(ms(self.run_timeout)), model::TIMEOUT_MS, "ms");
+        let mut ids = std::collections::HashSet::new();
+        for database in &self.databases {
+            model::check_database(database, &mut problems);
+            if !ids.insert(database.id.as_str()) {
+                problems.push(Problem::DuplicateId { what: "database", id: database.id.clone() });
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(HostError::Config(problems)) }
     }
 }
@@ -218,6 +235,8 @@ pub struct Host {
     timeouts: (std::time::Duration, std::time::Duration),
     /// Whether hot plugins are preloaded (again once a store says which).
     preload: bool,
+    /// The databases the host declares.
+    databases: Arc<[model::Database]>,
     /// When the last metrics snapshot went to the store.
     snapshot: Mutex<Option<std::time::Instant>>,
 }
@@ -323,6 +342,7 @@ impl Host {
             pools: pools.clone(),
             timeouts: (config.step_timeout, config.run_timeout),
             preload: config.preload,
+            databases: config.databases.into(),
             snapshot: Mutex::new(None),
             history: Mutex::new(history),
             analyses: Mutex::new(lru::LruCache::new(
@@ -449,7 +469,8 @@ impl Host {
         self.events.subscribe()
     }
 
-    /// Checks that every plugin the flow names is in the plugins directory.
+    /// Checks that every plugin the flow names is in the plugins directory,
+    /// and every database its steps name is declared.
     pub fn check(&self, flow: &Flow) -> Result<(), FlowError> {
         let owners = flow
             .steps
@@ -475,10 +496,44 @@ impl Host {
                 }
             })
             .collect();
+        let mut problems = problems;
+        self.check_databases(flow, &mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(FlowError { origin: flow.origin.clone(), problems })
+        }
+    }
+
+    /// Every database a step names is the flow's or the host's, and no id
+    /// is both.
+    fn check_databases(&self, flow: &Flow, problems: &mut Vec<Problem>) {
+        for database in &flow.databases {
+            if self.databases.iter().any(|d| d.id == database.id) {
+                problems.push(Problem::BadDatabase {
+                    owner: format!("database `{}`", database.id),
+                    message: "the host declares a database by this id too; rename one".to_owned(),
+                });
+            }
+        }
+        let declared = || {
+            let ids: Vec<&str> =
+                flow.databases.iter().chain(self.databases.iter()).map(|d| d.id.as_str()).collect();
+            if ids.is_empty() { "none".to_owned() } else { ids.join(", ") }
+        };
+        for step in &flow.steps {
+            for id in &step.databases {
+                let known = flow.databases.iter().chain(self.databases.iter()).any(|d| &d.id == id);
+                if !known {
+                    problems.push(Problem::BadDatabase {
+                        owner: format!("step `{}`", step.id),
+                        message: format!(
+                            "no database `{id}` is declared by the flow or the host (declared: {})",
+                            declared()
+                        ),
+                    });
+                }
+            }
         }
     }
 
@@ -537,7 +592,7 @@ impl Host {
             self.catalog.clone(),
             self.assets.clone(),
             self.pools.clone(),
-            self.defaults,
+            (self.defaults, self.databases.clone()),
             (run_id.clone(), events.clone()),
         );
         let invoker = Arc::new(invoker);
@@ -597,13 +652,7 @@ impl Host {
     /// pools.
     pub fn metrics_of(&self, level: &str, totals: &RunTotals) -> OptimizationMetrics {
         let components = self.catalog.store().stats();
-        OptimizationMetrics::new(
-            level,
-            totals,
-            &components,
-            &self.pool_stats(),
-            &self.http_pool_stats(),
-        )
+        OptimizationMetrics::new(level, totals, &components, self.resource_pools())
     }
 
     /// The flow's dependency analysis, with step durations estimated from
@@ -773,6 +822,21 @@ impl Host {
     /// (`scheme://host:port`).
     pub fn http_pool_stats(&self) -> Vec<(String, PoolStats)> {
         self.catalog.engine().http().stats()
+    }
+
+    /// Each database connection pool's figures, by database id.
+    pub fn db_pool_stats(&self) -> Vec<(String, PoolStats)> {
+        self.catalog.engine().databases().stats()
+    }
+
+    /// Every resource pool's summary, by kind: `wasm` (by plugin), `http`
+    /// (by origin) and `db` (by database).
+    pub fn resource_pools(&self) -> model::ResourcePools {
+        model::ResourcePools::new(
+            &self.pool_stats(),
+            &self.http_pool_stats(),
+            &self.db_pool_stats(),
+        )
     }
 
     /// How many plugin instances are alive right now (running steps,

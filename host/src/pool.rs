@@ -203,6 +203,11 @@ impl<M: Manager> Pool<M> {
         Pool { inner }
     }
 
+    /// What makes its resources.
+    pub fn manager(&self) -> &M {
+        &self.inner.manager
+    }
+
     /// The pool's settings.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config

@@ -179,9 +179,10 @@ impl Collector for HostFigures {
                 None => pools.push(("wasm", plugin, s)),
             }
         }
-        // Outbound HTTP: a pool per origin.
+        // Outbound HTTP: a pool per origin; databases: a pool per id.
         pools
             .extend(self.host.http_pool_stats().into_iter().map(|(origin, s)| ("http", origin, s)));
+        pools.extend(self.host.db_pool_stats().into_iter().map(|(id, s)| ("db", id, s)));
         let by_pool = |f: &dyn Fn(&qflow::PoolStats) -> f64| -> Vec<(Labels, f64)> {
             pools
                 .iter()

@@ -9,7 +9,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use qflow::model::PoolSummary;
 use qflow::model::optimize::{self, Level};
 use serde::Deserialize;
 use serde_json::json;
@@ -29,10 +28,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResp
 #[utoipa::path(get, path = "/api/v1/optimization/pools/stats",
     responses((status = 200, body = qflow::model::ResourcePools)))]
 pub(crate) async fn pools(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    Json(json!({
-        "wasm": PoolSummary::of(&state.host.pool_stats()),
-        "http": PoolSummary::of(&state.host.http_pool_stats()),
-    }))
+    Json(state.host.resource_pools())
 }
 
 /// How many of a flow's past runs (the newest, from the run store) the

@@ -13,8 +13,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod http;
+mod postgres;
 
 pub use self::http::HttpServer;
+pub use self::postgres::{Postgres, postgres_url};
 
 /// The repository's root.
 pub fn repo() -> &'static Path {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::check::{LOG_BYTES, MAX_PARALLEL, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS, mib};
+use super::database::Database;
 use super::grant::HttpGrant;
 use super::graph;
 use super::input::{Source, Template};
@@ -28,6 +29,8 @@ pub struct Flow {
     pub steps: Vec<Step>,
     /// Its loaders.
     pub loaders: Vec<LoaderSpec>,
+    /// The databases it declares (`[[database]]`), beside the host's.
+    pub databases: Vec<Database>,
     /// How many steps may run at once (`None`: as many as are ready).
     pub max_parallel: Option<usize>,
     /// The largest output a step may return, in bytes (`None`: the host's limit).
@@ -119,6 +122,8 @@ pub struct Step {
     pub env: Vec<(String, String)>,
     /// The origins it may send HTTP requests to (none: no HTTP at all).
     pub http: Vec<HttpGrant>,
+    /// The databases it may query, by id: the flow's or the host's.
+    pub databases: Vec<String>,
     /// Its linear memory limit in bytes (`None`: the flow's, else the host's).
     pub max_memory_bytes: Option<u64>,
     /// The indices (in `Flow::steps`) of `needs`.
@@ -151,6 +156,7 @@ impl InstanceKey {
             "dirs": step.dirs,
             "env": step.env,
             "http": step.http,
+            "databases": step.databases,
             "max_memory_bytes": step.max_memory_bytes,
             "pool": step.pool,
         });
@@ -418,6 +424,14 @@ pub enum Problem {
         /// What is wrong.
         reason: String,
     },
+    /// A database declaration or grant that is not usable.
+    #[error("{owner}: {message}")]
+    BadDatabase {
+        /// The step, as `step \`id\``, or the database, as `database \`id\``.
+        owner: String,
+        /// What is wrong, naming the database.
+        message: String,
+    },
     /// A grant that is not one (`http = [...]`).
     #[error("{owner}: {message}")]
     BadGrant {
@@ -582,6 +596,8 @@ struct RawFlow {
     step: Vec<RawStep>,
     #[serde(default, alias = "loaders")]
     loader: Vec<RawLoader>,
+    #[serde(default, alias = "databases")]
+    database: Vec<Database>,
 }
 
 #[derive(Deserialize)]
@@ -624,6 +640,8 @@ struct RawStep {
     env: BTreeMap<String, String>,
     #[serde(default)]
     http: Vec<String>,
+    #[serde(default)]
+    databases: Vec<String>,
     max_memory_mb: Option<u64>,
 }
 
@@ -664,6 +682,10 @@ impl RawFlow {
         check_ids("flow", std::iter::once(self.flow.name.as_str()), problems);
         check_ids("step", self.step.iter().map(|s| s.id.as_str()), problems);
         check_ids("loader", self.loader.iter().map(|l| l.id.as_str()), problems);
+        check_ids("database", self.database.iter().map(|d| d.id.as_str()), problems);
+        for database in &self.database {
+            check_database(database, problems);
+        }
         self.check_header(problems);
         // Listed once (the first few), for every unknown dependency.
         let mut all_ids: Option<String> = None;
@@ -736,6 +758,7 @@ impl RawFlow {
                     dirs: mounts(&owner, raw.dirs.clone(), base, problems),
                     env: raw.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     http: grants(&owner, &raw.http, problems),
+                    databases: raw.databases.clone(),
                     max_memory_bytes: raw.max_memory_mb.or(self.flow.max_memory_mb).map(mib),
                     deps,
                     input,
@@ -771,7 +794,12 @@ impl RawFlow {
             .collect();
 
         let mut steps = steps;
-        let encoded: Arc<str> = Arc::from(serde_json::json!(loaders).to_string());
+        let databases: Vec<Database> =
+            self.database.into_iter().map(|d| d.resolved(base)).collect();
+        // What every step's instances share: the flow's loaders and databases.
+        let encoded: Arc<str> = Arc::from(
+            serde_json::json!({ "loaders": loaders, "databases": databases }).to_string(),
+        );
         for step in &mut steps {
             step.instance_key = InstanceKey::new(step, &encoded);
         }
@@ -780,6 +808,7 @@ impl RawFlow {
             description: self.flow.description,
             steps,
             loaders,
+            databases,
             max_parallel: self.flow.max_parallel,
             max_output_bytes: self.flow.max_output_bytes,
             max_log_bytes: self.flow.max_log_bytes,
@@ -791,6 +820,23 @@ impl RawFlow {
         };
         (flow, unlisted)
     }
+}
+
+/// A declared database: a URL Qflow has a driver for, its pool and timeout
+/// in range.
+pub(crate) fn check_database(database: &Database, problems: &mut Vec<Problem>) {
+    let owner = format!("database `{}`", database.id);
+    if let Err(message) = database.kind() {
+        problems.push(Problem::BadDatabase { owner: owner.clone(), message });
+    }
+    if database.pool.reuse.is_some() {
+        let message = "pool.reuse is for instance pools; a connection serves any number of calls";
+        problems.push(Problem::BadDatabase { owner: owner.clone(), message: message.to_owned() });
+    }
+    let prefix = format!("{owner}: ");
+    let mut numbers = Numbers::of(&prefix, problems);
+    numbers.pool("pool", &database.pool);
+    numbers.check("statement_timeout_ms", database.statement_timeout_ms, TIMEOUT_MS, "ms");
 }
 
 fn check_ids<'a>(

@@ -84,8 +84,7 @@ impl LazyLoading {
     }
 }
 
-/// The resource pools, by kind. (`http` and `db` join `wasm` when steps
-/// get those capabilities.)
+/// The resource pools, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -95,6 +94,24 @@ pub struct ResourcePools {
     /// Steps' outbound HTTP connections, by origin (`scheme://host:port`).
     #[serde(default)]
     pub http: PoolSummary,
+    /// Steps' database connections, by database id.
+    #[serde(default)]
+    pub db: PoolSummary,
+}
+
+impl ResourcePools {
+    /// Each kind's summary from its pools' figures.
+    pub fn new(
+        wasm: &[(String, PoolStats)],
+        http: &[(String, PoolStats)],
+        db: &[(String, PoolStats)],
+    ) -> ResourcePools {
+        ResourcePools {
+            wasm: PoolSummary::of(wasm),
+            http: PoolSummary::of(http),
+            db: PoolSummary::of(db),
+        }
+    }
 }
 
 /// A kind of pool, summed over its pools, with a breakdown by key.
@@ -208,17 +225,15 @@ impl OptimizationMetrics {
         level: &str,
         totals: &RunTotals,
         components: &ComponentStats,
-        wasm_pools: &[(String, PoolStats)],
-        http_pools: &[(String, PoolStats)],
+        resource_pools: ResourcePools,
     ) -> OptimizationMetrics {
-        let wasm = PoolSummary::of(wasm_pools);
         OptimizationMetrics {
             optimization_enabled: true,
             optimization_level: level.to_owned(),
             execution_optimization: ExecutionOptimization {
                 parallel_execution_count: totals.parallel_runs,
                 lazy_load_hit_rate: components.memory.hit_rate,
-                resource_pool_utilization: wasm.utilization(),
+                resource_pool_utilization: resource_pools.wasm.utilization(),
                 average_execution_time: if totals.runs == 0 {
                     0.0
                 } else {
@@ -228,7 +243,7 @@ impl OptimizationMetrics {
                 runs: totals.runs,
             },
             lazy_loading: LazyLoading::from_stats(components),
-            resource_pools: ResourcePools { wasm, http: PoolSummary::of(http_pools) },
+            resource_pools,
         }
     }
 }
@@ -292,8 +307,7 @@ mod tests {
             "balanced",
             &RunTotals::default(),
             &ComponentStats::default(),
-            &pools,
-            &[],
+            ResourcePools::new(&pools, &[], &[]),
         );
         let json = serde_json::to_value(&doc).unwrap();
         for key in [

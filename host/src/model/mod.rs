@@ -4,6 +4,7 @@
 //! without an engine. The layering test in `lib.rs` keeps it so.
 
 mod check;
+mod database;
 mod event;
 mod flow;
 mod grant;
@@ -19,6 +20,7 @@ mod settings;
 mod stats;
 mod store;
 
+pub use self::database::{Database, DatabaseKind};
 pub use self::event::{Event, EventData, SpecVersion};
 pub use self::flow::{
     Flow, FlowError, FlowLimits, Format, LoaderSpec, Mount, PluginRef, Problem, RetryPolicy, Step,
@@ -45,7 +47,7 @@ pub use self::store::{
 
 pub(crate) use self::check::{LOG_BYTES, MEMORY_MB, Numbers, OUTPUT_BYTES, TIMEOUT_MS};
 pub(crate) use self::event::{Emitter, EventBus};
-pub(crate) use self::flow::InstanceKey;
+pub(crate) use self::flow::{InstanceKey, check_database};
 pub(crate) use self::input::Source;
 
 /// An error and every cause under it, on one line: `outer: inner: root`.

@@ -66,6 +66,12 @@ impl PoolSettings {
         self
     }
 
+    /// Sets `health_check_ms`.
+    pub fn with_health_check_ms(mut self, ms: u64) -> PoolSettings {
+        self.health_check_ms = Some(ms);
+        self
+    }
+
     /// Sets `acquire_timeout_ms`.
     pub fn with_acquire_timeout_ms(mut self, ms: u64) -> PoolSettings {
         self.acquire_timeout_ms = Some(ms);

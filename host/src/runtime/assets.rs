@@ -150,8 +150,12 @@ async fn load(catalog: &Catalog, key: &AssetKey) -> Result<Bytes, StepError> {
         plugin: Arc::from(key.plugin.name.as_str()),
     };
     let deadline = tokio::time::Instant::now() + LOADER_TIME_LIMIT;
-    let grants =
-        Grants { dirs: key.dirs.clone(), env: Vec::new(), http: Arc::from(key.http.as_slice()) };
+    let grants = Grants {
+        dirs: key.dirs.clone(),
+        env: Vec::new(),
+        http: Arc::from(key.http.as_slice()),
+        databases: Arc::default(),
+    };
     let mut store = PluginState::host_call_store(
         catalog.engine(),
         caller,

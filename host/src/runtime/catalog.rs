@@ -254,6 +254,7 @@ impl Catalog {
             path: self.path_of(&wasm(name)),
             digest: hex::encode(plugin.digest),
             loaded_from: plugin.loaded_from.as_str().to_owned(),
+            contract: plugin.contract.map(str::to_owned),
         }
     }
 

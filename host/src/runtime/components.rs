@@ -16,6 +16,7 @@ use super::disk::{DiskCache, Lookup};
 use super::engine::Engine;
 use super::plugin::{Described, Digest, Kind, LoadSource, Plugin, PluginError, World, digest};
 use super::sandbox::Grants;
+use super::sql::StepSql;
 use super::state::{Caller, Limits, PluginState, describe_failure};
 use crate::model::{ComponentStats, Emitter, EventData};
 
@@ -89,6 +90,12 @@ impl ComponentStore {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         super::sandbox::guard_symlinks(&mut linker)?;
         bindings::host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)?;
+        bindings::sql::add_to_linker::<_, HasSelf<StepSql>>(&mut linker, PluginState::sql)?;
+        // Every older contract's imports, for components built against it.
+        bindings::v0_1::qflow::plugin::host::add_to_linker::<_, HasSelf<PluginState>>(
+            &mut linker,
+            |state| state,
+        )?;
         let disk = config
             .dir
             .as_deref()
@@ -259,6 +266,8 @@ impl ComponentStore {
             path: path.to_path_buf(),
             message: format!("{e:#}"),
         };
+        let contract = contract(&component, self.engine.wasmtime())
+            .map_err(|message| PluginError::NoWorld { path: path.to_path_buf(), message })?;
         let pre = self.linker.instantiate_pre(&component).map_err(no_world)?;
         let world = match StepPre::new(pre.clone()) {
             Ok(step) => World::Step(step),
@@ -302,7 +311,7 @@ impl ComponentStore {
             assets: info.assets,
             needs: info.needs,
         };
-        Ok(Plugin { digest, described, world, loaded_from })
+        Ok(Plugin { digest, described, world, loaded_from, contract })
     }
 
     /// (compiles, disk hits) by plugin name, since this host started.
@@ -319,4 +328,33 @@ impl ComponentStore {
             disk_rejects: self.counters.disk_rejects.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The contract version a component's imports name (`qflow:plugin/host@0.2.0`
+/// → `0.2.0`), or why this host cannot run it: a version it does not know
+/// (a newer one, most likely), or two versions at once.
+fn contract(
+    component: &Component,
+    engine: &wasmtime::Engine,
+) -> Result<Option<&'static str>, String> {
+    let mut found: Option<&'static str> = None;
+    for (name, _) in component.component_type().imports(engine) {
+        let Some(interface) = name.strip_prefix("qflow:plugin/") else { continue };
+        let version = interface.split_once('@').map_or("", |(_, version)| version);
+        let Some(known) = bindings::CONTRACTS.iter().find(|&&v| v == version) else {
+            return Err(format!(
+                "it imports `{name}`, but this host speaks qflow:plugin@{} (build the plugin against one of them, or upgrade Qflow)",
+                bindings::CONTRACTS.join(" and @")
+            ));
+        };
+        match found {
+            Some(other) if other != *known => {
+                return Err(format!(
+                    "it imports qflow:plugin@{other} and @{known} at once; build it against one contract"
+                ));
+            }
+            _ => found = Some(known),
+        }
+    }
+    Ok(found)
 }

@@ -2,6 +2,7 @@
 //! the settings Qflow narrows wasmtime to.
 
 use super::http::{HttpClient, HttpConfig};
+use super::sql::Databases;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -153,6 +154,7 @@ pub(crate) struct Engine {
     memory: Arc<MemoryBudget>,
     reclaim: Arc<OnceLock<Weak<dyn Reclaim>>>,
     http: Arc<HttpClient>,
+    databases: Arc<Databases>,
 }
 
 impl Engine {
@@ -182,12 +184,18 @@ impl Engine {
             memory: MemoryBudget::new(config.max_total_memory_mb),
             reclaim: Arc::default(),
             http: Arc::new(HttpClient::new(config.http)),
+            databases: Arc::default(),
         })
     }
 
     /// The host's outbound HTTP client (its connection pools).
     pub(crate) fn http(&self) -> &Arc<HttpClient> {
         &self.http
+    }
+
+    /// The host's databases (their connection pools).
+    pub(crate) fn databases(&self) -> &Arc<Databases> {
+        &self.databases
     }
 
     /// Who to ask for idle instances when slots or memory run short (the

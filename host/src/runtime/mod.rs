@@ -16,6 +16,7 @@ mod instances;
 mod memory;
 mod plugin;
 mod sandbox;
+pub(crate) mod sql;
 mod state;
 mod watch;
 

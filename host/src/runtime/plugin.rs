@@ -78,7 +78,7 @@ pub enum PluginError {
     /// The component imports something the host does not provide, or
     /// exports neither Qflow world.
     #[error(
-        "{path} does not match a Qflow world (qflow:plugin/step or qflow:plugin/loader @0.1.0): {message}"
+        "{path} does not match a Qflow world (qflow:plugin/step or qflow:plugin/loader @0.1.0 or @0.2.0): {message}"
     )]
     NoWorld {
         /// The component file.
@@ -198,6 +198,10 @@ pub struct PluginInfo {
     /// Where this host got its compiled code: `disk` (the precompiled
     /// cache) or `compile` (Cranelift).
     pub loaded_from: String,
+    /// The contract version it was built against (`qflow:plugin@VERSION`),
+    /// as its imports say; `None` if it imports nothing of the contract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<String>,
 }
 
 /// What `describe()` said, checked against the world the component implements.
@@ -218,6 +222,8 @@ pub(crate) struct Plugin {
     pub(crate) world: World,
     /// Where its compiled code came from when it was loaded.
     pub(crate) loaded_from: LoadSource,
+    /// The contract version its imports name.
+    pub(crate) contract: Option<&'static str>,
 }
 
 /// Where a plugin's compiled code came from.

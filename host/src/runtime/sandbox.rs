@@ -13,7 +13,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder, WasiView};
 
 use super::engine::Engine;
 use super::memory::{MemoryBudget, Refused, Reservation};
-use crate::model::{HttpGrant, Mount, StepLog};
+use crate::model::{Database, HttpGrant, Mount, StepLog};
 
 /// What the operator grants one step or loader: nothing else is there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -22,18 +22,23 @@ pub(crate) struct Grants {
     pub(crate) env: Vec<(String, String)>,
     /// The origins its HTTP requests may reach.
     pub(crate) http: Arc<[HttpGrant]>,
+    /// The databases it may query.
+    pub(crate) databases: Arc<[Database]>,
 }
 
-/// Grants made ready for one instance: its WASI context and its HTTP grants.
+/// Grants made ready for one instance: its WASI context, its HTTP and
+/// database grants.
 pub(crate) struct Granted {
     pub(crate) wasi: WasiCtxBuilder,
     pub(crate) http: Arc<[HttpGrant]>,
+    pub(crate) databases: Arc<[Database]>,
 }
 
 impl Grants {
-    /// What one instance gets: [`Grants::wasi`] and the HTTP grants.
+    /// What one instance gets: [`Grants::wasi`], the HTTP and database grants.
     pub(crate) fn granted(&self) -> Result<Granted, String> {
-        Ok(Granted { wasi: self.wasi()?, http: self.http.clone() })
+        let (http, databases) = (self.http.clone(), self.databases.clone());
+        Ok(Granted { wasi: self.wasi()?, http, databases })
     }
 
     /// A WASI context with exactly these grants: the directories preopened

@@ -13,10 +13,11 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use futures::future::BoxFuture;
 
-use super::bindings::{LogLevel, StepError, host};
+use super::bindings::{LogLevel, StepError, host, v0_1};
 use super::engine::Engine;
 use super::http::StepHttp;
 use super::sandbox::{Granted, Grants, Limiter, Log, Stream};
+use super::sql::StepSql;
 use crate::model::{StepLog, printable};
 
 /// An asset's contents, shared by every step that reads it.
@@ -71,6 +72,8 @@ pub(crate) struct PluginState {
     /// `wasi:http`: the caller's grants over the host's connection pools.
     http: StepHttp,
     http_ctx: WasiHttpCtx,
+    /// `qflow:plugin/sql`: the caller's grants over the host's databases.
+    sql: StepSql,
 }
 
 impl PluginState {
@@ -140,7 +143,7 @@ impl PluginState {
         deadline: Option<Instant>,
     ) -> Store<PluginState> {
         let log = Log::new(limits.log);
-        let Granted { mut wasi, http } = granted;
+        let Granted { mut wasi, http, databases } = granted;
         let wasi = wasi.stdout(log.pipe(Stream::Stdout)).stderr(log.pipe(Stream::Stderr)).build();
         let state = PluginState {
             wasi,
@@ -153,6 +156,11 @@ impl PluginState {
                 caller: caller.name.clone(),
             },
             http_ctx: WasiHttpCtx::new(),
+            sql: StepSql {
+                databases: engine.databases().clone(),
+                grants: databases,
+                caller: caller.name.clone(),
+            },
             caller,
             assets,
             _permit: permit,
@@ -177,6 +185,7 @@ impl PluginState {
     /// Readies a (pooled) instance for a call: whom it serves now, and until when.
     pub(crate) fn prepare(&mut self, caller: Caller, deadline: Option<Instant>) {
         self.http.caller = caller.name.clone();
+        self.sql.caller = caller.name.clone();
         self.caller = caller;
         self.deadline = deadline;
         // What warming the instance printed is nobody's business now.
@@ -211,6 +220,25 @@ impl WasiView for PluginState {
 impl WasiHttpView for PluginState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
         WasiHttpCtxView { ctx: &mut self.http_ctx, table: &mut self.table, hooks: &mut self.http }
+    }
+}
+
+impl PluginState {
+    /// Where `qflow:plugin/sql` is served from.
+    pub(crate) fn sql(&mut self) -> &mut StepSql {
+        &mut self.sql
+    }
+}
+
+/// `qflow:plugin/host@0.1.0` is 0.2.0's `host`, for components built
+/// against 0.1.0.
+impl v0_1::qflow::plugin::host::Host for PluginState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        host::Host::log(self, level, message)
+    }
+
+    async fn asset(&mut self, name: String) -> Result<Vec<u8>, StepError> {
+        host::Host::asset(self, name).await
     }
 }
 

@@ -4,6 +4,7 @@
 // A test that panics on a broken expectation is doing its job.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod contract;
 mod failures;
 mod flows;
 mod hardening;
@@ -14,5 +15,6 @@ mod reload;
 mod runs;
 mod sandbox;
 mod scheduler;
+mod sql;
 mod store;
 mod support;

@@ -38,7 +38,7 @@ pub use serde_json;
 pub mod step_bindings {
     wit_bindgen::generate!({
         world: "step",
-        path: "../../wit",
+        path: "../../wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "export_step_world",
         default_bindings_module: "qflow_sdk::step_bindings",
@@ -50,14 +50,14 @@ pub mod step_bindings {
 pub mod loader_bindings {
     wit_bindgen::generate!({
         world: "loader",
-        path: "../../wit",
+        path: "../../wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "export_loader_world",
         default_bindings_module: "qflow_sdk::loader_bindings",
         // One set of shared types and host imports for both worlds.
         with: {
-            "qflow:plugin/types@0.1.0": crate::step_bindings::qflow::plugin::types,
-            "qflow:plugin/host@0.1.0": crate::step_bindings::qflow::plugin::host,
+            "qflow:plugin/types@0.2.0": crate::step_bindings::qflow::plugin::types,
+            "qflow:plugin/host@0.2.0": crate::step_bindings::qflow::plugin::host,
         },
     });
 }
@@ -500,6 +500,117 @@ pub mod http {
                 None => Error::new("http", format!("{url}: {}", e.to_debug_string())),
             },
             StreamError::Closed => Error::new("http", format!("{url}: the connection closed")),
+        }
+    }
+}
+
+/// SQL from a step, over `qflow:plugin/sql`: the host runs statements on
+/// the databases the step's `databases` grant names, over its pooled
+/// connections. Parameters (`$1`, `$2`, …) are bound by the database,
+/// never spliced into the statement.
+///
+/// ```ignore
+/// use qflow_sdk::sql::{self, Value};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: i64, total: f64 }
+///
+/// let big: Vec<Order> =
+///     sql::query("orders", "SELECT id, total FROM orders WHERE total > $1", &[100.0.into()])?;
+/// let n = sql::execute("orders", "DELETE FROM orders WHERE id = $1", &[Value::Integer(7)])?;
+/// ```
+pub mod sql {
+    use serde::de::DeserializeOwned;
+    use serde_json::Value as Json;
+
+    pub use crate::step_bindings::qflow::plugin::sql::{SqlErrorKind as ErrorKind, Value};
+    use crate::step_bindings::qflow::plugin::sql as raw;
+
+    use super::Error;
+
+    /// Runs a statement that returns rows, each read as a `T` (a struct
+    /// with a field per column, or `serde_json::Value`).
+    pub fn query<T: DeserializeOwned>(
+        db: &str,
+        statement: &str,
+        params: &[Value],
+    ) -> Result<Vec<T>, Error> {
+        let rows = raw::query(db, statement, params).map_err(error)?;
+        serde_json::from_str(&rows)
+            .map_err(|e| Error::new("sql-rows", format!("the rows are not the ones expected: {e}")))
+    }
+
+    /// Runs a statement that changes rows; returns how many it changed.
+    pub fn execute(db: &str, statement: &str, params: &[Value]) -> Result<u64, Error> {
+        raw::execute(db, statement, params).map_err(error)
+    }
+
+    /// A JSON value as a parameter: null, a boolean, an integer, a real or
+    /// text; arrays and objects are bound as their JSON text.
+    pub fn param(value: &Json) -> Value {
+        match value {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Boolean(*b),
+            Json::Number(n) => match n.as_i64() {
+                Some(i) => Value::Integer(i),
+                None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Json::String(s) => Value::Text(s.clone()),
+            other => Value::Text(other.to_string()),
+        }
+    }
+
+    /// The host's error as the step's: its kind is the code (`sql-syntax`,
+    /// `sql-constraint` …), and an unavailable database or a timeout is
+    /// worth retrying.
+    fn error(e: raw::SqlError) -> Error {
+        let (code, retryable) = match e.kind {
+            ErrorKind::UnknownDatabase => ("sql-unknown-database", false),
+            ErrorKind::ReadOnly => ("sql-read-only", false),
+            ErrorKind::Syntax => ("sql-syntax", false),
+            ErrorKind::Constraint => ("sql-constraint", false),
+            ErrorKind::Timeout => ("sql-timeout", true),
+            ErrorKind::Unavailable => ("sql-unavailable", true),
+            ErrorKind::Unsupported => ("sql-unsupported", false),
+            ErrorKind::Other => ("sql-error", false),
+        };
+        let error = Error::new(code, e.message);
+        if retryable { error.retryable() } else { error }
+    }
+
+    impl From<i64> for Value {
+        fn from(i: i64) -> Value {
+            Value::Integer(i)
+        }
+    }
+
+    impl From<f64> for Value {
+        fn from(f: f64) -> Value {
+            Value::Real(f)
+        }
+    }
+
+    impl From<bool> for Value {
+        fn from(b: bool) -> Value {
+            Value::Boolean(b)
+        }
+    }
+
+    impl From<&str> for Value {
+        fn from(s: &str) -> Value {
+            Value::Text(s.to_owned())
+        }
+    }
+
+    impl From<String> for Value {
+        fn from(s: String) -> Value {
+            Value::Text(s)
+        }
+    }
+
+    impl<T: Into<Value>> From<Option<T>> for Value {
+        fn from(value: Option<T>) -> Value {
+            value.map_or(Value::Null, Into::into)
         }
     }
 }

@@ -1,0 +1,765 @@
+//! SQL for steps: `qflow:plugin/sql` over the databases the operator
+//! granted, SQLite and PostgreSQL through sqlx.
+//!
+//! - **Granted, or refused.** A step reaches only the databases its
+//!   `databases = [...]` names; a read-only grant refuses `execute`, and
+//!   the database itself refuses writes (SQLite opens the file read-only,
+//!   PostgreSQL runs each call in a `READ ONLY` transaction).
+//! - **Bound, never spliced.** Parameters go to the database as values;
+//!   one call is one statement. SQLite statements may not `ATTACH`,
+//!   `DETACH` or `VACUUM` (which reach files beside the granted one).
+//! - **Pooled.** Connections live in the generic [`Pool`], one per
+//!   database, shared by every step and instance of the host: `min`, `max`,
+//!   idle timeout, health checks (a ping), creation and acquisition
+//!   timeouts, stats. A connection idle for more than half a second is
+//!   pinged before use, so a restarted database costs no step a failure.
+//! - **Bounded.** A statement timeout (SQLite's interrupted by a progress
+//!   handler, PostgreSQL's by its own `statement_timeout`) and a limit on
+//!   the rows' JSON.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::Value as JsonValue;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, Postgres};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteRow};
+use sqlx::{Column, ConnectOptions, Connection as _, Row, TypeInfo, ValueRef};
+use tokio::time::Instant;
+
+use super::bindings::sql::{self, SqlError, SqlErrorKind, Value};
+use crate::model::{Database, DatabaseKind, PoolStats};
+use crate::pool::{Manager, Pool, PoolConfig};
+
+/// A database's pool where its declaration says nothing: connections made
+/// on demand (`min` 0), at most 10, checked every 10 s.
+const DEFAULT_POOL: PoolConfig = PoolConfig {
+    min: 0,
+    max: 10,
+    idle_timeout_ms: 60_000,
+    health_check_ms: 10_000,
+    create_timeout_ms: 10_000,
+    acquire_timeout_ms: 30_000,
+    min_only_if_slower_than_us: None,
+};
+
+/// How long a statement may run where its database says nothing.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection idle this long is pinged before it is used (HikariCP's
+/// choice): a database restarted since is found out before the step's
+/// statement is sent, not by it.
+const VALIDATE_AFTER: Duration = Duration::from_millis(500);
+
+/// The most JSON a query may return: a step's output limit's default.
+const MAX_RESULT_BYTES: usize = 16 << 20;
+
+/// The host's databases: a connection pool per declared database.
+#[derive(Default)]
+pub(crate) struct Databases {
+    pools: Mutex<HashMap<Database, Arc<Pool<Connector>>>>,
+}
+
+impl Databases {
+    /// Each database's pool figures, by id.
+    pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats: Vec<_> = pools.iter().map(|(db, p)| (db.id.clone(), p.stats())).collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
+    }
+
+    fn pool(&self, database: &Database) -> Result<Arc<Pool<Connector>>, SqlError> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get(database) {
+            return Ok(pool.clone());
+        }
+        // A flow's databases go with it once unused.
+        pools.retain(|_, pool| !pool.is_abandoned());
+        let connector = Connector::new(database)?;
+        let settings = database.pool;
+        let config = PoolConfig {
+            min: settings.min.unwrap_or(DEFAULT_POOL.min),
+            max: settings.max.unwrap_or(DEFAULT_POOL.max),
+            idle_timeout_ms: settings.idle_timeout_ms.unwrap_or(DEFAULT_POOL.idle_timeout_ms),
+            health_check_ms: settings.health_check_ms.unwrap_or(DEFAULT_POOL.health_check_ms),
+            create_timeout_ms: settings.create_timeout_ms.unwrap_or(DEFAULT_POOL.create_timeout_ms),
+            acquire_timeout_ms: settings
+                .acquire_timeout_ms
+                .unwrap_or(DEFAULT_POOL.acquire_timeout_ms),
+            ..DEFAULT_POOL
+        };
+        let pool = Arc::new(Pool::new(connector, config));
+        pools.insert(database.clone(), pool.clone());
+        Ok(pool)
+    }
+}
+
+/// How a database is connected to.
+enum Options {
+    Sqlite(SqliteConnectOptions),
+    Postgres(PgConnectOptions),
+}
+
+/// Makes a database's connections.
+struct Connector {
+    id: Arc<str>,
+    options: Options,
+    read_only: bool,
+    timeout: Duration,
+}
+
+impl Connector {
+    fn new(database: &Database) -> Result<Connector, SqlError> {
+        let bad_url = |e: sqlx::Error| SqlError {
+            kind: SqlErrorKind::Unavailable,
+            message: format!("database `{}`: {}: {e}", database.id, database.redacted_url()),
+        };
+        let timeout =
+            database.statement_timeout_ms.map_or(STATEMENT_TIMEOUT, Duration::from_millis);
+        let kind = database
+            .kind()
+            .map_err(|message| SqlError { kind: SqlErrorKind::Unavailable, message })?;
+        let options = match kind {
+            DatabaseKind::Sqlite => Options::Sqlite(
+                SqliteConnectOptions::from_str(database.url.trim())
+                    .map_err(bad_url)?
+                    .read_only(database.read_only)
+                    .create_if_missing(!database.read_only),
+            ),
+            DatabaseKind::Postgres => {
+                let ms = timeout.as_millis().to_string();
+                Options::Postgres(
+                    PgConnectOptions::from_str(database.url.trim())
+                        .map_err(bad_url)?
+                        .application_name("qflow")
+                        .options([("statement_timeout", ms.as_str())]),
+                )
+            }
+        };
+        Ok(Connector {
+            id: Arc::from(database.id.as_str()),
+            options,
+            read_only: database.read_only,
+            timeout,
+        })
+    }
+}
+
+/// One pooled connection.
+pub(crate) struct Connection {
+    conn: Conn,
+    /// When a call last ended on it.
+    used: Instant,
+    /// SQLite: when the running statement must stop (ns since `epoch`),
+    /// read by its progress handler.
+    deadline: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+enum Conn {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+impl Manager for Connector {
+    type Resource = Connection;
+    type Error = SqlError;
+
+    async fn create(&self) -> Result<Connection, SqlError> {
+        let failed = |e: sqlx::Error| SqlError {
+            kind: SqlErrorKind::Unavailable,
+            message: format!("cannot connect to database `{}`: {e}", self.id),
+        };
+        let (epoch, deadline) = (Instant::now(), Arc::new(AtomicU64::new(u64::MAX)));
+        let conn = match &self.options {
+            Options::Sqlite(options) => {
+                let mut conn = options.connect().await.map_err(failed)?;
+                // Interrupts a statement past its deadline: the statement
+                // fails with SQLITE_INTERRUPT, the connection stays good.
+                let watched = deadline.clone();
+                conn.lock_handle().await.map_err(failed)?.set_progress_handler(1000, move || {
+                    (epoch.elapsed().as_nanos() as u64) < watched.load(Ordering::Relaxed)
+                });
+                Conn::Sqlite(conn)
+            }
+            Options::Postgres(options) => Conn::Postgres(options.connect().await.map_err(failed)?),
+        };
+        Ok(Connection { conn, used: Instant::now(), deadline, epoch })
+    }
+
+    async fn healthy(&self, connection: &mut Connection) -> bool {
+        connection.ping().await
+    }
+}
+
+impl Connection {
+    async fn ping(&mut self) -> bool {
+        match &mut self.conn {
+            Conn::Sqlite(conn) => conn.ping().await.is_ok(),
+            Conn::Postgres(conn) => conn.ping().await.is_ok(),
+        }
+    }
+}
+
+/// What a call asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Query,
+    Execute,
+}
+
+/// What a call returned.
+enum Outcome {
+    Rows(String),
+    Affected(u64),
+}
+
+/// A step's SQL: the databases it was granted, over the host's pools. The
+/// view `qflow:plugin/sql` is served from.
+pub(crate) struct StepSql {
+    pub(crate) databases: Arc<Databases>,
+    pub(crate) grants: Arc<[Database]>,
+    pub(crate) caller: Arc<str>,
+}
+
+impl sql::Host for StepSql {
+    async fn query(
+        &mut self,
+        db: String,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<String, SqlError> {
+        match self.call(&db, &statement, &params, Mode::Query).await? {
+            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Affected(n) => Ok(format!("[{{\"rows_affected\":{n}}}]")),
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        db: String,
+        statement: String,
+        params: Vec<Value>,
+    ) -> Result<u64, SqlError> {
+        match self.call(&db, &statement, &params, Mode::Execute).await? {
+            Outcome::Affected(n) => Ok(n),
+            Outcome::Rows(_) => Ok(0),
+        }
+    }
+}
+
+impl StepSql {
+    async fn call(
+        &self,
+        db: &str,
+        statement: &str,
+        params: &[Value],
+        mode: Mode,
+    ) -> Result<Outcome, SqlError> {
+        let Some(database) = self.grants.iter().find(|d| d.id == db) else {
+            let granted: Vec<&str> = self.grants.iter().map(|d| d.id.as_str()).collect();
+            let message = format!(
+                "step `{}` has no grant for database `{db}` (it may use: {})",
+                self.caller,
+                if granted.is_empty() { "none".to_owned() } else { granted.join(", ") }
+            );
+            tracing::warn!("{message}");
+            return Err(SqlError { kind: SqlErrorKind::UnknownDatabase, message });
+        };
+        if mode == Mode::Execute && database.read_only {
+            return Err(SqlError {
+                kind: SqlErrorKind::ReadOnly,
+                message: format!("database `{db}` is granted read-only: execute is refused"),
+            });
+        }
+        let pool = self.databases.pool(database)?;
+        if let Options::Sqlite(_) = pool.manager().options {
+            check_sqlite_statement(statement).map_err(|message| SqlError {
+                kind: SqlErrorKind::Syntax,
+                message: format!("database `{db}`: {message}"),
+            })?;
+        }
+        let connector = pool.manager();
+        // A connection that turns out dead is dropped and another taken,
+        // as often as the pool could hold dead ones.
+        for _ in 0..=pool.config().max {
+            let mut connection = pool.acquire().await.map_err(|e| SqlError {
+                kind: SqlErrorKind::Unavailable,
+                message: format!("database `{db}`: {e}"),
+            })?;
+            let fresh = connection.is_new();
+            let conn = connection.get();
+            if !fresh && conn.used.elapsed() >= VALIDATE_AFTER && !conn.ping().await {
+                continue;
+            }
+            let done = conn.run(statement, params, mode, connector).await;
+            conn.used = Instant::now();
+            return match done {
+                Ok(outcome) => {
+                    connection.release();
+                    Ok(outcome)
+                }
+                Err(failure) => {
+                    if !failure.broken {
+                        connection.release();
+                    }
+                    Err(SqlError {
+                        kind: failure.kind,
+                        message: format!("database `{db}`: {}", failure.message),
+                    })
+                }
+            };
+        }
+        Err(SqlError {
+            kind: SqlErrorKind::Unavailable,
+            message: format!("database `{db}`: every pooled connection was dead"),
+        })
+    }
+}
+
+/// A failed call: its kind and message, and whether the connection is
+/// unusable now.
+struct Failure {
+    kind: SqlErrorKind,
+    message: String,
+    broken: bool,
+}
+
+impl Failure {
+    fn new(kind: SqlErrorKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into(), broken: false }
+    }
+}
+
+impl Connection {
+    async fn run(
+        &mut self,
+        statement: &str,
+        params: &[Value],
+        mode: Mode,
+        connector: &Connector,
+    ) -> Result<Outcome, Failure> {
+        let limit = connector.timeout;
+        match &mut self.conn {
+            Conn::Sqlite(conn) => {
+                let deadline = (self.epoch.elapsed() + limit).as_nanos() as u64;
+                self.deadline.store(deadline, Ordering::Relaxed);
+                // The progress handler stops the statement at the deadline;
+                // this stops a call stuck outside SQLite's VM (a lock wait).
+                let ran =
+                    tokio::time::timeout(limit * 2, sqlite(conn, statement, params, mode)).await;
+                self.deadline.store(u64::MAX, Ordering::Relaxed);
+                ran.unwrap_or_else(|_| Err(timed_out(limit, true)))
+            }
+            Conn::Postgres(conn) => {
+                // PostgreSQL ends a statement at its `statement_timeout`
+                // itself; this is for a server that stopped answering.
+                let ran = postgres(conn, statement, params, mode, connector.read_only);
+                tokio::time::timeout(limit + Duration::from_secs(5), ran)
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out(limit, true)))
+            }
+        }
+    }
+}
+
+fn timed_out(limit: Duration, broken: bool) -> Failure {
+    let message = format!("the statement ran longer than its timeout of {} ms", limit.as_millis());
+    Failure { broken, ..Failure::new(SqlErrorKind::Timeout, message) }
+}
+
+async fn sqlite(
+    conn: &mut SqliteConnection,
+    statement: &str,
+    params: &[Value],
+    mode: Mode,
+) -> Result<Outcome, Failure> {
+    let mut query = sqlx::query(statement);
+    for param in params {
+        query = match param {
+            Value::Null => query.bind(None::<i64>),
+            Value::Boolean(b) => query.bind(*b),
+            Value::Integer(i) => query.bind(*i),
+            Value::Real(r) => query.bind(*r),
+            Value::Text(t) => query.bind(t.as_str()),
+            Value::Blob(b) => query.bind(b.as_slice()),
+        };
+    }
+    match mode {
+        Mode::Execute => {
+            let done = query.execute(&mut *conn).await.map_err(sqlite_failure)?;
+            Ok(Outcome::Affected(done.rows_affected()))
+        }
+        Mode::Query => {
+            let rows = query.fetch_all(&mut *conn).await.map_err(sqlite_failure)?;
+            rows_json(&rows, sqlite_value).map(Outcome::Rows)
+        }
+    }
+}
+
+async fn postgres(
+    conn: &mut PgConnection,
+    statement: &str,
+    params: &[Value],
+    mode: Mode,
+    read_only: bool,
+) -> Result<Outcome, Failure> {
+    let mut query = sqlx::query(statement);
+    for param in params {
+        query = match param {
+            Value::Null => query.bind(Untyped),
+            Value::Boolean(b) => query.bind(*b),
+            Value::Integer(i) => query.bind(*i),
+            Value::Real(r) => query.bind(*r),
+            Value::Text(t) => query.bind(t.as_str()),
+            Value::Blob(b) => query.bind(b.as_slice()),
+        };
+    }
+    let outcome = if read_only {
+        // One statement in a READ ONLY transaction: whatever it is (even a
+        // `SET` of the session's defaults), it cannot write.
+        let mut tx = conn.begin_with("BEGIN READ ONLY").await.map_err(pg_failure)?;
+        let outcome = pg_run(&mut tx, query, mode).await?;
+        tx.commit().await.map_err(pg_failure)?;
+        outcome
+    } else {
+        pg_run(&mut *conn, query, mode).await?
+    };
+    Ok(outcome)
+}
+
+async fn pg_run(
+    conn: &mut PgConnection,
+    query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    mode: Mode,
+) -> Result<Outcome, Failure> {
+    match mode {
+        Mode::Execute => {
+            let done = query.execute(&mut *conn).await.map_err(pg_failure)?;
+            Ok(Outcome::Affected(done.rows_affected()))
+        }
+        Mode::Query => {
+            let rows = query.fetch_all(&mut *conn).await.map_err(pg_failure)?;
+            rows_json(&rows, pg_value).map(Outcome::Rows)
+        }
+    }
+}
+
+/// A NULL parameter of no type: PostgreSQL infers it from the statement,
+/// as it does for a literal NULL.
+struct Untyped;
+
+impl sqlx::Type<Postgres> for Untyped {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0))
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for Untyped {
+    fn encode_by_ref(
+        &self,
+        _buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        Ok(sqlx::encode::IsNull::Yes)
+    }
+}
+
+/// Rows as a JSON array of objects, within [`MAX_RESULT_BYTES`].
+fn rows_json<R: Row>(
+    rows: &[R],
+    value: impl Fn(&R, usize) -> Result<JsonValue, Failure>,
+) -> Result<String, Failure> {
+    let mut out = String::from("[");
+    for (n, row) in rows.iter().enumerate() {
+        let mut object = serde_json::Map::with_capacity(row.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            object.insert(column.name().to_owned(), value(row, i)?);
+        }
+        if n > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}", JsonValue::Object(object));
+        if out.len() > MAX_RESULT_BYTES {
+            return Err(Failure::new(
+                SqlErrorKind::Unsupported,
+                format!(
+                    "the result is over {MAX_RESULT_BYTES} bytes of JSON after {} of {} rows (add a LIMIT)",
+                    n + 1,
+                    rows.len()
+                ),
+            ));
+        }
+    }
+    out.push(']');
+    Ok(out)
+}
+
+fn decode(e: sqlx::Error) -> Failure {
+    Failure::new(SqlErrorKind::Unsupported, e.to_string())
+}
+
+fn sqlite_value(row: &SqliteRow, i: usize) -> Result<JsonValue, Failure> {
+    let raw = row.try_get_raw(i).map_err(decode)?;
+    if raw.is_null() {
+        return Ok(JsonValue::Null);
+    }
+    // SQLite's values carry their own storage class, whatever the column says.
+    let class = raw.type_info().name().to_owned();
+    Ok(match class.as_str() {
+        "INTEGER" | "BOOLEAN" => {
+            JsonValue::from(row.try_get_unchecked::<i64, _>(i).map_err(decode)?)
+        }
+        "REAL" => float(row.try_get_unchecked::<f64, _>(i).map_err(decode)?),
+        "BLOB" => base64(&row.try_get_unchecked::<Vec<u8>, _>(i).map_err(decode)?),
+        _ => JsonValue::from(row.try_get_unchecked::<String, _>(i).map_err(decode)?),
+    })
+}
+
+fn pg_value(row: &PgRow, i: usize) -> Result<JsonValue, Failure> {
+    let raw = row.try_get_raw(i).map_err(decode)?;
+    if raw.is_null() {
+        return Ok(JsonValue::Null);
+    }
+    let column = &row.columns()[i];
+    let type_name = column.type_info().name();
+    let get = |e| decode(e);
+    Ok(match type_name {
+        "BOOL" => JsonValue::from(row.try_get::<bool, _>(i).map_err(get)?),
+        "INT2" => JsonValue::from(row.try_get::<i16, _>(i).map_err(get)?),
+        "INT4" => JsonValue::from(row.try_get::<i32, _>(i).map_err(get)?),
+        "INT8" => JsonValue::from(row.try_get::<i64, _>(i).map_err(get)?),
+        "OID" => JsonValue::from(row.try_get::<sqlx::postgres::types::Oid, _>(i).map_err(get)?.0),
+        "FLOAT4" => float(f64::from(row.try_get::<f32, _>(i).map_err(get)?)),
+        "FLOAT8" => float(row.try_get::<f64, _>(i).map_err(get)?),
+        "NUMERIC" => {
+            let decimal = row.try_get::<sqlx::types::Decimal, _>(i).map_err(get)?;
+            let text = decimal.to_string();
+            text.parse::<i64>()
+                .map(JsonValue::from)
+                .or_else(|_| text.parse::<f64>().map(float))
+                .unwrap_or(JsonValue::String(text))
+        }
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "CITEXT" | "UNKNOWN" => {
+            JsonValue::from(row.try_get::<String, _>(i).map_err(get)?)
+        }
+        "BYTEA" => base64(&row.try_get::<Vec<u8>, _>(i).map_err(get)?),
+        "JSON" | "JSONB" => row.try_get::<JsonValue, _>(i).map_err(get)?,
+        "UUID" => JsonValue::from(row.try_get::<sqlx::types::Uuid, _>(i).map_err(get)?.to_string()),
+        "TIMESTAMPTZ" => {
+            let at = row.try_get::<time::OffsetDateTime, _>(i).map_err(get)?;
+            let text = at.format(&time::format_description::well_known::Rfc3339);
+            JsonValue::from(text.map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?)
+        }
+        "TIMESTAMP" => {
+            let at = row.try_get::<time::PrimitiveDateTime, _>(i).map_err(get)?;
+            let format = time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"
+            );
+            let text = at.format(&format);
+            JsonValue::from(text.map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?)
+        }
+        "DATE" => {
+            let date = row.try_get::<time::Date, _>(i).map_err(get)?;
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            JsonValue::from(
+                date.format(&format).map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?,
+            )
+        }
+        other => {
+            return Err(Failure::new(
+                SqlErrorKind::Unsupported,
+                format!(
+                    "column `{}` has type {other}, which has no JSON form here; cast it in the statement (`{}::text`)",
+                    column.name(),
+                    column.name()
+                ),
+            ));
+        }
+    })
+}
+
+/// A float as JSON: NaN and the infinities, which JSON lacks, are null.
+fn float(f: f64) -> JsonValue {
+    serde_json::Number::from_f64(f).map_or(JsonValue::Null, JsonValue::Number)
+}
+
+fn base64(bytes: &[u8]) -> JsonValue {
+    JsonValue::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Which database a driver error came from: their codes differ.
+#[derive(Clone, Copy)]
+enum Driver {
+    Sqlite,
+    Postgres,
+}
+
+/// What a driver's error means to a step, and whether it leaves the
+/// connection unusable.
+fn failure(driver: Driver, e: sqlx::Error) -> Failure {
+    use SqlErrorKind as K;
+    match &e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let message = db.message().to_owned();
+            let (kind, broken) = match driver {
+                // An extended result code; its low byte is the primary one.
+                Driver::Sqlite => {
+                    let kind = match code.parse::<u32>().unwrap_or(1) & 0xff {
+                        1 => K::Syntax,
+                        5 | 6 | 10 | 14 => K::Unavailable,
+                        8 => K::ReadOnly,
+                        9 => K::Timeout,
+                        19 => K::Constraint,
+                        _ => K::Other,
+                    };
+                    (kind, false)
+                }
+                // A SQLSTATE.
+                Driver::Postgres => {
+                    let kind = match code.as_str() {
+                        "25006" => K::ReadOnly,
+                        "57014" => K::Timeout,
+                        c if c.starts_with("42") => K::Syntax,
+                        c if c.starts_with("23") => K::Constraint,
+                        c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
+                            K::Unavailable
+                        }
+                        _ => K::Other,
+                    };
+                    // A server shutting down (57P01 …) ends the session.
+                    (kind, code.starts_with("57P") || code.starts_with("08"))
+                }
+            };
+            let message = match kind {
+                K::Timeout => format!("the statement was stopped at its timeout ({message})"),
+                _ => message,
+            };
+            Failure { kind, message, broken }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::PoolTimedOut => {
+            Failure { kind: K::Unavailable, message: e.to_string(), broken: true }
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::TypeNotFound { .. } => Failure::new(K::Unsupported, e.to_string()),
+        _ => Failure::new(K::Other, e.to_string()),
+    }
+}
+
+fn sqlite_failure(e: sqlx::Error) -> Failure {
+    failure(Driver::Sqlite, e)
+}
+
+fn pg_failure(e: sqlx::Error) -> Failure {
+    failure(Driver::Postgres, e)
+}
+
+/// A SQLite statement a step may run: one statement, and none of the
+/// commands that reach files beside the granted database.
+///
+/// sqlx runs every statement in a string, and SQLite's `ATTACH` opens (and
+/// `VACUUM INTO` writes) any path the host can reach; what is needed to
+/// catch them is SQLite's own lexing of quotes and comments, which this is.
+fn check_sqlite_statement(statement: &str) -> Result<(), String> {
+    let refuse = |message: String| Err(message);
+    let bytes = statement.as_bytes();
+    let mut i = 0;
+    let mut ended = false;
+    while i < bytes.len() {
+        let c = bytes[i];
+        let start = i;
+        i += 1;
+        match c {
+            b'\'' | b'"' | b'`' | b'[' => {
+                let close = if c == b'[' { b']' } else { c };
+                while i < bytes.len() {
+                    if bytes[i] == close {
+                        // A doubled quote is an escaped one.
+                        if close != b']' && bytes.get(i + 1) == Some(&close) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' if bytes.get(i) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if bytes.get(i) == Some(&b'*') => {
+                i += 1;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 2;
+                continue;
+            }
+            b';' => {
+                ended = true;
+                continue;
+            }
+            c if c.is_ascii_whitespace() => continue,
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                let word = &statement[start..i];
+                for refused in ["ATTACH", "DETACH", "VACUUM"] {
+                    if word.eq_ignore_ascii_case(refused) {
+                        return refuse(format!(
+                            "{refused} is not allowed: a step reaches only the database it was granted"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if ended {
+            return refuse("one call runs one statement; this has more after a `;`".to_owned());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_sqlite_statement as check;
+
+    #[test]
+    fn a_sqlite_statement_is_one_statement_reaching_no_other_file() {
+        assert!(check("SELECT * FROM t WHERE a = $1").is_ok());
+        assert!(check("SELECT 1;").is_ok());
+        assert!(check("SELECT 1; -- done\n").is_ok());
+        assert!(check("SELECT 'attach; vacuum' AS \"detach\", [vacuum] -- attach\n").is_ok());
+        assert!(check("SELECT 'it''s; fine'").is_ok());
+        assert!(check("/* attach */ SELECT 1").is_ok());
+        assert!(check("SELECT attached FROM t").is_ok());
+        for bad in [
+            "ATTACH DATABASE '/etc/x.db' AS x",
+            "attach '/tmp/x' as y",
+            "VACUUM INTO '/tmp/copy.db'",
+            "SELECT 1; DETACH x",
+            "SELECT 1; DELETE FROM t",
+            "SELECT 'a'; SELECT 2",
+            "SELECT 1 /* c */ ; SELECT 2",
+        ] {
+            assert!(check(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}
