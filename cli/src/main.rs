@@ -206,6 +206,16 @@ pub(crate) struct HostArgs {
     #[arg(long, env = "QFLOW_HTTP_MAX_RESPONSE_BYTES", default_value_t = 64 << 20,
           value_parser = clap::value_parser!(u64).range(1..))]
     http_max_response_bytes: u64,
+    /// A database every flow's steps may be granted (`databases = ["ID"]`):
+    /// `ID=sqlite:PATH` or `ID=postgres://USER:PASSWORD@HOST/NAME`.
+    /// Repeatable; in the variable, separated by spaces.
+    #[arg(long = "database", value_name = "ID=URL", env = "QFLOW_DATABASES",
+          value_delimiter = ' ', value_parser = database)]
+    databases: Vec<(String, String)>,
+    /// A database steps may only read, as `--database` writes it.
+    #[arg(long = "read-only-database", value_name = "ID=URL", env = "QFLOW_READ_ONLY_DATABASES",
+          value_delimiter = ' ', value_parser = database)]
+    read_only_databases: Vec<(String, String)>,
     /// The largest output a step may return, in bytes (default 16 MiB); a
     /// flow may set a lower limit, never a higher one.
     #[arg(long, env = "QFLOW_MAX_OUTPUT_BYTES")]
@@ -428,6 +438,14 @@ pub(crate) fn host_with_room(args: &HostArgs, room: Room) -> anyhow::Result<Host
         .pool(http_pool)
         .request_timeout(args.http_timeout.into())
         .max_response_bytes(args.http_max_response_bytes);
+    let databases = args.databases.iter().map(|d| (d, false));
+    for ((id, url), read_only) in
+        databases.chain(args.read_only_databases.iter().map(|d| (d, true)))
+    {
+        let database = qflow::model::Database::new(id, url).read_only(read_only);
+        // A relative SQLite path means the working directory, as on any command line.
+        config.databases.push(database.resolved(&std::env::current_dir()?));
+    }
     if let Some(bytes) = args.max_output_bytes {
         config.max_output_bytes = bytes;
     }
@@ -889,4 +907,17 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
     }
     let broken = described.iter().filter(|(_, d)| d.is_err()).count();
     Ok(if broken == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `ID=URL`, as `--database` takes it.
+fn database(text: &str) -> Result<(String, String), String> {
+    let (id, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: write ID=URL, such as orders=sqlite:orders.db"))?;
+    let valid =
+        !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid {
+        return Err(format!("{id:?} is not a database id: use letters, digits, `-` and `_`"));
+    }
+    Ok((id.to_owned(), url.to_owned()))
 }

@@ -19,7 +19,7 @@ mod bare {
     //! its own bindings, with nothing of Qflow's in the way.
     wasmtime::component::bindgen!({
         world: "step",
-        path: "../wit",
+        path: "../wit/0.2.0",
         imports: { "qflow:plugin/host.asset": async },
         exports: { default: async },
     });
@@ -45,7 +45,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
 
     let mut table = Table::default();
-    let scenarios: [(&str, Scenario); 11] = [
+    let scenarios: [(&str, Scenario); 12] = [
         ("planning", planning),
         ("floor", floor),
         ("marginal", marginal),
@@ -57,6 +57,7 @@ fn main() {
         ("waits", waits),
         ("reload", reload),
         ("http", http),
+        ("sql", sql),
     ];
     for (name, scenario) in scenarios {
         if filter.as_deref().is_none_or(|f| name.contains(f)) {
@@ -389,6 +390,60 @@ fn http(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
         &format!("{opened}"),
         &format!(
             "for {} requests; throughput {:.2}x",
+            (RUNS as usize + 1) * STEPS,
+            fresh.as_secs_f64() / pooled.as_secs_f64()
+        ),
+    );
+}
+
+/// 100 concurrent steps each running one PostgreSQL query (on a
+/// throwaway cluster on loopback): over the pooled connections (the
+/// default, at most 10), against the same pool connecting per query.
+fn sql(rt: &tokio::runtime::Runtime, plugins: &Path, table: &mut Table) {
+    const STEPS: usize = 100;
+    const RUNS: u32 = 20;
+    let Some(server) = qflow_tests::Postgres::start() else {
+        eprintln!("no PostgreSQL here: the sql scenario is skipped");
+        return;
+    };
+    let mut toml = format!("[flow]\nname = \"query\"\nmax_parallel = {STEPS}\n");
+    for i in 0..STEPS {
+        toml += &format!(
+            "[[step]]\nid = \"q{i}\"\nplugin = \"sql\"\ndatabases = [\"pg\"]\n\
+             config = {{ db = \"pg\", params = [], statement = \"SELECT {i}::int8 + 1 AS next\" }}\n"
+        );
+    }
+    let queries = flow(&toml);
+    let per_run = |keep: bool| {
+        let mut config = HostConfig::new(plugins);
+        config.engine.sql = qflow::SqlConfig::default().keep_connections(keep);
+        config.databases.push(qflow::model::Database::new("pg", server.url.clone()));
+        let host = Host::new(config).unwrap();
+        let took = rt.block_on(async {
+            host.run(&queries, json!({})).await.unwrap();
+            per_call(RUNS, || async {
+                let summary = host.run(&queries, json!({})).await.unwrap();
+                assert_eq!(summary.status, RunStatus::Succeeded);
+            })
+            .await
+        });
+        let made = host.db_pool_stats().iter().map(|(_, s)| s.creations).sum::<u64>();
+        (took, made)
+    };
+    let (fresh, _) = per_run(false);
+    let (pooled, made) = per_run(true);
+    table.row(
+        "100 concurrent steps, one PostgreSQL query each, per run",
+        "a new connection per query",
+        fresh,
+        pooled,
+    );
+    table.text_row(
+        "  connections the pooled runs made",
+        "",
+        &format!("{made}"),
+        &format!(
+            "for {} queries; throughput {:.2}x",
             (RUNS as usize + 1) * STEPS,
             fresh.as_secs_f64() / pooled.as_secs_f64()
         ),

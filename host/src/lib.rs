@@ -39,7 +39,7 @@ pub use self::model::{
 pub use self::run::RunOptions;
 pub use self::runtime::{
     CacheConfig, Catalog, Cause, EngineConfig, HttpConfig, Kind, MemoryStats, PluginError,
-    PluginInfo, ResetPath, Watch,
+    PluginInfo, ResetPath, SqlConfig, Watch,
 };
 pub use tokio_util::sync::CancellationToken;
 

@@ -512,13 +512,18 @@ pages.plugins = async (main) => {
     api('/events/history?type=q.qflow.plugin.&limit=50'),
   ]);
   const poolOf = (name) => pools.wasm.byKey.filter((p) => p.key === name).map((p) => p.stats);
+  const connectionRows = [['http', pools.http], ['db', pools.db]].flatMap(([kind, summary]) =>
+    (summary ? summary.byKey : []).map((p) => `<tr><td>${kind}</td><td class="mono">${esc(p.key)}</td>
+      <td class="num">${p.stats.in_use} / ${p.stats.total}</td><td class="num">${fmt.num(p.stats.creations)}</td>
+      <td class="num">${fmt.num(p.stats.acquisitions)}</td><td class="num">${fmt.ms(p.stats.acquire_p99_us / 1000)}</td></tr>`)).join('');
   const rows = plugins.map((p) => {
     const stats = poolOf(p.name);
     const sum = (f) => stats.reduce((n, s) => n + f(s), 0);
     const p99 = stats.length ? Math.max(...stats.map((s) => s.acquire_p99_us)) / 1000 : null;
     return p.error
-      ? `<tr data-plugin="${esc(p.name)}"><td><b>${esc(p.name)}</b></td><td colspan="7" class="error">${esc(p.error)}</td></tr>`
+      ? `<tr data-plugin="${esc(p.name)}"><td><b>${esc(p.name)}</b></td><td colspan="8" class="error">${esc(p.error)}</td></tr>`
       : `<tr data-plugin="${esc(p.name)}"><td><b>${esc(p.name)}</b></td><td>${esc(p.version)}</td><td>${esc(p.kind)}</td>
+         <td>${esc(p.contract || '–')}</td>
          <td class="mono" title="${esc(p.digest)}">${esc(p.digest.slice(0, 12))}</td><td>${esc(p.loaded_from)}</td>
          <td class="num">${stats.length ? `${sum((s) => s.in_use)} / ${sum((s) => s.total)}` : '–'}</td>
          <td class="num">${stats.length ? fmt.num(sum((s) => s.acquisitions)) : '–'}</td>
@@ -528,8 +533,11 @@ pages.plugins = async (main) => {
     `<td>${esc(e.data.plugin)}</td><td>${esc(e.data.version || e.data.error || '')}</td></tr>`;
   main.innerHTML = `
     <h1>Plugins</h1>
-    <div class="scroll"><table id="plugins-table"><tr><th>plugin</th><th>version</th><th>kind</th><th>digest</th>
+    <div class="scroll"><table id="plugins-table"><tr><th>plugin</th><th>version</th><th>kind</th><th>contract</th><th>digest</th>
       <th>loaded from</th><th>instances (busy / alive)</th><th>acquisitions</th><th>acquisition p99</th></tr>${rows}</table></div>
+    <h2>Connection pools</h2>
+    <div class="scroll"><table id="connection-pools"><tr><th>kind</th><th>origin or database</th><th>connections (busy / alive)</th>
+      <th>made</th><th>acquisitions</th><th>acquisition p99</th></tr>${connectionRows || '<tr><td colspan="6" class="muted">none yet: no step has used HTTP or a database</td></tr>'}</table></div>
     <h2>Reloads</h2>
     <div class="scroll"><table id="reloads"><tr><th>when</th><th>event</th><th>plugin</th><th>version or error</th></tr>
       ${history.slice().reverse().map(eventLine).join('') || '<tr><td colspan="4" class="muted">none yet</td></tr>'}</table></div>`;

@@ -204,6 +204,19 @@ async fn the_dashboard_shows_every_page_and_follows_a_run_live() {
         Some(&json!({"input": [1], "wait": true})),
     );
     assert_eq!(failed["status"], "failed", "{failed}");
+    // And a query, so that a database's connection pool has something to show.
+    let db = format!("sqlite:{}", data.path().join("shop.db").display());
+    let stored = json!({
+        "flow": {"name": "stored"},
+        "database": [{"id": "shop", "url": db}],
+        "step": [{"id": "one", "plugin": "sql", "databases": ["shop"],
+                  "config": {"db": "shop", "statement": "SELECT 1 AS one"}}],
+    });
+    let (status, answer) = server.http("POST", "/api/v1/flows", Some(&stored));
+    assert_eq!(status, 201, "{answer}");
+    let (_, queried) =
+        server.http("POST", "/api/v1/flows/stored/runs", Some(&json!({"wait": true})));
+    assert_eq!(queried["status"], "succeeded", "{queried}");
 
     let driver = Driver::start(&chromedriver);
     let client = browser(&driver, profile.path()).await;
@@ -225,6 +238,11 @@ async fn the_dashboard_shows_every_page_and_follows_a_run_live() {
         .await;
     }
     client.set_window_size(1280, 800).await.unwrap();
+
+    // The plugins page lists the database's pool beside their instances.
+    visit(&client, &server, "#/plugins", "plugins", "plugins").await;
+    let pools = client.find(Locator::Id("connection-pools")).await.unwrap().text().await.unwrap();
+    assert!(pools.contains("db") && pools.contains("shop"), "{pools}");
 
     // The plan is drawn: four steps, the critical path marked.
     visit(&client, &server, "#/flows/demo", "flow", "flow-demo").await;

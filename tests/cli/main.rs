@@ -761,3 +761,69 @@ fn run_fetches_over_http_within_the_limits_given() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--http-timeout must be more than 0"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_sqlite_example_fetches_filters_and_stores_orders() {
+    let server = qflow_tests::HttpServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    // The example as shipped, pointed at this test's server.
+    let example = std::fs::read_to_string(repo().join("examples/orders-to-sqlite.toml")).unwrap();
+    let flow = dir.path().join("orders-to-sqlite.toml");
+    std::fs::write(&flow, example.replace("8089", &server.port.to_string())).unwrap();
+    let flow = flow.to_str().unwrap();
+    for _ in 0..2 {
+        // Twice: the second run updates the rows the first one wrote.
+        let out = qflow(&["run", flow, "--json", "--outputs", "all"]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let summary = stdout_json(&out);
+        let output = |id: &str| {
+            let steps = summary["steps"].as_array().unwrap();
+            steps.iter().find(|s| s["id"] == id).unwrap()["output"].clone()
+        };
+        assert_eq!(output("store"), serde_json::json!({"rows_affected": 6}));
+        assert_eq!(
+            output("by_region"),
+            serde_json::json!([
+                {"region": "east", "orders": 2, "revenue": 19200.0},
+                {"region": "north", "orders": 2, "revenue": 2230.0},
+                {"region": "south", "orders": 2, "revenue": 1070.75},
+            ])
+        );
+    }
+    assert!(dir.path().join("data/orders.db").is_file(), "beside the flow, as its url says");
+}
+
+#[test]
+fn databases_given_on_the_command_line_are_granted_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shop.db");
+    let flow = dir.path().join("shop.toml");
+    std::fs::write(
+        &flow,
+        "[flow]\nname = \"shop\"\n[[step]]\nid = \"add\"\nplugin = \"sql\"\ndatabases = [\"shop\"]\n\
+         config = { db = \"shop\", setup = [\"CREATE TABLE IF NOT EXISTS items (name TEXT)\"], \
+         statement = \"INSERT INTO items (name) VALUES ($1)\" }\n",
+    )
+    .unwrap();
+    let (flow, url) = (flow.to_str().unwrap(), format!("shop=sqlite:{}", db.display()));
+    let out = qflow(&["run", flow, "--json", "--input", "[\"tea\"]", "--database", &url]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout_json(&out)["steps"][0]["output"], serde_json::json!({"rows_affected": 1}));
+
+    // Read-only, the same statement is refused, naming the grant.
+    let out =
+        qflow(&["run", flow, "--json", "--input", "[\"milk\"]", "--read-only-database", &url]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let error = &stdout_json(&out)["steps"][0]["error"];
+    assert_eq!(error["code"], "bad-config", "{error}");
+    assert!(error["message"].to_string().contains("granted read-only"), "{error}");
+
+    // Not given at all: refused before anything runs, naming the step.
+    let out = qflow(&["run", flow]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("step `add`: no database `shop`"), "{}", stderr(&out));
+    let out = qflow(&["run", flow, "--database", "s/hop=sqlite:x.db"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not a database id"), "{}", stderr(&out));
+}

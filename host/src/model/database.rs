@@ -102,7 +102,7 @@ impl Database {
 
     /// A SQLite URL's relative path made absolute against `base`; other
     /// URLs as they are.
-    pub(crate) fn resolved(mut self, base: &Path) -> Database {
+    pub fn resolved(mut self, base: &Path) -> Database {
         if let Some(rest) = self.url.trim().strip_prefix("sqlite:") {
             let rest = rest.strip_prefix("//").unwrap_or(rest);
             let (path, query) = match rest.split_once('?') {

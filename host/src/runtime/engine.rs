@@ -2,7 +2,7 @@
 //! the settings Qflow narrows wasmtime to.
 
 use super::http::{HttpClient, HttpConfig};
-use super::sql::Databases;
+use super::sql::{Databases, SqlConfig};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub struct EngineConfig {
     pub reset: ResetPath,
     /// Steps' outbound HTTP: its connection pools and limits.
     pub http: HttpConfig,
+    /// Steps' databases.
+    pub sql: SqlConfig,
 }
 
 /// How an ended instance's slot is made clean for the next one. A fresh
@@ -97,6 +99,7 @@ impl Default for EngineConfig {
             max_total_memory_mb: (machine_memory_mb() / 2).max(64),
             reset: ResetPath::default(),
             http: HttpConfig::default(),
+            sql: SqlConfig::default(),
         }
     }
 }
@@ -184,7 +187,7 @@ impl Engine {
             memory: MemoryBudget::new(config.max_total_memory_mb),
             reclaim: Arc::default(),
             http: Arc::new(HttpClient::new(config.http)),
-            databases: Arc::default(),
+            databases: Arc::new(Databases::new(config.sql)),
         })
     }
 

@@ -26,6 +26,7 @@ pub use self::components::CacheConfig;
 pub use self::engine::{EngineConfig, MemoryStats, ResetPath};
 pub use self::http::HttpConfig;
 pub use self::plugin::{Cause, Kind, PluginError, PluginInfo};
+pub use self::sql::SqlConfig;
 pub use self::watch::Watch;
 
 pub(crate) use self::assets::{AssetCache, AssetKey, Assets, fetch as fetch_asset};

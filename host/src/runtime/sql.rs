@@ -58,13 +58,40 @@ const VALIDATE_AFTER: Duration = Duration::from_millis(500);
 /// The most JSON a query may return: a step's output limit's default.
 const MAX_RESULT_BYTES: usize = 16 << 20;
 
+/// Steps' databases, host-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SqlConfig {
+    /// Keep connections open for the next call (pooled); off, every call
+    /// connects and disconnects (the benchmark's baseline).
+    pub keep_connections: bool,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig { keep_connections: true }
+    }
+}
+
+impl SqlConfig {
+    /// Turns keeping connections on or off.
+    pub fn keep_connections(mut self, keep: bool) -> Self {
+        self.keep_connections = keep;
+        self
+    }
+}
+
 /// The host's databases: a connection pool per declared database.
-#[derive(Default)]
 pub(crate) struct Databases {
+    config: SqlConfig,
     pools: Mutex<HashMap<Database, Arc<Pool<Connector>>>>,
 }
 
 impl Databases {
+    pub(crate) fn new(config: SqlConfig) -> Databases {
+        Databases { config, pools: Mutex::default() }
+    }
+
     /// Each database's pool figures, by id.
     pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
@@ -299,13 +326,16 @@ impl StepSql {
             }
             let done = conn.run(statement, params, mode, connector).await;
             conn.used = Instant::now();
+            let keep = self.databases.config.keep_connections;
             return match done {
                 Ok(outcome) => {
-                    connection.release();
+                    if keep {
+                        connection.release();
+                    }
                     Ok(outcome)
                 }
                 Err(failure) => {
-                    if !failure.broken {
+                    if keep && !failure.broken {
                         connection.release();
                     }
                     Err(SqlError {

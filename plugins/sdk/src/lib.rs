@@ -523,8 +523,8 @@ pub mod sql {
     use serde::de::DeserializeOwned;
     use serde_json::Value as Json;
 
-    pub use crate::step_bindings::qflow::plugin::sql::{SqlErrorKind as ErrorKind, Value};
     use crate::step_bindings::qflow::plugin::sql as raw;
+    pub use crate::step_bindings::qflow::plugin::sql::{SqlErrorKind as ErrorKind, Value};
 
     use super::Error;
 

@@ -70,7 +70,8 @@ impl Step for Sql {
             return Err(Error::bad_input("`each = true` needs an array input"));
         };
         if self.returns_rows {
-            let rows: Result<Vec<Value>, Error> = items.iter().map(|item| self.once(item)).collect();
+            let rows: Result<Vec<Value>, Error> =
+                items.iter().map(|item| self.once(item)).collect();
             return Ok(Value::Array(rows?));
         }
         let mut affected = 0;
@@ -84,7 +85,8 @@ impl Step for Sql {
 impl Sql {
     fn once(&self, item: &Value) -> Result<Value, Error> {
         if self.returns_rows {
-            let rows: Vec<Value> = sql::query(&self.config.db, &self.config.statement, &self.params(item)?)?;
+            let rows: Vec<Value> =
+                sql::query(&self.config.db, &self.config.statement, &self.params(item)?)?;
             Ok(Value::Array(rows))
         } else {
             Ok(json!({ "rows_affected": self.execute(item)? }))
@@ -103,7 +105,9 @@ impl Sql {
                 .iter()
                 .map(|field| {
                     object.get(field).map(param).ok_or_else(|| {
-                        Error::bad_input(format!("the input has no field `{field}` for the statement"))
+                        Error::bad_input(format!(
+                            "the input has no field `{field}` for the statement"
+                        ))
                     })
                 })
                 .collect(),
@@ -135,7 +139,8 @@ fn kind(value: &Value) -> &'static str {
 /// Whether a statement returns rows: a query by its first word, or one
 /// that says `RETURNING`.
 fn returns_rows(statement: &str) -> bool {
-    let first = statement.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+    let first =
+        statement.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
     let query = ["SELECT", "WITH", "VALUES", "PRAGMA", "SHOW", "EXPLAIN"];
     query.iter().any(|q| first.eq_ignore_ascii_case(q))
         || statement.to_ascii_uppercase().contains("RETURNING")
