@@ -715,3 +715,54 @@ async fn runs_are_answered_for_after_a_restart() {
     assert_eq!((status, error["code"].as_str()), (StatusCode::NOT_FOUND, Some("not-found")));
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_pools_are_reported_beside_the_instance_pools() {
+    let mut config = ServerConfig::default();
+    config.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", data.path().join("shop.db").display());
+    let server = Server::start(config).await;
+    let flow = json!({
+        "flow": {"name": "shop"},
+        "database": [{"id": "shop", "url": url}],
+        "step": [{"id": "count", "plugin": "sql", "databases": ["shop"],
+                  "config": {"db": "shop", "statement": "SELECT 40 + 2 AS n"}}],
+    });
+    let (status, body) = server.post("/api/v1/flows", flow).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, summary) = server.post("/api/v1/flows/shop/runs", json!({"wait": true})).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["steps"][0]["output"], json!([{"n": 42}]));
+
+    let (_, pools) = server.get("/api/v1/optimization/pools/stats").await;
+    let db = &pools["db"];
+    assert_eq!(db["totalResources"], 1, "{pools}");
+    assert_eq!(db["byKey"][0]["key"], "shop", "{pools}");
+    assert!(db["acquisitionCount"].as_u64().unwrap() >= 1, "{pools}");
+    let (_, metrics) = server.get("/api/v1/optimization/metrics").await;
+    assert_eq!(metrics["resourcePools"]["db"]["byKey"][0]["key"], "shop", "{metrics}");
+    let text =
+        server.client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("kind=\"db\",key=\"shop\""), "{text}");
+
+    // A step's database nobody declares, and a URL with no driver: 422,
+    // each named, the password hidden.
+    let undeclared = json!({
+        "flow": {"name": "lost"},
+        "step": [{"id": "q", "plugin": "sql", "databases": ["gone"],
+                  "config": {"db": "gone", "statement": "SELECT 1"}}],
+    });
+    let (status, body) = server.post("/api/v1/flows", undeclared).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("step `q`: no database `gone`"), "{body}");
+    let mysql = json!({
+        "flow": {"name": "mysql"},
+        "database": [{"id": "m", "url": "mysql://root:hunter2@db/x"}],
+        "step": [{"id": "q", "plugin": "identity"}],
+    });
+    let (status, body) = server.post("/api/v1/flows", mysql).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("database `m`") && !message.contains("hunter2"), "{body}");
+}
