@@ -114,19 +114,54 @@ enum Command {
         #[command(subcommand)]
         command: PluginsCommand,
     },
-    /// Build a plugin crate (or a workspace of them) into components in the
-    /// plugins directory.
+    /// Build a plugin project into components in the plugins directory: a
+    /// Rust crate (or a workspace of them), a Python project
+    /// (componentize-py) or a JavaScript one (componentize-js).
     Build {
-        /// The crate or workspace to build.
+        /// The project to build.
         #[arg(default_value = ".")]
         path: PathBuf,
         /// Where to place the components (default: the plugins directory).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Build with the dev profile instead of release.
+        /// Build with the dev profile instead of release (Rust).
         #[arg(long)]
         debug: bool,
+        /// Where the pinned Python and JavaScript toolchains are installed,
+        /// under `toolchains/` (default: the platform's cache directory).
+        #[arg(long, env = "QFLOW_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
+    /// Write a new step project: the code, a README and a flow that runs it.
+    New {
+        /// The plugin's name (and its directory's).
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: NewLang,
+        /// Where to make its directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Check the tools plugin builds need, and say how to get those missing.
+    Doctor {
+        /// Where the pinned toolchains are installed (as for `build`).
+        #[arg(long, env = "QFLOW_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+/// A language `qflow new` writes a project in.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NewLang {
+    Rust,
+    Python,
+    Js,
+}
+
+/// Where `build` installs the Python and JavaScript toolchains.
+fn toolchains(cache_dir: Option<PathBuf>) -> Option<PathBuf> {
+    cache_dir.or_else(|| dirs::cache_dir().map(|d| d.join("qflow"))).map(|d| d.join("toolchains"))
 }
 
 #[derive(Subcommand)]
@@ -320,13 +355,45 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Build { path, out, debug } => {
+        Command::Build { path, out, debug, cache_dir } => {
             let out = out.unwrap_or_else(default_plugins_dir);
-            let options = qflow_plugin_build::Options { release: !debug, ..Default::default() };
+            let options = qflow_plugin_build::Options {
+                release: !debug,
+                toolchains: toolchains(cache_dir),
+                ..Default::default()
+            };
             for built in qflow_plugin_build::build(&path, &out, &options)? {
                 eprintln!("built {} -> {}", built.name, built.path.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::New { name, lang, dir } => {
+            let lang = match lang {
+                NewLang::Rust => qflow_plugin_build::Lang::Rust,
+                NewLang::Python => qflow_plugin_build::Lang::Python,
+                NewLang::Js => qflow_plugin_build::Lang::JavaScript,
+            };
+            for file in qflow_plugin_build::new_project(&dir, &name, lang)? {
+                eprintln!("wrote {}", file.display());
+            }
+            let project = dir.join(&name);
+            eprintln!(
+                "next: qflow build {p} --out {p}/plugins && qflow run {p}/flow.toml --plugins {p}/plugins --input '\"to be or not to be\"'",
+                p = project.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { cache_dir } => {
+            let checks = qflow_plugin_build::doctor(toolchains(cache_dir).as_deref());
+            for check in &checks {
+                println!(
+                    "{} {:36} {}",
+                    if check.ok { "ok  " } else { "MISSING" },
+                    check.tool,
+                    check.detail
+                );
+            }
+            Ok(if checks.iter().all(|c| c.ok) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Run { flow, host, input, max_parallel, json, events, outputs } => {
             let mut options = outputs.apply(RunOptions::new());

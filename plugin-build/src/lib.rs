@@ -1,9 +1,22 @@
-//! Builds Qflow plugin crates into WebAssembly components.
+//! Builds Qflow plugins into WebAssembly components.
 //!
-//! One way to turn a plugin crate (or a workspace of them) into components in
-//! a plugins directory, shared by `qflow build` and the test suite's build
-//! script. It runs cargo for `wasm32-wasip2`, whose linker emits a component
-//! directly, and copies every `cdylib` it produced to `OUT/<package>.wasm`.
+//! One way to turn a plugin project into components in a plugins directory,
+//! shared by `qflow build` and the tests:
+//! - a Rust crate (or a workspace of them): cargo for `wasm32-wasip2`, whose
+//!   linker emits a component directly; every `cdylib` is copied to
+//!   `OUT/<package>.wasm`;
+//! - a Python project (`pyproject.toml` or `app.py`): componentize-py;
+//! - a JavaScript project (`package.json`): componentize-js.
+//!
+//! The Python and JavaScript tools are pinned and installed on first use
+//! (see [`lang`]); `qflow new` writes a project in any of the three
+//! ([`new_project`]).
+
+pub mod lang;
+mod new;
+
+pub use self::lang::{Check, Lang, doctor};
+pub use self::new::new_project;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -19,11 +32,14 @@ pub struct Options {
     pub release: bool,
     /// Cargo's target directory; cargo's own default when `None`.
     pub target_dir: Option<PathBuf>,
+    /// Where the Python and JavaScript toolchains are installed;
+    /// `~/.cache/qflow/toolchains` when `None`.
+    pub toolchains: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { release: true, target_dir: None }
+        Options { release: true, target_dir: None, toolchains: None }
     }
 }
 
@@ -40,9 +56,22 @@ pub struct Built {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// There is no `Cargo.toml` where the plugin should be.
-    #[error("{0}: no Cargo.toml here; point at a plugin crate or a workspace of plugins")]
+    /// There is no project where the plugin should be.
+    #[error(
+        "{0}: no plugin project here (Cargo.toml for Rust, pyproject.toml or app.py for Python, package.json for JavaScript); `qflow new NAME --lang rust|python|js` makes one"
+    )]
     NoManifest(PathBuf),
+    /// The project is not one that can be built as it is.
+    #[error("{0}")]
+    Project(String),
+    /// A Python or JavaScript build tool failed, or could not be installed.
+    #[error("{tool} failed: {message}")]
+    Tool {
+        /// The tool, and what to install if it is missing.
+        tool: String,
+        /// What it said.
+        message: String,
+    },
     /// Cargo could not be started.
     #[error("could not run cargo: {0}")]
     Spawn(#[source] std::io::Error),
@@ -73,13 +102,20 @@ pub enum Error {
     },
 }
 
-/// Builds the plugin crate or workspace at `path` and copies its components
-/// into `out_dir`, named after their packages.
+/// Builds the plugin project at `path` (Rust, Python or JavaScript) and
+/// places its components in `out_dir`, named after their projects.
 pub fn build(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built>, Error> {
-    let manifest = path.join("Cargo.toml");
-    if !manifest.is_file() {
-        return Err(Error::NoManifest(path.to_path_buf()));
+    let toolchains = options.toolchains.as_deref();
+    match Lang::of(path) {
+        Some(Lang::Rust) => build_rust(path, out_dir, options),
+        Some(Lang::Python) => Ok(vec![lang::build_python(path, out_dir, toolchains)?]),
+        Some(Lang::JavaScript) => Ok(vec![lang::build_js(path, out_dir, toolchains)?]),
+        None => Err(Error::NoManifest(path.to_path_buf())),
     }
+}
+
+fn build_rust(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built>, Error> {
+    let manifest = path.join("Cargo.toml");
     ensure_target()?;
 
     let mut cmd = cargo();
@@ -124,7 +160,7 @@ pub fn build(path: &Path, out_dir: &Path, options: &Options) -> Result<Vec<Built
 
 /// Copies through a temporary file and renames, so a host watching `dest`
 /// never sees half a component (and concurrent builds never share a file).
-fn place(artifact: &Path, dest: &Path) -> Result<(), Error> {
+pub(crate) fn place(artifact: &Path, dest: &Path) -> Result<(), Error> {
     let tmp = dest.with_extension(format!("wasm.{}.tmp", std::process::id()));
     std::fs::copy(artifact, &tmp)
         .and_then(|_| std::fs::rename(&tmp, dest))

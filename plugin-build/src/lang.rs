@@ -1,0 +1,438 @@
+//! Python and JavaScript steps: componentize-py and componentize-js, each
+//! pinned and installed on first use under the toolchains directory (a
+//! virtual environment, an npm prefix), run against the contract's WIT and
+//! the SDK compiled into this crate, so a build always uses the contract
+//! and SDK of the qflow that builds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::{Built, Error, place};
+
+/// componentize-py, pinned.
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+/// componentize-js, pinned: it runs on Node 20 (jco 1.35's does not).
+pub const COMPONENTIZE_JS: &str = "0.23.0";
+
+/// The contract the SDKs build against.
+const WIT: &str = include_str!("../../wit/0.2.0/qflow.wit");
+const PYTHON_SDK: &str = include_str!("../../plugins/sdk-python/qflow_sdk/__init__.py");
+const JS_SDK: &str = include_str!("../../plugins/sdk-js/qflow-sdk.js");
+
+/// Standard-library modules that others import lazily, inside functions
+/// (`collections.Counter.most_common` imports `heapq`): componentize-py
+/// bundles only what is imported while it builds, so the entry imports
+/// them up front.
+const LAZY_STDLIB: &[&str] = &[
+    "heapq",
+    "bisect",
+    "copy",
+    "datetime",
+    "decimal",
+    "fractions",
+    "statistics",
+    "random",
+    "string",
+    "textwrap",
+    "base64",
+    "hashlib",
+    "csv",
+    "uuid",
+    "urllib.parse",
+];
+
+/// A language's project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    /// A cargo crate or workspace.
+    Rust,
+    /// `pyproject.toml` (or `app.py`).
+    Python,
+    /// `package.json`.
+    JavaScript,
+}
+
+impl Lang {
+    /// The language of the project at `path`, by its files.
+    pub fn of(path: &Path) -> Option<Lang> {
+        if path.join("Cargo.toml").is_file() {
+            Some(Lang::Rust)
+        } else if path.join("pyproject.toml").is_file() || path.join("app.py").is_file() {
+            Some(Lang::Python)
+        } else if path.join("package.json").is_file() {
+            Some(Lang::JavaScript)
+        } else {
+            None
+        }
+    }
+}
+
+/// A project's name: `name` in `pyproject.toml`'s `[project]` or in
+/// `package.json`, else its directory's.
+fn project_name(path: &Path, lang: Lang) -> Result<String, Error> {
+    let read = |file: &str| std::fs::read_to_string(path.join(file)).ok();
+    let named = match lang {
+        Lang::Python => read("pyproject.toml").and_then(|text| {
+            // `name = "…"` in [project]: enough TOML for the one key.
+            let mut in_project = false;
+            text.lines().find_map(|line| {
+                let line = line.trim();
+                if line.starts_with('[') {
+                    in_project = line == "[project]";
+                    return None;
+                }
+                let rest = line.strip_prefix("name")?.trim_start().strip_prefix('=')?;
+                in_project.then(|| rest.trim().trim_matches('"').to_owned())
+            })
+        }),
+        Lang::JavaScript => read("package.json")
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|json| json["name"].as_str().map(str::to_owned)),
+        Lang::Rust => None,
+    };
+    let dir = std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let name = named.or(dir).unwrap_or_default();
+    let valid =
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(name)
+    } else {
+        Err(Error::Project(format!(
+            "{}: {name:?} is not a plugin name (letters, digits, `-` and `_`); set the project's name",
+            path.display()
+        )))
+    }
+}
+
+/// Where pinned toolchains live: `toolchains` or `~/.cache/qflow/toolchains`.
+fn toolchains(dir: Option<&Path>) -> PathBuf {
+    let dir = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let home = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            home.join("qflow").join("toolchains")
+        }
+    };
+    // The tools run in other directories.
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+/// The project's directory, absolute: the tools run elsewhere.
+fn absolute(path: &Path) -> Result<PathBuf, Error> {
+    std::fs::canonicalize(path).map_err(io(path))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+/// Runs a tool, its output shown only if it fails.
+fn run(what: &str, command: &mut Command) -> Result<(), Error> {
+    let output = command.stdin(Stdio::null()).output().map_err(|e| Error::Tool {
+        tool: what.to_owned(),
+        message: format!("could not start it: {e}"),
+    })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut message = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !stdout.trim().is_empty() {
+        message = format!("{}\n{message}", stdout.trim());
+    }
+    Err(Error::Tool { tool: what.to_owned(), message: format!("{} ({})", message, output.status) })
+}
+
+/// Installs a pinned tool into `dir` once: under a lock (builds at once
+/// install it once), marked complete only when the install succeeded.
+fn installed(
+    dir: &Path,
+    tool: PathBuf,
+    install: impl FnOnce() -> Result<(), Error>,
+) -> Result<PathBuf, Error> {
+    let done = dir.join(".qflow-installed");
+    if done.is_file() && tool.is_file() {
+        return Ok(tool);
+    }
+    let parent = dir.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let lock_path = dir.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+    lock.lock().map_err(io(&lock_path))?;
+    if done.is_file() && tool.is_file() {
+        return Ok(tool);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    install()?;
+    if !tool.is_file() {
+        return Err(Error::Tool {
+            tool: tool.display().to_string(),
+            message: "the install succeeded, but the program is missing".into(),
+        });
+    }
+    std::fs::write(&done, b"").map_err(io(&done))?;
+    Ok(tool)
+}
+
+/// componentize-py in a virtual environment of its own, made on first use.
+fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
+    let venv = toolchains.join(format!("componentize-py-{COMPONENTIZE_PY}"));
+    let tool = venv.join("bin").join("componentize-py");
+    installed(&venv, tool, || {
+        let python = std::env::var_os("QFLOW_PYTHON").unwrap_or_else(|| "python3".into());
+        run(
+            "python3 -m venv (install python3 and python3-venv)",
+            Command::new(&python).arg("-m").arg("venv").arg(&venv),
+        )?;
+        run(
+            "pip install componentize-py",
+            Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!("componentize-py=={COMPONENTIZE_PY}")),
+        )
+    })
+}
+
+/// componentize-js in an npm prefix of its own, made on first use.
+fn componentize_js(toolchains: &Path) -> Result<PathBuf, Error> {
+    let prefix = toolchains.join(format!("componentize-js-{COMPONENTIZE_JS}"));
+    let tool = prefix.join("node_modules").join(".bin").join("componentize-js");
+    installed(&prefix, tool, || {
+        std::fs::create_dir_all(&prefix).map_err(io(&prefix))?;
+        run(
+            "npm install @bytecodealliance/componentize-js (install Node.js 20 and npm)",
+            Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg(format!("@bytecodealliance/componentize-js@{COMPONENTIZE_JS}")),
+        )
+    })
+}
+
+/// A scratch directory for one build, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(base: &Path, name: &str) -> Result<Scratch, Error> {
+        let dir = base.join("builds").join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// Builds the Python project at `path` into `out_dir/NAME.wasm`.
+pub(crate) fn build_python(
+    path: &Path,
+    out_dir: &Path,
+    toolchains_dir: Option<&Path>,
+) -> Result<Built, Error> {
+    let path = &absolute(path)?;
+    let name = project_name(path, Lang::Python)?;
+    let module = python_module(path)?;
+    let toolchains = toolchains(toolchains_dir);
+    let tool = componentize_py(&toolchains)?;
+    let scratch = Scratch::new(&toolchains, &name)?;
+    let (wit, sdk) = (scratch.0.join("wit"), scratch.0.join("sdk").join("qflow_sdk"));
+    std::fs::create_dir_all(&wit).map_err(io(&wit))?;
+    std::fs::create_dir_all(&sdk).map_err(io(&sdk))?;
+    write(&wit.join("qflow.wit"), WIT)?;
+    write(&sdk.join("__init__.py"), PYTHON_SDK)?;
+    let entry = format!(
+        "# Written by qflow build: the component's entry.\nimport qflow_sdk\nqflow_sdk._project = {name:?}\nimport {}\nimport {module}\nfrom qflow_sdk import WitWorld\n",
+        LAZY_STDLIB.join(", ")
+    );
+    write(&scratch.0.join("qflow_entry.py"), &entry)?;
+    let built = scratch.0.join(format!("{name}.wasm"));
+    run(
+        "componentize-py",
+        Command::new(&tool)
+            .arg("-d")
+            .arg(&wit)
+            .args(["-w", "step", "componentize", "qflow_entry", "-p"])
+            .arg(&scratch.0)
+            .arg("-p")
+            .arg(path)
+            .arg("-p")
+            .arg(scratch.0.join("sdk"))
+            .arg("-o")
+            .arg(&built),
+    )?;
+    finish(&built, out_dir, name)
+}
+
+/// The step's module: `[tool.qflow] module = "…"` in `pyproject.toml`, else `app`.
+fn python_module(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path.join("pyproject.toml")).unwrap_or_default();
+    let mut in_qflow = false;
+    let named = text.lines().find_map(|line| {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_qflow = line == "[tool.qflow]";
+            return None;
+        }
+        let rest = line.strip_prefix("module")?.trim_start().strip_prefix('=')?;
+        in_qflow.then(|| rest.trim().trim_matches('"').to_owned())
+    });
+    let module = named.unwrap_or_else(|| "app".to_owned());
+    let file = path.join(format!("{}.py", module.replace('.', "/")));
+    if file.is_file() || path.join(module.replace('.', "/")).join("__init__.py").is_file() {
+        Ok(module)
+    } else {
+        Err(Error::Project(format!(
+            "{}: no module `{module}` ({} is missing; set [tool.qflow] module = \"…\" in pyproject.toml)",
+            path.display(),
+            file.display()
+        )))
+    }
+}
+
+/// Builds the JavaScript project at `path` into `out_dir/NAME.wasm`.
+pub(crate) fn build_js(
+    path: &Path,
+    out_dir: &Path,
+    toolchains_dir: Option<&Path>,
+) -> Result<Built, Error> {
+    let path = &absolute(path)?;
+    let name = project_name(path, Lang::JavaScript)?;
+    let main = std::fs::read_to_string(path.join("package.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| json["main"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "app.js".to_owned());
+    if !path.join(&main).is_file() {
+        return Err(Error::Project(format!(
+            "{}: no {main} (package.json's `main`, app.js by default)",
+            path.display()
+        )));
+    }
+    let toolchains = toolchains(toolchains_dir);
+    let tool = componentize_js(&toolchains)?;
+    let scratch = Scratch::new(&toolchains, &name)?;
+    write(&scratch.0.join("qflow.wit"), WIT)?;
+    // The SDK beside the step, where its `import … from "./qflow-sdk.js"`
+    // finds it: always this qflow's, never a stale copy.
+    write(&path.join("qflow-sdk.js"), JS_SDK)?;
+    let entry_file = path.join(".qflow-entry.js");
+    let main = main.trim_start_matches("./");
+    let entry = format!(
+        "// Written by qflow build: the component's entry.\nimport {{ world }} from \"./qflow-sdk.js\";\nimport {{ step }} from \"./{main}\";\nconst exports = world(step, {name:?});\nexport function describe() {{ return exports.describe(); }}\nexport function init(config) {{ return exports.init(config); }}\nexport function run(input) {{ return exports.run(input); }}\n"
+    );
+    write(&entry_file, &entry)?;
+    let built = scratch.0.join(format!("{name}.wasm"));
+    let ran = run(
+        "componentize-js",
+        Command::new(&tool)
+            .arg(".qflow-entry.js")
+            .arg("--wit")
+            .arg(scratch.0.join("qflow.wit"))
+            .args(["--world-name", "step", "-o"])
+            .arg(&built)
+            .current_dir(path),
+    );
+    let _ = std::fs::remove_file(&entry_file);
+    ran?;
+    finish(&built, out_dir, name)
+}
+
+fn finish(built: &Path, out_dir: &Path, name: String) -> Result<Built, Error> {
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let dest = out_dir.join(format!("{name}.wasm"));
+    place(built, &dest)?;
+    Ok(Built { name, path: dest })
+}
+
+/// What `qflow doctor` reports for one tool.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The tool.
+    pub tool: String,
+    /// Whether it is there.
+    pub ok: bool,
+    /// Its version, or how to get it.
+    pub detail: String,
+}
+
+/// Whether the tools the Python and JavaScript builds need are here.
+pub fn doctor(toolchains_dir: Option<&Path>) -> Vec<Check> {
+    let version = |program: &str, arg: &str| {
+        Command::new(program).arg(arg).output().ok().filter(|o| o.status.success()).map(|o| {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&text).trim().to_owned()
+        })
+    };
+    let toolchains = toolchains(toolchains_dir);
+    let installed = |path: PathBuf, pinned: &str| {
+        if path.is_file() {
+            format!("{pinned}, installed in {}", path.display())
+        } else {
+            format!("{pinned}, installed by the first build into {}", toolchains.display())
+        }
+    };
+    let node = version("node", "--version");
+    let node_ok = node.as_deref().is_some_and(|v| {
+        v.trim_start_matches('v')
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .is_some_and(|m| m >= 20)
+    });
+    vec![
+        Check {
+            tool: "cargo (Rust steps)".into(),
+            ok: version("cargo", "--version").is_some(),
+            detail: version("cargo", "--version")
+                .unwrap_or_else(|| "install rustup: https://rustup.rs".into()),
+        },
+        Check {
+            tool: "python3 with venv (Python steps)".into(),
+            ok: version("python3", "--version").is_some(),
+            detail: version("python3", "--version")
+                .unwrap_or_else(|| "apt-get install python3 python3-venv".into()),
+        },
+        Check {
+            tool: "componentize-py".into(),
+            ok: true,
+            detail: installed(
+                toolchains.join(format!("componentize-py-{COMPONENTIZE_PY}/bin/componentize-py")),
+                COMPONENTIZE_PY,
+            ),
+        },
+        Check {
+            tool: "node ≥ 20 and npm (JavaScript steps)".into(),
+            ok: node_ok && version("npm", "--version").is_some(),
+            detail: match node {
+                Some(v) => format!(
+                    "node {v}, npm {}",
+                    version("npm", "--version").unwrap_or_else(|| "missing".into())
+                ),
+                None => "install Node.js 20 and npm".into(),
+            },
+        },
+        Check {
+            tool: "componentize-js".into(),
+            ok: true,
+            detail: installed(
+                toolchains.join(format!(
+                    "componentize-js-{COMPONENTIZE_JS}/node_modules/.bin/componentize-js"
+                )),
+                COMPONENTIZE_JS,
+            ),
+        },
+    ]
+}
