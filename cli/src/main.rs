@@ -961,13 +961,18 @@ async fn list(args: &HostArgs, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         for (_, d) in &described {
             match d {
-                Ok(info) => println!(
-                    "{:14} {:8} {:7} {}",
-                    printable(&info.name),
-                    printable(&info.version),
-                    info.kind,
-                    printable(&info.description)
-                ),
+                Ok(info) => {
+                    println!(
+                        "{:14} {:8} {:7} {}",
+                        printable(&info.name),
+                        printable(&info.version),
+                        info.kind,
+                        printable(&info.description)
+                    );
+                    for warning in &info.warnings {
+                        println!("  warning: {}", printable(warning));
+                    }
+                }
                 Err(e) => println!("error: {}", printable(&qflow::error_chain(e))),
             }
         }

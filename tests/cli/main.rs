@@ -12,6 +12,8 @@ use qflow_tests::{
 };
 use serde_json::Value;
 
+mod langs;
+
 /// `qflow` with the args, from the repository's root, on the bundled
 /// plugins, with a cache directory of the tests' own.
 fn command(args: &[&str]) -> Command {

@@ -255,6 +255,7 @@ impl Catalog {
             digest: hex::encode(plugin.digest),
             loaded_from: plugin.loaded_from.as_str().to_owned(),
             contract: plugin.contract.map(str::to_owned),
+            warnings: plugin.described.warnings.clone(),
         }
     }
 

@@ -14,11 +14,12 @@ use super::bindings::{self, loader::LoaderPre, step::StepPre};
 use super::cache::{Cache, LoadError, Outcome};
 use super::disk::{DiskCache, Lookup};
 use super::engine::Engine;
+use super::imports;
 use super::plugin::{Described, Digest, Kind, LoadSource, Plugin, PluginError, World, digest};
 use super::sandbox::Grants;
 use super::sql::StepSql;
 use super::state::{Caller, Limits, PluginState, describe_failure};
-use crate::model::{ComponentStats, Emitter, EventData};
+use crate::model::{ComponentStats, Emitter, EventData, printable};
 
 /// How compiled components and loader assets are cached.
 #[derive(Debug, Clone)]
@@ -230,6 +231,19 @@ impl ComponentStore {
                 "the file changed while it was being loaded; try again",
             )));
         }
+        // Seconds of Cranelift are not spent on a component that cannot link.
+        let missing = imports::unprovided(&bytes);
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().map(|name| format!("`{name}`")).collect();
+            return Err(PluginError::NoWorld {
+                path: path.to_path_buf(),
+                message: format!(
+                    "it imports what Qflow does not provide: {} (Qflow provides {})",
+                    list.join(", "),
+                    imports::offered()
+                ),
+            });
+        }
         // Cranelift is CPU-bound for up to seconds: keep it off the async workers.
         let (engine, disk) = (engine.clone(), self.disk.clone());
         let started = Instant::now();
@@ -262,12 +276,18 @@ impl ComponentStore {
         path: &Path,
         loaded_from: LoadSource,
     ) -> Result<Plugin, PluginError> {
-        let no_world = |e: wasmtime::Error| PluginError::NoWorld {
-            path: path.to_path_buf(),
-            message: format!("{e:#}"),
-        };
         let contract = contract(&component, self.engine.wasmtime())
             .map_err(|message| PluginError::NoWorld { path: path.to_path_buf(), message })?;
+        let no_world = |e: wasmtime::Error| {
+            let mut message = format!("{e:#}");
+            // The version matched, the shapes did not: a changed copy of the WIT.
+            if let Some(version) = contract.filter(|_| message.contains("qflow:plugin/")) {
+                message = format!(
+                    "its qflow:plugin@{version} imports differ from this host's qflow:plugin@{version} (was it built against a changed copy of wit/{version}?): {message}"
+                );
+            }
+            PluginError::NoWorld { path: path.to_path_buf(), message }
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(no_world)?;
         let world = match StepPre::new(pre.clone()) {
             Ok(step) => World::Step(step),
@@ -278,6 +298,7 @@ impl ComponentStore {
                 })?)
             }
         };
+        let mut warnings = Vec::new();
         let caller = Caller { name: Arc::from("describe"), plugin: Arc::from(name) };
         let deadline = tokio::time::Instant::now() + DESCRIBE_TIME_LIMIT;
         let grants = Grants::default();
@@ -297,6 +318,14 @@ impl ComponentStore {
                 return Err(described(format!("describe() did not return within {limit} ms")));
             }
         };
+        if info.name != name {
+            let (path, said) = (path.display(), printable(&info.name));
+            let warning = format!(
+                "{path}: describe() says it is `{said}`, but flows know it by its file name, `{name}`: rename the file or the plugin"
+            );
+            tracing::warn!("{warning}");
+            warnings.push(warning);
+        }
         let (kind, said) = (world.kind(), Kind::from(info.kind));
         if said != kind {
             return Err(PluginError::Describe {
@@ -305,6 +334,7 @@ impl ComponentStore {
             });
         }
         let described = Described {
+            warnings,
             version: info.version,
             description: info.description,
             kind,

@@ -12,6 +12,7 @@ mod components;
 mod disk;
 mod engine;
 mod http;
+mod imports;
 mod instances;
 mod memory;
 mod plugin;

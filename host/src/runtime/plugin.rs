@@ -202,11 +202,17 @@ pub struct PluginInfo {
     /// as its imports say; `None` if it imports nothing of the contract.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contract: Option<String>,
+    /// What is odd about it, though it works: `describe()` giving a name
+    /// other than its file's, which is the name flows use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// What `describe()` said, checked against the world the component implements.
 #[derive(Debug, Clone)]
 pub(crate) struct Described {
+    /// What is odd about it, though it works (a name that is not its file's).
+    pub(crate) warnings: Vec<String>,
     pub(crate) version: String,
     pub(crate) description: String,
     pub(crate) kind: Kind,

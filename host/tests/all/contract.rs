@@ -84,12 +84,31 @@ async fn a_component_built_for_an_unknown_contract_is_refused_naming_it() {
         }
     }
     let dir = plugins_with(&bytes);
-    let error = host(dir.path()).catalog().describe("csv01").await.unwrap_err();
+    let host = host(dir.path());
+    let error = host.catalog().describe("csv01").await.unwrap_err();
     assert!(matches!(error, PluginError::NoWorld { .. }), "{error:?}");
     let message = qflow::model::error_chain(&error);
     assert!(message.contains("csv01.wasm"), "{message}");
-    assert!(message.contains("qflow:plugin/") && message.contains("@0.9.0"), "{message}");
-    assert!(message.contains("this host speaks qflow:plugin@0.1.0 and @0.2.0"), "{message}");
+    assert!(
+        message.contains("imports what Qflow does not provide: `qflow:plugin/types@0.9.0`, `qflow:plugin/host@0.9.0`"),
+        "{message}"
+    );
+    assert!(message.contains("Qflow provides qflow:plugin@0.1.0, @0.2.0"), "{message}");
+    // Found from its imports, before any compile.
+    assert_eq!(host.stats().components.compiles, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_names_itself_otherwise_than_its_file_is_warned_about() {
+    let fixture = std::fs::read(repo().join(FIXTURE)).unwrap();
+    let dir = plugins_with(&fixture);
+    let host = host(dir.path());
+    // `csv01.wasm` says it is `csv`: it works, under its file's name, with a warning.
+    let info = host.catalog().describe("csv01").await.unwrap();
+    assert_eq!(info.name, "csv01");
+    assert_eq!(info.warnings.len(), 1, "{:?}", info.warnings);
+    assert!(info.warnings[0].contains("says it is `csv`") && info.warnings[0].contains("`csv01`"));
+    assert!(host.catalog().describe("csv").await.unwrap().warnings.is_empty());
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

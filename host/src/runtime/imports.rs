@@ -1,0 +1,108 @@
+//! What a component imports, read from its bytes before anything is
+//! compiled. A component that needs what Qflow does not provide is refused
+//! in a millisecond, naming every such import beside what Qflow provides,
+//! rather than after seconds of Cranelift. (What passes here may still
+//! fail to link, a function or type differing inside a provided interface:
+//! that is found after the compile, as before.)
+
+use super::bindings::CONTRACTS;
+
+/// The WASI packages the host links (wasmtime-wasi's p2 and
+/// wasmtime-wasi-http's outgoing handler), at any 0.2 version: wasmtime
+/// matches a component's 0.2.x to its own.
+const WASI: &[&str] =
+    &["wasi:cli", "wasi:clocks", "wasi:filesystem", "wasi:io", "wasi:random", "wasi:sockets"];
+
+/// `wasi:http`'s interfaces the host links (the incoming handler is for
+/// servers, not steps).
+const WASI_HTTP: &[&str] = &["wasi:http/types", "wasi:http/outgoing-handler"];
+
+/// The contract's interfaces, in every version.
+const CONTRACT: &[&str] = &["types", "host", "sql"];
+
+/// Whether the host provides the interface an import names
+/// (`wasi:cli/environment@0.2.6`, `qflow:plugin/host@0.1.0`).
+fn provided(name: &str) -> bool {
+    let (interface, version) = name.split_once('@').unwrap_or((name, ""));
+    let Some((package, _)) = interface.split_once('/') else { return false };
+    let wasi_02 = version.starts_with("0.2.");
+    if let Some(rest) = interface.strip_prefix("qflow:plugin/") {
+        // `sql` is only in 0.2.0 and later.
+        let known = CONTRACTS.contains(&version) && CONTRACT.contains(&rest);
+        return known && !(rest == "sql" && version == "0.1.0");
+    }
+    (WASI.contains(&package) && wasi_02) || (WASI_HTTP.contains(&interface) && wasi_02)
+}
+
+/// What Qflow provides, for a message.
+pub(crate) fn offered() -> String {
+    format!(
+        "qflow:plugin@{} (types, host; sql from 0.2.0), {} and wasi:http/outgoing-handler at 0.2.x",
+        CONTRACTS.join(", @"),
+        WASI.join(", ")
+    )
+}
+
+/// The imports of the component in `bytes` that the host does not provide
+/// (none: it may link). Bytes that do not parse are left for the compiler
+/// to describe.
+pub(crate) fn unprovided(bytes: &[u8]) -> Vec<String> {
+    let mut missing = Vec::new();
+    // Nested modules and components have imports of their own, satisfied
+    // inside the component: only the outermost ones are the host's to give.
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { return Vec::new() };
+        match payload {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 0 => {
+                for import in reader {
+                    let Ok(import) = import else { return Vec::new() };
+                    // A world's `use`d types are imported as types equal to
+                    // ones the component defines: nothing for the host to give.
+                    if let wasmparser::ComponentTypeRef::Type(_) = import.ty {
+                        continue;
+                    }
+                    let name = import.name.name;
+                    if !provided(name) {
+                        missing.push(name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::provided;
+
+    #[test]
+    fn the_interfaces_the_host_links_are_provided_and_no_others() {
+        for name in [
+            "wasi:cli/environment@0.2.0",
+            "wasi:io/streams@0.2.10",
+            "wasi:http/outgoing-handler@0.2.3",
+            "qflow:plugin/host@0.1.0",
+            "qflow:plugin/types@0.1.0",
+            "qflow:plugin/sql@0.2.0",
+        ] {
+            assert!(provided(name), "{name}");
+        }
+        for name in [
+            "wasi:cli/environment@0.3.0",
+            "wasi:nn/graph@0.2.0",
+            "wasi:http/incoming-handler@0.2.0",
+            "qflow:plugin/sql@0.1.0",
+            "qflow:plugin/host@0.9.0",
+            "qflow:plugin/hosts@0.2.0",
+            "log",
+        ] {
+            assert!(!provided(name), "{name}");
+        }
+    }
+}
