@@ -912,7 +912,15 @@ pub(crate) fn print_summary(summary: &RunSummary) {
             (Some(start), Some(end)) => format!("{start:8.1} → {end:8.1} ms"),
             _ => format!("{:>22}", format!("{:?}", step.status).to_lowercase()),
         };
-        println!("{mark} {:width$}  {timing}  {}", step.id, step.plugin);
+        // The load phase (a compile, the disk cache, a first instance) when
+        // it is worth a look: a cold start's time is mostly that.
+        let load = match step.load_ms {
+            Some(ms) if ms >= 1.0 => {
+                format!("  (load {ms:.1} ms, run {:.1} ms)", step.run_ms.unwrap_or(0.0))
+            }
+            _ => String::new(),
+        };
+        println!("{mark} {:width$}  {timing}  {}{load}", step.id, step.plugin);
         if let Some(error) = &step.error {
             println!("    {}", printable(&error.message));
         }

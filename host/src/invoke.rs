@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -240,13 +241,15 @@ impl StepInvoker for WasmInvoker {
             return Attempt {
                 result: Err(failure(step, FailureKind::Internal, what)),
                 log: Default::default(),
+                ready: Duration::ZERO,
             };
         };
         let pre = match prepared.plugin.step(&step.plugin.name) {
             Ok(pre) => pre,
             Err(e) => {
                 let failed = failure(step, FailureKind::Plugin, &error_chain(&e));
-                return Attempt { result: Err(failed), log: Default::default() };
+                let log = Default::default();
+                return Attempt { result: Err(failed), log, ready: Duration::ZERO };
             }
         };
         let pool = self.pools.get(&prepared.key, || PoolSource {
@@ -268,7 +271,8 @@ impl StepInvoker for WasmInvoker {
             settings: step.pool,
             assets: self.assets.clone() as Arc<dyn AssetSource>,
         });
-        let (called, log) = pool.call(prepared.caller.clone(), input.as_str(), deadline).await;
+        let (called, log, ready) =
+            pool.call(prepared.caller.clone(), input.as_str(), deadline).await;
         let result = match called {
             Ok(returned) => self.output(step, returned),
             Err(CallFailure { kind, code, what, retryable }) => {
@@ -279,6 +283,6 @@ impl StepInvoker for WasmInvoker {
                 })
             }
         };
-        Attempt { result, log }
+        Attempt { result, log, ready }
     }
 }

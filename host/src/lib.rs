@@ -169,6 +169,12 @@ impl HostConfig {
             "bytes",
         );
         numbers.check("cache.load_timeout", Some(ms(cache.load_timeout)), 1..=86_400_000, "ms");
+        numbers.check(
+            "cache.compile_concurrency",
+            Some(cache.compile_concurrency as u64),
+            1..=1024,
+            "compiles",
+        );
         numbers.check("step_timeout", Some(ms(self.step_timeout)), model::TIMEOUT_MS, "ms");
         numbers.check("run_timeout", Some(ms(self.run_timeout)), model::TIMEOUT_MS, "ms");
         let mut ids = std::collections::HashSet::new();

@@ -160,6 +160,14 @@ pub struct StepReport {
     pub start_ms: Option<f64>,
     /// When its last attempt ended, in ms since the run began.
     pub end_ms: Option<f64>,
+    /// Of that time, the load phase, in ms: its plugin loaded (from memory,
+    /// the disk cache, or compiled), and its first instance made ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<f64>,
+    /// The rest: the step's own run (its attempts, and any backoff between
+    /// them), in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_ms: Option<f64>,
     /// Its output, if it succeeded: the JSON it returned, as it returned it
     /// (or, where the run kept no more than a digest of a large one,
     /// `{"sha256", "bytes"}`).
@@ -195,6 +203,8 @@ impl StepReport {
             attempts: 0,
             start_ms: None,
             end_ms: None,
+            load_ms: None,
+            run_ms: None,
             output: None,
             error: None,
             log: Vec::new(),

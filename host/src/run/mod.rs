@@ -63,6 +63,9 @@ pub(crate) struct Attempt {
     pub(crate) result: Result<Json, StepFailure>,
     /// What the guest printed and logged during the attempt.
     pub(crate) log: StepLog,
+    /// How long getting an instance ready took (from its pool, or made and
+    /// initialised there): load time, not the step's own.
+    pub(crate) ready: Duration,
 }
 
 /// How to run a flow, beyond what the flow itself says.
@@ -176,6 +179,9 @@ struct Finished {
     index: usize,
     start: Instant,
     end: Instant,
+    /// The load phase: readying the step (its plugin loaded or compiled,
+    /// what it needs) and its first instance.
+    load: Duration,
     attempts: u32,
     result: Result<Json, StepFailure>,
     log: StepLog,
@@ -413,6 +419,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
                     index,
                     start: now,
                     end: now,
+                    load: Duration::ZERO,
                     attempts: 0,
                     result: Err(failure),
                     log: StepLog::default(),
@@ -454,6 +461,7 @@ impl<I: StepInvoker> Scheduler<'_, I> {
             index,
             start: now,
             end: now,
+            load: Duration::ZERO,
             attempts: 1,
             result: Err(failure),
             log: StepLog::default(),
@@ -601,6 +609,9 @@ fn summarize<I>(
 fn record<I>(ctx: &RunContext<I>, report: &mut StepReport, done: Finished) {
     report.start_ms = Some(ctx.ms_since_start(done.start));
     report.end_ms = Some(ctx.ms_since_start(done.end));
+    let total = done.end.saturating_duration_since(done.start);
+    report.load_ms = Some(done.load.as_secs_f64() * 1e3);
+    report.run_ms = Some(total.saturating_sub(done.load).as_secs_f64() * 1e3);
     report.attempts = done.attempts;
     report.log = done.log.lines;
     report.log_dropped_bytes = done.log.dropped;
@@ -691,16 +702,20 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: J
             index,
             start,
             end,
+            load: end.saturating_duration_since(start),
             attempts: 1,
             result: Err(failure),
             log: StepLog::default(),
         };
     }
+    let prepared = start.elapsed();
     let retries = step.strategy == Strategy::RetryFailed;
     let mut attempts = 1;
+    let mut load = None;
     loop {
         let timeout = step.timeout.or(ctx.step_timeout);
-        let (result, log) = attempt(&*ctx.invoker, step, timeout, index, &input).await;
+        let (result, log, ready) = attempt(&*ctx.invoker, step, timeout, index, &input).await;
+        let load = *load.get_or_insert(prepared + ready);
         match result {
             Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
                 let delay = step.retry.delay(attempts, RandomState::new().hash_one(attempts));
@@ -715,7 +730,8 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: J
                 attempts += 1;
             }
             result => {
-                return Finished { index, start, end: Instant::now(), attempts, result, log };
+                let end = Instant::now();
+                return Finished { index, start, end, load, attempts, result, log };
             }
         }
     }
@@ -735,21 +751,21 @@ async fn attempt<I: StepInvoker>(
     timeout: Option<Duration>,
     index: usize,
     input: &Json,
-) -> (Result<Json, StepFailure>, StepLog) {
+) -> (Result<Json, StepFailure>, StepLog, Duration) {
     let Some((limit, deadline)) =
         timeout.and_then(|limit| Some((limit, Instant::now().checked_add(limit)?)))
     else {
-        let Attempt { result, log } = invoker.invoke(index, input, None).await;
-        return (result, log);
+        let Attempt { result, log, ready } = invoker.invoke(index, input, None).await;
+        return (result, log, ready);
     };
     match tokio::time::timeout_at(deadline, invoker.invoke(index, input, Some(deadline))).await {
         // An interrupted guest traps; at its deadline, that is the timeout.
-        Ok(Attempt { result: Err(failure), log })
+        Ok(Attempt { result: Err(failure), log, ready })
             if failure.kind == FailureKind::Trap && Instant::now() >= deadline =>
         {
-            (Err(timed_out(step, limit)), log)
+            (Err(timed_out(step, limit)), log, ready)
         }
-        Ok(Attempt { result, log }) => (result, log),
-        Err(_) => (Err(timed_out(step, limit)), StepLog::default()),
+        Ok(Attempt { result, log, ready }) => (result, log, ready),
+        Err(_) => (Err(timed_out(step, limit)), StepLog::default(), Duration::ZERO),
     }
 }

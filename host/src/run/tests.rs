@@ -70,6 +70,9 @@ enum Act {
     Hang,
     /// Its plugin cannot be loaded.
     NoPlugin,
+    /// Preparing it takes `load` ms, readying an instance `ready` ms, its
+    /// run `ms`.
+    Slow { load: u64, ready: u64, ms: u64 },
 }
 
 /// A fake invoker: each step does what its `Act` says on tokio's clock, and
@@ -107,6 +110,10 @@ impl StepInvoker for Fake {
     async fn prepare(&self, index: usize) -> Result<(), StepFailure> {
         match self.act(index) {
             Act::NoPlugin => Err(failure(&self.flow.steps[index], FailureKind::Plugin, "missing")),
+            Act::Slow { load, .. } => {
+                tokio::time::sleep(Duration::from_millis(load)).await;
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
@@ -120,7 +127,14 @@ impl StepInvoker for Fake {
         };
         let start = self.ms();
         let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
+        let mut ready = Duration::ZERO;
         let result = match self.act(index) {
+            Act::Slow { ready: took, ms, .. } => {
+                sleep(took).await;
+                ready = Duration::from_millis(took);
+                sleep(ms).await;
+                Ok(Json::from(json!(null)))
+            }
             Act::Succeed(ms) => {
                 sleep(ms).await;
                 Ok(Json::from(json!({"step": step.id, "input": input.value()})))
@@ -146,7 +160,7 @@ impl StepInvoker for Fake {
             },
         };
         self.trace.lock().unwrap().push((step.id.clone(), start, self.ms()));
-        Attempt { result, log: StepLog::default() }
+        Attempt { result, log: StepLog::default(), ready }
     }
 }
 
@@ -661,4 +675,20 @@ async fn the_runs_timeout_fails_the_running_step_once_and_skips_the_rest() {
         }
     }
     assert_eq!(finished, ["a", "b"], "each step's end announced once");
+}
+
+/// A step's report splits its time: the load phase (preparing it, readying
+/// its first instance) and its own run.
+#[tokio::test(start_paused = true)]
+async fn a_report_splits_load_time_from_run_time() {
+    let flow = wide("", 2);
+    let fake = Fake::new(&flow, &[("s0", Act::Slow { load: 300, ready: 20, ms: 5 })]);
+    let summary = run_fake(&flow, &fake, RunOptions::default()).await;
+    let step = &summary.steps[0];
+    assert_eq!(step.load_ms, Some(320.0));
+    assert_eq!(step.run_ms, Some(5.0));
+    assert_eq!(step.end_ms.zip(step.start_ms).map(|(end, start)| end - start), Some(325.0));
+    // A step that loads nothing still says so.
+    assert_eq!(summary.steps[1].load_ms, Some(0.0));
+    assert_eq!(summary.steps[1].run_ms, Some(10.0));
 }

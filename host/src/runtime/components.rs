@@ -35,9 +35,14 @@ pub struct CacheConfig {
     /// A plugin or asset used at least this many times (counted across
     /// processes, beside the disk cache) is loaded when a host starts.
     pub preload_threshold: u64,
-    /// How long one load (a compile, a loader call) may take before the
-    /// request fails; the load itself goes on and fills the cache.
+    /// How long one compile, or one loader call, may take before the
+    /// request fails (the wait for a compile slot does not count); the
+    /// compile itself goes on and fills the disk cache.
     pub load_timeout: Duration,
+    /// How many components compile at once (Cranelift is parallel inside
+    /// each): one per core. More would only share the cores among them, so
+    /// that every compile, not only the last, ends late.
+    pub compile_concurrency: usize,
     /// The most bytes of loader assets kept in memory.
     pub asset_memory_limit: u64,
 }
@@ -51,10 +56,14 @@ impl Default for CacheConfig {
                 .or_else(|| dirs::cache_dir().map(|dir| dir.join("qflow"))),
             preload_threshold: 3,
             load_timeout: Duration::from_secs(60),
+            compile_concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
             asset_memory_limit: 64 << 20,
         }
     }
 }
+
+/// No limit on a whole load: its parts have their own.
+const UNBOUNDED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `describe()` only returns constants: a plugin that takes longer is broken.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
@@ -74,6 +83,10 @@ struct Counters {
 
 pub(crate) struct ComponentStore {
     engine: Engine,
+    /// A place among the compiles that may run at once.
+    compiles: Arc<tokio::sync::Semaphore>,
+    /// How long one compile may take.
+    compile_timeout: Duration,
     linker: Linker<PluginState>,
     memory: Arc<Cache<Digest, Arc<Plugin>, PluginError>>,
     disk: Option<Arc<DiskCache>>,
@@ -103,17 +116,21 @@ impl ComponentStore {
             .and_then(|dir| DiskCache::open(dir, engine.wasmtime()))
             .map(Arc::new);
         Ok(ComponentStore {
-            memory: Arc::new(Cache::new(config.memory_limit, config.load_timeout).on_evict(
-                Box::new(move |evicted: Vec<(Digest, u64)>| {
+            // A compile is timed by itself (not its wait for a slot); a load
+            // is otherwise bounded by its parts' own limits (describe's).
+            memory: Arc::new(Cache::new(config.memory_limit, UNBOUNDED).on_evict(Box::new(
+                move |evicted: Vec<(Digest, u64)>| {
                     events.emit(|| EventData::CacheEvicted {
                         cache: "components".into(),
                         bytes_freed: evicted.iter().map(|(_, size)| size).sum(),
                         entries: evicted.iter().map(|(digest, _)| hex::encode(digest)).collect(),
                         reason: "over the memory limit".into(),
                     })
-                }),
-            )),
+                },
+            ))),
             engine,
+            compiles: Arc::new(tokio::sync::Semaphore::new(config.compile_concurrency.max(1))),
+            compile_timeout: config.load_timeout,
             linker,
             disk,
             counters: Counters::default(),
@@ -244,18 +261,29 @@ impl ComponentStore {
                 ),
             });
         }
-        // Cranelift is CPU-bound for up to seconds: keep it off the async workers.
+        // Cranelift is CPU-bound for up to seconds: keep it off the async
+        // workers, and at most `compile_concurrency` at once. The place is
+        // held until the compile ends, even if its caller stopped waiting.
+        let permit = self.compiles.clone().acquire_owned().await;
+        let permit = permit.map_err(|e| PluginError::Host(e.to_string()))?;
         let (engine, disk) = (engine.clone(), self.disk.clone());
         let started = Instant::now();
-        let compiled = tokio::task::spawn_blocking(move || {
+        let compiling = tokio::task::spawn_blocking(move || {
             let component = Component::new(&engine, &bytes)?;
             let compiled_in = started.elapsed();
             if let Some(disk) = disk {
                 disk.save(&digest, &component);
             }
+            drop(permit);
             Ok::<_, wasmtime::Error>((component, compiled_in))
-        })
-        .await;
+        });
+        let compiled =
+            tokio::time::timeout(self.compile_timeout, compiling).await.map_err(|_| {
+                PluginError::Timeout {
+                    path: path.to_path_buf(),
+                    timeout_ms: self.compile_timeout.as_millis() as u64,
+                }
+            })?;
         let (component, took) =
             compiled.map_err(|e| PluginError::Host(e.to_string()))?.map_err(|e| {
                 PluginError::Compile {

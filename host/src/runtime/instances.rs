@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 use wasmtime::Store;
 
@@ -186,7 +188,8 @@ impl StepPool {
         caller: Caller,
         input: &str,
         deadline: Option<Instant>,
-    ) -> (Called, StepLog) {
+    ) -> (Called, StepLog, Duration) {
+        let asked = Instant::now();
         let acquire = self.pool.acquire();
         let span = tracing::debug_span!("acquire", plugin = &*self.plugin);
         let mut pooled = match tracing::Instrument::instrument(acquire, span).await {
@@ -199,9 +202,10 @@ impl StepPool {
                 {
                     failed.what = format!("{}: {why}", failed.what);
                 }
-                return (Err(failed), StepLog::default());
+                return (Err(failed), StepLog::default(), asked.elapsed());
             }
         };
+        let ready = asked.elapsed();
         let warm = pooled.get();
         warm.store.data_mut().prepare(caller, deadline);
         let ran = warm.instance.call_run(&mut warm.store, input).await;
@@ -212,7 +216,7 @@ impl StepPool {
                 let what = format!("trapped in run: {}", describe_failure(&e, &warm.store));
                 let log = warm.store.data().take_log();
                 // Dropping `pooled` discards the instance: it is never reused.
-                return (Err(CallFailure::new(FailureKind::Trap, what)), log);
+                return (Err(CallFailure::new(FailureKind::Trap, what)), log, ready);
             }
         };
         let log = warm.store.data().take_log();
@@ -220,7 +224,7 @@ impl StepPool {
         if warm.calls < self.reuse {
             pooled.release();
         }
-        (Ok(returned), log)
+        (Ok(returned), log, ready)
     }
 }
 

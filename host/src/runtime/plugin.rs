@@ -66,9 +66,11 @@ pub enum PluginError {
         #[source]
         source: Cause,
     },
-    /// Loading took longer than the load timeout (the load goes on, and
-    /// fills the cache when it ends).
-    #[error("loading {path} took longer than the load timeout of {timeout_ms} ms")]
+    /// Compiling took longer than the load timeout (the compile goes on,
+    /// and fills the disk cache when it ends).
+    #[error(
+        "compiling {path} took longer than the load timeout of {timeout_ms} ms (it goes on in the background, and a later load finds it in the cache; raise the timeout on a slow machine)"
+    )]
     Timeout {
         /// The component file.
         path: PathBuf,
