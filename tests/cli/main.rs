@@ -198,11 +198,13 @@ fn build_places_a_component_that_the_host_can_run() {
 }
 
 #[test]
-fn build_of_a_directory_without_a_crate_says_so() {
+fn build_of_a_directory_without_a_project_says_what_one_is() {
     let dir = tempfile::tempdir().unwrap();
     let out = qflow(&["build", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("no Cargo.toml here"), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("no plugin project here (Cargo.toml for Rust"), "{said}");
+    assert!(said.contains("qflow new NAME --lang rust|python|js"), "{said}");
 }
 
 #[test]

@@ -31,7 +31,7 @@ fn provided(name: &str) -> bool {
         let known = CONTRACTS.contains(&version) && CONTRACT.contains(&rest);
         return known && !(rest == "sql" && version == "0.1.0");
     }
-    (WASI.contains(&package) && wasi_02) || (WASI_HTTP.contains(&interface) && wasi_02)
+    wasi_02 && (WASI.contains(&package) || WASI_HTTP.contains(&interface))
 }
 
 /// What Qflow provides, for a message.
