@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -20,17 +19,19 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use super::components::{ComponentStore, ReadBytes};
+use super::disk::FileStamp;
 use super::engine::Engine;
 use super::plugin::{Digest, LoadSource, Plugin, PluginError, PluginInfo, digest, valid_name};
 use crate::model::{HttpGrant, Numbers, PoolSettings};
 
-/// What identifies a file's contents without reading it: when these are the
+/// What identifies a file's contents without reading it: when this is the
 /// same, what was read last time still holds.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
-    len: u64,
-    modified: Option<SystemTime>,
-}
+type Fingerprint = FileStamp;
+
+/// The state file (in the cache directory) of the digests of the plugin
+/// files hashed before, by path: a new process does not hash an unchanged
+/// 18 MB component again.
+const DIGESTS: &str = "digests.json";
 
 /// The file, in the cache directory, of the use counts (when no run store
 /// keeps them).
@@ -75,6 +76,9 @@ pub struct Catalog {
     store: Arc<ComponentStore>,
     /// The digest each name stands for, and the file it was read from.
     digests: Mutex<HashMap<String, (Fingerprint, Digest)>>,
+    /// The digests of files hashed before, by this host or an earlier one
+    /// on the same cache directory, by path (hex digests, as kept).
+    hashed: Mutex<HashMap<String, (Fingerprint, String)>>,
     /// Each plugin's settings file as last read (`None`: there was none).
     settings: Mutex<HashMap<String, (Option<Fingerprint>, PluginSettings)>>,
     /// Whether a watcher keeps `digests` and `settings` current (see
@@ -106,11 +110,13 @@ impl Catalog {
         let dir = Dir::open_ambient_dir(&path, ambient_authority())
             .map_err(|e| PluginError::Read { path: path.clone(), source: Arc::new(e) })?;
         let uses = store.disk().map(|disk| disk.load_state(USES)).unwrap_or_default();
+        let hashed = store.disk().map(|disk| disk.load_state(DIGESTS)).unwrap_or_default();
         Ok(Catalog {
             path,
             dir: Arc::new(dir),
             store,
             digests: Mutex::default(),
+            hashed: Mutex::new(hashed),
             settings: Mutex::default(),
             watched: AtomicBool::new(false),
             uses: Mutex::new(uses),
@@ -178,9 +184,7 @@ impl Catalog {
     /// which only ever happens through the directory's capability.
     fn stat(&self, file: &str) -> Result<Option<Fingerprint>, PluginError> {
         match std::fs::metadata(self.path_of(file)) {
-            Ok(meta) if meta.is_file() => {
-                Ok(Some(Fingerprint { len: meta.len(), modified: meta.modified().ok() }))
-            }
+            Ok(meta) if meta.is_file() => Ok(Some(FileStamp::of(&meta))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A link whose target is missing outside (`../x/…`) is not
@@ -364,11 +368,45 @@ impl Catalog {
         if let Some(digest) = known {
             return Ok(digest);
         }
-        let digest = digest(&self.read(&file).await?);
+        let digest = match self.hashed_before(&file, fingerprint) {
+            Some(digest) => digest,
+            None => {
+                let digest = digest(&self.read(&file).await?);
+                self.remember_hash(&file, fingerprint, digest);
+                digest
+            }
+        };
         lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));
         // A changed plugin may come with changed settings.
         self.forget_settings(name);
         Ok(digest)
+    }
+
+    /// The digest of `file`, if it was hashed before (by any host on this
+    /// cache directory) and has not changed since.
+    fn hashed_before(&self, file: &str, stamp: Fingerprint) -> Option<Digest> {
+        let path = std::path::absolute(self.path_of(file)).ok()?;
+        let hashed = lock(&self.hashed);
+        let (known, hex_digest) = hashed.get(path.to_str()?)?;
+        let mut digest = [0; 32];
+        (*known == stamp && hex::decode_to_slice(hex_digest, &mut digest).is_ok()).then_some(digest)
+    }
+
+    fn remember_hash(&self, file: &str, stamp: Fingerprint, digest: Digest) {
+        let path = std::path::absolute(self.path_of(file)).ok();
+        let (Some(disk), Some(path)) =
+            (self.store.disk(), path.and_then(|p| p.to_str().map(str::to_owned)))
+        else {
+            return;
+        };
+        let hashed = {
+            let mut hashed = lock(&self.hashed);
+            hashed.insert(path, (stamp, hex::encode(digest)));
+            // Files no longer there are forgotten.
+            hashed.retain(|path, _| Path::new(path).exists());
+            hashed.clone()
+        };
+        disk.save_state(DIGESTS, &hashed);
     }
 
     /// The plugin's own settings (pools, HTTP grants), from `NAME.plugin.toml` beside its

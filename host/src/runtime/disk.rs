@@ -10,6 +10,13 @@
 //! foreign file (another plugin's artifact copied over this name) is a miss,
 //! never a crash and never the wrong code.
 //!
+//! Reading and checksumming a whole artifact (35 MB for a Python step) on
+//! every load would cost more than the load; so the full check is made once
+//! per file, and the file's stamp (size, times, inode) recorded as
+//! verified (`verified.json`). A later load whose file has that stamp checks
+//! the trailer alone (64 bytes); a file changed in any way (written, or
+//! renamed over: every save is a new inode) is checked in full again.
+//!
 //! The directory is opened once as a `cap_std::fs::Dir`, and every file is
 //! reached through it.
 
@@ -18,8 +25,12 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
+use serde::{Deserialize, Serialize};
 use wasmtime::component::Component;
 
 use super::plugin::Digest;
@@ -27,6 +38,43 @@ use super::plugin::Digest;
 const MAGIC: &[u8; 8] = b"QFLOWCW2";
 /// digest, engine hash, checksum, magic.
 const TRAILER: usize = 32 + 8 + 8 + MAGIC.len();
+
+/// The state file of the artifacts checked in full.
+const VERIFIED: &str = "verified.json";
+
+/// What identifies a file's contents without reading them: its size, its
+/// modification and change times and its inode. A write changes the times
+/// (the change time cannot be set back by any tool), a rename-over the
+/// inode. Make, git and rsync trust less than this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct FileStamp {
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+    inode: u64,
+}
+
+impl FileStamp {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            inode: meta.ino(),
+        }
+    }
+
+    fn of_cap(meta: &cap_std::fs::Metadata) -> FileStamp {
+        use cap_std::fs::MetadataExt;
+        FileStamp {
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            inode: meta.ino(),
+        }
+    }
+}
 
 /// What looking for an artifact found.
 pub(crate) enum Lookup {
@@ -46,6 +94,8 @@ pub(crate) struct DiskCache {
     /// Cleared after the first failed write: the cache is then read-only
     /// (or, if nothing can be read either, memory-only) with one warning.
     writable: AtomicBool,
+    /// The artifacts checked in full, by name, as their files were then.
+    verified: Mutex<HashMap<String, FileStamp>>,
 }
 
 impl DiskCache {
@@ -70,12 +120,18 @@ impl DiskCache {
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        let verified: HashMap<String, FileStamp> = root
+            .read(VERIFIED)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
         Some(DiskCache {
             root,
             components,
             components_path,
             engine_hash: hasher.finish(),
             writable: AtomicBool::new(true),
+            verified: Mutex::new(verified),
         })
     }
 
@@ -87,30 +143,36 @@ impl DiskCache {
     /// Blocking: call it off the async workers.
     pub(crate) fn load(&self, engine: &wasmtime::Engine, digest: &Digest) -> Lookup {
         let name = self.name(digest);
-        let bytes = match self.components.read(&name) {
-            Ok(bytes) => bytes,
+        let stamp = match self.components.metadata(&name) {
+            Ok(meta) => FileStamp::of_cap(&meta),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::Miss,
             Err(e) => return Lookup::Corrupt(format!("unreadable: {e}")),
         };
-        let payload = match verified(&bytes, digest, self.engine_hash) {
-            Ok(payload) => payload,
-            Err(why) => return Lookup::Corrupt(why.to_owned()),
+        let known = lock(&self.verified).get(&name) == Some(&stamp);
+        let checked = if known {
+            self.trailer(&name, stamp.len)
+                .and_then(|trailer| check_trailer(&trailer, digest, self.engine_hash))
+        } else {
+            self.verify(&name, digest, stamp)
         };
-        if wasmtime::Engine::detect_precompiled(payload) != Some(wasmtime::Precompiled::Component) {
-            return Lookup::Corrupt("not a precompiled component".into());
+        if let Err(why) = checked {
+            return Lookup::Corrupt(why);
         }
         // SAFETY: wasmtime requires that the file holds what its own
         // `serialize` produced for an engine like this one, and that it does
         // not change while mapped. Both hold because of how artifacts are
         // written: only by `save`, from wasmtime's own serialisation, into a
         // temporary file that is then renamed over the name — never written
-        // in place. So the name always denotes a complete artifact, and the
-        // file we verified just now (checksum, component digest and engine
-        // hash in its trailer) is either the one wasmtime maps or a newer
+        // in place. So the name always denotes a complete artifact. The file
+        // was checked in full (checksum, component digest and engine hash in
+        // its trailer) either just now, or when it had the very stamp it has
+        // now (size, times, inode: no write or rename since), and its
+        // trailer again now; it is either the one wasmtime maps or a newer
         // complete artifact for the same digest and engine, renamed in
         // since. wasmtime maps it privately, so a later rename cannot change
         // code already loaded. (Another process writing into the cache
-        // directory by hand is outside what any cache can defend against.)
+        // directory by hand, or the disk rotting a verified file in place,
+        // is outside what any cache can defend against.)
         #[allow(unsafe_code)]
         let loaded =
             unsafe { Component::deserialize_file(engine, self.components_path.join(&name)) };
@@ -118,6 +180,40 @@ impl DiskCache {
             Ok(component) => Lookup::Hit(component),
             Err(e) => Lookup::Corrupt(format!("{e:#}")),
         }
+    }
+
+    /// The last bytes of the artifact `name`, `len` long: its trailer.
+    fn trailer(&self, name: &str, len: u64) -> Result<[u8; TRAILER], String> {
+        use std::os::unix::fs::FileExt;
+        let at = len.checked_sub(TRAILER as u64).ok_or("truncated or not an artifact")?;
+        let file = self.components.open(name).map_err(|e| format!("unreadable: {e}"))?;
+        let mut trailer = [0; TRAILER];
+        file.into_std().read_exact_at(&mut trailer, at).map_err(|e| format!("unreadable: {e}"))?;
+        Ok(trailer)
+    }
+
+    /// The artifact `name` checked in full, and recorded as verified with
+    /// `stamp` (the file as it was before reading; a change meanwhile gives
+    /// it another stamp, so the record never covers bytes not checked).
+    fn verify(&self, name: &str, digest: &Digest, stamp: FileStamp) -> Result<(), String> {
+        let bytes = self.components.read(name).map_err(|e| format!("unreadable: {e}"))?;
+        let payload = verified(&bytes, digest, self.engine_hash).map_err(str::to_owned)?;
+        if wasmtime::Engine::detect_precompiled(payload) != Some(wasmtime::Precompiled::Component) {
+            return Err("not a precompiled component".into());
+        }
+        self.record(name, stamp);
+        Ok(())
+    }
+
+    fn record(&self, name: &str, stamp: FileStamp) {
+        let verified = {
+            let mut verified = lock(&self.verified);
+            // Artifacts no longer there are forgotten.
+            verified.retain(|known, _| known == name || self.components.exists(known));
+            verified.insert(name.to_owned(), stamp);
+            verified.clone()
+        };
+        self.save_state(VERIFIED, &verified);
     }
 
     /// Writes `component`'s artifact for `digest`. Blocking.
@@ -131,8 +227,13 @@ impl DiskCache {
             bytes.extend_from_slice(&self.engine_hash.to_le_bytes());
             bytes.extend_from_slice(&checksum.to_le_bytes());
             bytes.extend_from_slice(MAGIC);
-            write_atomically(&self.components, &self.name(digest), &bytes)
-                .map_err(|e| e.to_string())
+            let name = self.name(digest);
+            write_atomically(&self.components, &name, &bytes).map_err(|e| e.to_string())?;
+            // What we just wrote is what we checked: no need to read it back.
+            if let Ok(meta) = self.components.metadata(&name) {
+                self.record(&name, FileStamp::of_cap(&meta));
+            }
+            Ok(())
         });
         if let Err(e) = written {
             // One warning, then a read-only cache.
@@ -174,6 +275,28 @@ impl DiskCache {
             tracing::debug!("could not save {name} in the cache directory: {e}");
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A trailer that names `digest` and an engine with `engine_hash` (its
+/// checksum is not checked: that needs the payload).
+fn check_trailer(trailer: &[u8; TRAILER], digest: &Digest, engine_hash: u64) -> Result<(), String> {
+    let (source, rest) = trailer.split_at(32);
+    let (engine, rest) = rest.split_at(8);
+    let magic = &rest[8..];
+    if magic != MAGIC {
+        return Err("truncated or not an artifact".into());
+    }
+    if source != digest {
+        return Err("compiled from another component".into());
+    }
+    if engine.try_into().map(u64::from_le_bytes).ok() != Some(engine_hash) {
+        return Err("compiled for another engine".into());
+    }
+    Ok(())
 }
 
 /// The payload of an artifact whose trailer checks out for `digest` on an
