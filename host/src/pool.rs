@@ -400,6 +400,7 @@ impl<M: Manager> Pool<M> {
             acquire_mean_us: mean,
             acquire_p50_us: percentile(0.50),
             acquire_p99_us: percentile(0.99),
+            create_mean_us: inner.create_ns.load(Ordering::Relaxed) as f64 / 1e3,
         }
     }
 }

@@ -644,6 +644,18 @@ impl<'a> Context<'a> {
     }
 
     /// The pools of the flow's step plugins, by plugin name.
+    /// The mean time `steps` ran for (their `run_ms`, the load phase not
+    /// counted) over the runs that report it.
+    fn run_ms(&self, steps: &[&Step]) -> Option<f64> {
+        let times: Vec<f64> = self
+            .history
+            .runs
+            .iter()
+            .flat_map(|run| steps.iter().filter_map(move |s| run.step(&s.id)?.run_ms))
+            .collect();
+        mean(&times)
+    }
+
     fn pools(&self) -> BTreeMap<&'a str, Vec<&'a PoolFigures>> {
         let mut pools: BTreeMap<&str, Vec<&PoolFigures>> = BTreeMap::new();
         for figures in &self.history.pools {
@@ -982,6 +994,9 @@ fn disk_cache(ctx: &Context<'_>, out: &mut Vec<Finding>) {
     out.push(finding(recommendation, Level::Conservative, Vec::new()));
 }
 
+/// Instantiation below this (ms) is not worth trading isolation for.
+const INSTANTIATION_WORTH_MS: f64 = 0.5;
+
 /// Rule 6 and reuse: what a hot plugin should have.
 fn hot_plugins(ctx: &Context<'_>, out: &mut Vec<Finding>) {
     let threshold = ctx.hot_threshold();
@@ -1015,38 +1030,82 @@ fn hot_plugins(ctx: &Context<'_>, out: &mut Vec<Finding>) {
         out.push(finding(recommendation, Level::Conservative, Vec::new()));
     }
     let pools = ctx.pools();
-    for p in &hot {
-        let pool_reuse = pools.get(p.name.as_str()).and_then(|f| f.iter().map(|f| f.reuse).max());
+    // Hot plugins, and plugins whose instances cost more to make than their
+    // steps take to run (a Python or JavaScript step's runtime): both are
+    // worth an instance that serves many calls.
+    let mut candidates: Vec<(&str, Option<&PluginFigures>)> =
+        hot.iter().map(|p| (p.name.as_str(), Some(*p))).collect();
+    for name in pools.keys() {
+        if !candidates.iter().any(|(n, _)| n == name) {
+            candidates.push((name, ctx.figures(name)));
+        }
+    }
+    for (name, figures) in candidates {
+        let own = pools.get(name);
+        let pool_reuse = own.and_then(|f| f.iter().map(|f| f.reuse).max());
         let fresh: Vec<&Step> = ctx
-            .steps_of(&p.name)
+            .steps_of(name)
             .into_iter()
             .filter(|s| s.pool.reuse.or(pool_reuse).unwrap_or(1) <= 1)
             .collect();
         if fresh.is_empty() {
             continue;
         }
+        let instantiate_ms = own.and_then(|f| {
+            let made: Vec<f64> = f
+                .iter()
+                .filter(|f| f.stats.creations > 0)
+                .map(|f| f.stats.create_mean_us / 1e3)
+                .collect();
+            mean(&made)
+        });
+        let run_ms = ctx.run_ms(&fresh);
+        let dominates = match (instantiate_ms, run_ms) {
+            (Some(make), Some(run)) => make >= run && make >= INSTANTIATION_WORTH_MS,
+            _ => false,
+        };
+        let uses = figures.map_or(0, |f| f.uses);
+        let hot = uses >= threshold;
+        if !hot && !dominates {
+            continue;
+        }
+        let why = match (dominates, instantiate_ms, run_ms) {
+            (true, Some(make), Some(run)) => format!(
+                "making one of its instances takes {make:.2} ms, more than its steps run ({run:.2} ms)"
+            ),
+            _ => format!("it is hot (used {uses} times)"),
+        };
         let message = format!(
-            "plugin `{}` is hot (used {} times) and each call of its steps gets a fresh \
-             instance: `pool.reuse = {REUSE}` would let one instance, and its `init`, serve \
-             {REUSE} calls, but a call would then see the state earlier calls left behind",
-            p.name, p.uses
+            "plugin `{name}`: {why}, and each call of its steps gets a fresh instance: \
+             `pool.reuse = {REUSE}` would let one instance, and its `init`, serve {REUSE} \
+             calls, but a call would then see the state earlier calls left behind"
         );
         let mut evidence = Map::new();
-        evidence.insert("uses".into(), json!(p.uses));
+        evidence.insert("uses".into(), json!(uses));
         evidence.insert("preload_threshold".into(), json!(threshold));
         evidence.insert("reuse".into(), json!(1));
         evidence.insert("suggested_reuse".into(), json!(REUSE));
+        if let Some(make) = instantiate_ms {
+            evidence.insert("instantiate_ms".into(), json!(make));
+        }
+        if let Some(run) = run_ms {
+            evidence.insert("run_ms".into(), json!(run));
+        }
         let edits = fresh
             .iter()
             .map(|s| Edit::Pool { step: s.id.clone(), field: "reuse", value: u64::from(REUSE) })
             .collect();
+        let saving = match (dominates, instantiate_ms) {
+            (true, Some(make)) => Some(make * fresh.len() as f64),
+            _ => None,
+        };
         let recommendation = Recommendation {
             kind: RecommendationKind::ReuseInstances,
             message,
             steps: fresh.iter().map(|s| s.id.clone()).collect(),
-            plugin: Some(p.name.clone()),
+            plugin: Some(name.to_owned()),
             evidence,
-            estimated_saving_ms: None,
+            estimated_saving_ms: saving,
             apply_level: None,
         };
         out.push(finding(recommendation, Level::Aggressive, edits));
@@ -1845,6 +1904,38 @@ mod tests {
         let own =
             parse(&TWO_JQ.replace("plugin = \"jq\"\n", "plugin = \"jq\"\npool = { reuse = 5 }\n"));
         assert!(of(&recs(&own, &hot), RecommendationKind::ReuseInstances).is_empty());
+    }
+
+    /// A plugin that is not hot, but whose instances take longer to make
+    /// than its steps to run (a Python step's runtime), is offered reuse,
+    /// with both times as evidence; a cheap one is not.
+    #[test]
+    fn a_plugin_whose_instantiation_dominates_its_run_is_offered_reuse() {
+        let flow = parse(TWO_JQ);
+        let timed =
+            |id: &str| StepReport { run_ms: Some(0.2), load_ms: Some(3.7), ..ran(id, 0.0, 3.9) };
+        let run = summary(vec![timed("x"), timed("y")], 4.0, 2);
+        let stats =
+            |us: f64| PoolStats { creations: 20, create_mean_us: us, ..PoolStats::default() };
+        let slow = History {
+            plugins: vec![plugin("jq", 2, 0, true)],
+            pools: vec![pool("jq", stats(3700.0), 1, 64)],
+            ..runs(vec![run.clone(), run.clone()])
+        };
+        let found = recs(&flow, &slow);
+        let rec = one(&found, RecommendationKind::ReuseInstances);
+        assert_eq!(rec.steps, vec!["x", "y"]);
+        assert_eq!(evidence(rec, "instantiate_ms"), json!(3.7));
+        assert_eq!(evidence(rec, "run_ms"), json!(0.2));
+        assert_eq!(rec.estimated_saving_ms, Some(7.4));
+        assert!(
+            rec.message.contains("making one of its instances takes 3.70 ms"),
+            "{}",
+            rec.message
+        );
+        // Cheap to make: a fresh instance per call is kept.
+        let cheap = History { pools: vec![pool("jq", stats(20.0), 1, 64)], ..slow.clone() };
+        assert!(of(&recs(&flow, &cheap), RecommendationKind::ReuseInstances).is_empty());
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct ComponentStats {
     /// Artifacts on disk that were unusable (corrupt, truncated, foreign)
     /// and were replaced.
     pub disk_rejects: u64,
+    /// Component files read and hashed for their digest: a file unchanged
+    /// since this host or an earlier one on the same cache hashed it is not.
+    #[serde(default)]
+    pub files_hashed: u64,
 }
 
 /// The host's caches: compiled components and loader assets.
@@ -79,4 +83,8 @@ pub struct PoolStats {
     pub acquire_p50_us: f64,
     /// Acquisition time, 99th percentile, in µs.
     pub acquire_p99_us: f64,
+    /// Making one resource (for instances: instantiating it and running its
+    /// `init`), a moving average, in µs.
+    #[serde(default)]
+    pub create_mean_us: f64,
 }

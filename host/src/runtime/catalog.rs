@@ -372,6 +372,7 @@ impl Catalog {
             Some(digest) => digest,
             None => {
                 let digest = digest(&self.read(&file).await?);
+                self.store.count_hash();
                 self.remember_hash(&file, fingerprint, digest);
                 digest
             }
@@ -474,6 +475,7 @@ impl Catalog {
         self.forget_settings(name);
         let bytes = self.read(&file).await?;
         let digest = digest(&bytes);
+        self.store.count_hash();
         let old = lock(&self.digests).get(name).map(|(_, d)| *d);
         if old == Some(digest) {
             lock(&self.digests).insert(name.to_owned(), (fingerprint, digest));

@@ -77,6 +77,7 @@ struct Counters {
     compiles: AtomicU64,
     compile_nanos: AtomicU64,
     disk_rejects: AtomicU64,
+    files_hashed: AtomicU64,
     /// (compiles, disk hits) by plugin name, for the optimizer's evidence.
     by_name: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
@@ -372,6 +373,11 @@ impl ComponentStore {
         Ok(Plugin { digest, described, world, loaded_from, contract })
     }
 
+    /// A component file was read and hashed for its digest.
+    pub(crate) fn count_hash(&self) {
+        self.counters.files_hashed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// (compiles, disk hits) by plugin name, since this host started.
     pub(crate) fn loads_by_name(&self) -> std::collections::HashMap<String, (u64, u64)> {
         self.counters.by_name.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
@@ -384,6 +390,7 @@ impl ComponentStore {
             compiles: self.counters.compiles.load(Ordering::Relaxed),
             compile_ms: self.counters.compile_nanos.load(Ordering::Relaxed) as f64 / 1e6,
             disk_rejects: self.counters.disk_rejects.load(Ordering::Relaxed),
+            files_hashed: self.counters.files_hashed.load(Ordering::Relaxed),
         }
     }
 }

@@ -54,6 +54,55 @@ async fn a_second_host_on_the_same_cache_compiles_nothing() {
     assert_eq!(after.store.components.disk_hits, 2);
 }
 
+/// A new host reads neither an unchanged component (its digest is kept by
+/// the file's stamp) nor a verified artifact whole; a changed file is
+/// hashed again.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_component_is_not_hashed_again_by_a_new_host() {
+    let (cache, plugins) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for name in ["jq", "hash"] {
+        let file = format!("{name}.wasm");
+        std::fs::copy(plugins_dir().join(&file), plugins.path().join(&file)).unwrap();
+    }
+    let host = || Host::new(config(plugins.path(), Some(cache.path()))).unwrap();
+    let first = run(&host(), TWO_PLUGINS, json!({"n": 1})).await.store.components;
+    assert_eq!((first.files_hashed, first.compiles), (2, 2), "{first:?}");
+    let second = run(&host(), TWO_PLUGINS, json!({"n": 1})).await.store.components;
+    assert_eq!((second.files_hashed, second.disk_hits, second.compiles), (0, 2, 0), "{second:?}");
+    // The same bytes written again: a new stamp, so hashed again (and found
+    // to be the same component, already compiled).
+    let jq = plugins.path().join("jq.wasm");
+    std::fs::write(&jq, std::fs::read(&jq).unwrap()).unwrap();
+    let third = run(&host(), TWO_PLUGINS, json!({"n": 1})).await.store.components;
+    assert_eq!((third.files_hashed, third.disk_hits, third.compiles), (1, 2, 0), "{third:?}");
+}
+
+/// A compile over the load timeout is reported as the timeout it is (not
+/// as an invalid component), and goes on to fill the disk cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compile_over_the_load_timeout_is_a_timeout_and_still_fills_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut impatient = config(plugins_dir(), Some(cache.path()));
+    impatient.cache.load_timeout = std::time::Duration::from_millis(1);
+    impatient.cache.compile_concurrency = 1;
+    let host = Host::new(impatient).unwrap();
+    let error = host.catalog().describe("jq").await.unwrap_err();
+    assert!(matches!(error, qflow::PluginError::Timeout { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("compiling") && message.contains("load timeout of 1 ms"), "{message}");
+    assert!(!message.contains("not a valid"), "{message}");
+    // The compile went on: its artifact lands in the cache, and the next
+    // host loads it from there.
+    let mut polls = 0;
+    while artifacts(cache.path()).is_empty() {
+        polls += 1;
+        assert!(polls < 1200, "the compile never finished");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let info = host_on(cache.path()).catalog().describe("jq").await.unwrap();
+    assert_eq!(info.loaded_from, "disk");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_and_truncated_artifacts_are_recompiled_and_replaced() {
     let cache = tempfile::tempdir().unwrap();
