@@ -89,6 +89,32 @@ fn python_and_javascript_steps_build_from_the_sdks_and_run_beside_a_rust_step() 
         assert!(info.get("warnings").is_none(), "{info}");
     }
 
+    // The same component under another file name: it works under that
+    // name, with a warning that it says it is `words-py`. And one whose
+    // contract import is damaged is refused from its imports, before any
+    // compile, naming the import.
+    let other = root.join("others");
+    std::fs::create_dir(&other).unwrap();
+    let python = std::fs::read(plugins.join("words-py.wasm")).unwrap();
+    std::fs::write(other.join("renamed.wasm"), &python).unwrap();
+    let (from, to) = (b"qflow:plugin/host@0.2.0", b"qflow:plugin/hosX@0.2.0");
+    let mut damaged = python.clone();
+    let at = damaged.windows(from.len()).position(|w| w == from).expect("a host import");
+    damaged[at..at + to.len()].copy_from_slice(to);
+    std::fs::write(other.join("damaged.wasm"), damaged).unwrap();
+    let out = qflow(&["plugins", "list", "--json", "--plugins", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let listed = stdout_json(&out);
+    let entry =
+        |name: &str| listed.as_array().unwrap().iter().find(|p| p["name"] == name).unwrap().clone();
+    let warnings = entry("renamed")["warnings"].to_string();
+    assert!(
+        warnings.contains("says it is `words-py`") && warnings.contains("`renamed`"),
+        "{warnings}"
+    );
+    let error = entry("damaged")["error"].to_string();
+    assert!(error.contains("does not provide: `qflow:plugin/hosX@0.2.0`"), "{error}");
+
     let flow = root.join("mixed.toml");
     std::fs::write(
         &flow,
