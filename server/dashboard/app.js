@@ -418,9 +418,17 @@ function gantt(summary, events) {
     svg += `<text x="4" y="${y + 15}" style="fill:#1d2330">${esc(s.id.slice(0, 18))}</text>`;
     if (s.start_ms != null && s.end_ms != null) {
       const w = Math.max(2, sx(s.end_ms) - sx(s.start_ms));
+      const phases = s.load_ms != null ? ` (load ${fmt.ms(s.load_ms)}, run ${fmt.ms(s.run_ms || 0)})` : '';
       svg += `<rect class="bar" data-step="${esc(s.id)}" data-status="${esc(s.status)}" x="${sx(s.start_ms)}" y="${y + 4}" ` +
         `width="${w}" height="${rowH - 9}" fill="${colors[s.status] || '#2f6fed'}"><title>${esc(s.id)}: ` +
-        `${esc(s.status)}, ${s.attempts} attempt(s), ${esc(fmt.ms(s.end_ms - s.start_ms))}</title></rect>`;
+        `${esc(s.status)}, ${s.attempts} attempt(s), ${esc(fmt.ms(s.end_ms - s.start_ms))}${esc(phases)}</title></rect>`;
+      // The load phase (its plugin loaded or compiled, its first instance
+      // made) as the pale start of the bar.
+      if (s.load_ms > 0) {
+        const lw = Math.min(w, Math.max(1, sx(s.start_ms + s.load_ms) - sx(s.start_ms)));
+        svg += `<rect class="load" x="${sx(s.start_ms)}" y="${y + 4}" width="${lw}" height="${rowH - 9}">` +
+          `<title>${esc(s.id)}: load ${esc(fmt.ms(s.load_ms))} (plugin and first instance)</title></rect>`;
+      }
     } else {
       svg += `<text x="${labelW}" y="${y + 15}">${esc(s.status)}</text>`;
     }

@@ -278,6 +278,9 @@ async fn the_dashboard_shows_every_page_and_follows_a_run_live() {
     let status =
         client.find(Locator::Id("run-status")).await.unwrap().attr("data-status").await.unwrap();
     assert_eq!(status.as_deref(), Some("succeeded"));
+    // Each bar starts with its load phase (plugin and first instance).
+    let loads = client.find_all(Locator::Css("#timeline rect.load")).await.unwrap();
+    assert!(!loads.is_empty() && loads.len() <= 4, "{} load phases", loads.len());
     shoot(&client, "run-timeline").await;
     assert_eq!(errors(&client).await, Vec::<String>::new());
 
