@@ -14,8 +14,8 @@ use super::bindings::{self, loader::LoaderPre, step::StepPre};
 use super::cache::{Cache, LoadError, Outcome};
 use super::disk::{DiskCache, Lookup};
 use super::engine::Engine;
-use super::imports;
 use super::plugin::{Described, Digest, Kind, LoadSource, Plugin, PluginError, World, digest};
+use super::preflight;
 use super::sandbox::Grants;
 use super::sql::StepSql;
 use super::state::{Caller, Limits, PluginState, describe_failure};
@@ -250,16 +250,11 @@ impl ComponentStore {
             )));
         }
         // Seconds of Cranelift are not spent on a component that cannot link.
-        let missing = imports::unprovided(&bytes);
-        if !missing.is_empty() {
-            let list: Vec<String> = missing.iter().map(|name| format!("`{name}`")).collect();
+        let problems = preflight::problems(&bytes);
+        if !problems.is_empty() {
             return Err(PluginError::NoWorld {
                 path: path.to_path_buf(),
-                message: format!(
-                    "it imports what Qflow does not provide: {} (Qflow provides {})",
-                    list.join(", "),
-                    imports::offered()
-                ),
+                message: problems.join("; "),
             });
         }
         // Cranelift is CPU-bound for up to seconds: keep it off the async

@@ -154,6 +154,13 @@ async fn a_component_that_matches_no_world_is_named_as_such() {
         "{}",
         error.message
     );
+    // Found from its exports, before any compile.
+    assert!(
+        error.message.contains("but a step exports `describe`, `init` and `run`"),
+        "{}",
+        error.message
+    );
+    assert_eq!(summary.store.components.compiles, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,7 @@
-//! What a component imports, read from its bytes before anything is
-//! compiled. A component that needs what Qflow does not provide is refused
-//! in a millisecond, naming every such import beside what Qflow provides,
+//! What a component imports and exports, read from its bytes before
+//! anything is compiled. A component that needs what Qflow does not
+//! provide, or exports neither world's functions, is refused in a
+//! millisecond, naming every such import beside what Qflow provides,
 //! rather than after seconds of Cranelift. (What passes here may still
 //! fail to link, a function or type differing inside a provided interface:
 //! that is found after the compile, as before.)
@@ -43,38 +44,68 @@ pub(crate) fn offered() -> String {
     )
 }
 
-/// The imports of the component in `bytes` that the host does not provide
+/// What is wrong with the component in `bytes` before it is compiled: the
+/// imports the host does not provide, and the exports neither world has
 /// (none: it may link). Bytes that do not parse are left for the compiler
 /// to describe.
-pub(crate) fn unprovided(bytes: &[u8]) -> Vec<String> {
-    let mut missing = Vec::new();
+pub(crate) fn problems(bytes: &[u8]) -> Vec<String> {
+    let (imports, exports) = match surface(bytes) {
+        Some(surface) => surface,
+        None => return Vec::new(),
+    };
+    let mut problems = Vec::new();
+    let missing: Vec<String> =
+        imports.iter().filter(|name| !provided(name)).map(|name| format!("`{name}`")).collect();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "it imports what Qflow does not provide: {} (Qflow provides {})",
+            missing.join(", "),
+            offered()
+        ));
+    }
+    let has = |names: &[&str]| names.iter().all(|n| exports.iter().any(|e| e == n));
+    if !has(&["describe", "init", "run"]) && !has(&["describe", "load"]) {
+        let found = if exports.is_empty() { "nothing".to_owned() } else { exports.join(", ") };
+        problems.push(format!(
+            "it exports {found}, but a step exports `describe`, `init` and `run`, a loader `describe` and `load`"
+        ));
+    }
+    problems
+}
+
+/// The component's own imports (interfaces and functions, not types) and
+/// exports, by name; `None` if the bytes do not parse.
+fn surface(bytes: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
+    let (mut imports, mut exports) = (Vec::new(), Vec::new());
     // Nested modules and components have imports of their own, satisfied
     // inside the component: only the outermost ones are the host's to give.
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        let Ok(payload) = payload else { return Vec::new() };
+        let payload = payload.ok()?;
         match payload {
             wasmparser::Payload::ModuleSection { .. }
             | wasmparser::Payload::ComponentSection { .. } => depth += 1,
             wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
             wasmparser::Payload::ComponentImportSection(reader) if depth == 0 => {
                 for import in reader {
-                    let Ok(import) = import else { return Vec::new() };
+                    let import = import.ok()?;
                     // A world's `use`d types are imported as types equal to
                     // ones the component defines: nothing for the host to give.
                     if let wasmparser::ComponentTypeRef::Type(_) = import.ty {
                         continue;
                     }
-                    let name = import.name.name;
-                    if !provided(name) {
-                        missing.push(name.to_owned());
-                    }
+                    imports.push(import.name.name.to_owned());
+                }
+            }
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 0 => {
+                for export in reader {
+                    exports.push(export.ok()?.name.name.to_owned());
                 }
             }
             _ => {}
         }
     }
-    missing
+    Some((imports, exports))
 }
 
 #[cfg(test)]
