@@ -152,12 +152,15 @@ impl HttpClient {
             .clone()
     }
 
-    /// Sends `request` for `caller` if `grants` allow it.
+    /// Sends `request` for `caller` if `grants` allow it, waiting for its
+    /// response's headers at most `limit` (the host's time limit, or a
+    /// shorter one the guest asked for).
     async fn send(
         self: Arc<Self>,
         caller: Arc<str>,
         grants: Arc<[HttpGrant]>,
         mut request: http::Request<WasiBody>,
+        limit: Duration,
     ) -> Result<http::Response<WasiBody>, Error> {
         let uri = request.uri();
         let scheme = match uri.scheme_str() {
@@ -256,7 +259,7 @@ impl HttpClient {
                 }
             }
         };
-        let (connection, response) = tokio::time::timeout(config.request_timeout, exchange)
+        let (connection, response) = tokio::time::timeout(limit, exchange)
             .await
             .map_err(|_| Error::ConnectionReadTimeout)??;
         if response.body().size_hint().lower() > config.max_response_bytes {
@@ -311,14 +314,21 @@ impl WasiHttpHooks for StepHttp {
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
-        _options: Option<RequestOptions>,
+        options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
         let (client, grants, caller) =
             (self.client.clone(), self.grants.clone(), self.caller.clone());
+        // A guest may ask for less time than the host gives (its first-byte
+        // timeout, plus its connect timeout), never for more.
+        let host = client.config.request_timeout;
+        let asked = options.and_then(|o| {
+            Some(o.first_byte_timeout?.saturating_add(o.connect_timeout.unwrap_or_default()))
+        });
+        let limit = asked.map_or(host, |asked| asked.min(host));
         Box::new(async move {
-            let response = client.send(caller, grants, request).await?;
+            let response = client.send(caller, grants, request, limit).await?;
             // The connection is driven by its own task, not by the guest.
             let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async { Ok(()) });
             Ok((response, io))

@@ -111,7 +111,7 @@ async fn a_stalled_server_and_an_endless_body_fail_their_request_with_the_limit(
     let grant = format!("\"127.0.0.1:{}\"", server.port);
     let stall = format!("http://127.0.0.1:{}/stall", server.port);
     let message = failure(&host, &fetches(1, &stall, &grant)).await;
-    assert!(message.contains("no response within the host's time limit"), "{message}");
+    assert!(message.contains("no response within the time limit"), "{message}");
     let huge = format!("http://127.0.0.1:{}/huge", server.port);
     let message = failure(&host, &fetches(1, &huge, &grant)).await;
     assert!(message.contains("limit") && message.contains("1048576 bytes"), "{message}");
@@ -121,6 +121,32 @@ async fn a_stalled_server_and_an_endless_body_fail_their_request_with_the_limit(
     let ok = format!("http://127.0.0.1:{}/json", server.port);
     let summary = host.run(&flow(&fetches(1, &ok, &grant)), json!({})).await.unwrap();
     assert_eq!(summary.status, RunStatus::Succeeded);
+}
+
+/// A step may ask for a shorter wait than the host allows (`wasi:http`'s
+/// request options), never a longer one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_steps_own_shorter_timeout_is_kept_and_a_longer_one_is_not() {
+    let server = Server::start();
+    let stall = format!("http://127.0.0.1:{}/stall", server.port);
+    let step = |timeout_ms: u64| {
+        format!(
+            "[flow]\nname = \"wait\"\n[[step]]\nid = \"get0\"\nplugin = \"http-get\"\ntimeout_ms = 20000\n\
+             http = [\"127.0.0.1:{}\"]\nconfig = {{ url = \"{stall}\", timeout_ms = {timeout_ms} }}\n",
+            server.port
+        )
+    };
+    // The host would wait a minute; the step asks for 200 ms and gets it
+    // (ignored, the step's own 20 s timeout would end it instead).
+    let patient = host_with(HttpConfig::default().request_timeout(Duration::from_secs(60)));
+    let summary = patient.run(&flow(&step(200)), json!({})).await.unwrap();
+    let error = summary.steps[0].error.as_ref().unwrap();
+    assert_eq!(error.code.as_deref(), Some("http-timeout"), "{error:?}");
+    // The host allows 300 ms; asking for a minute changes nothing.
+    let strict = host_with(HttpConfig::default().request_timeout(Duration::from_millis(300)));
+    let summary = strict.run(&flow(&step(60_000)), json!({})).await.unwrap();
+    let error = summary.steps[0].error.as_ref().unwrap();
+    assert_eq!(error.code.as_deref(), Some("http-timeout"), "{error:?}");
 }
 
 #[test]

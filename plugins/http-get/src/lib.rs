@@ -16,6 +16,10 @@ struct Config {
     url: Option<String>,
     #[serde(default = "yes")]
     fail_on_status: bool,
+    /// How long to wait for the response's headers (ms); the host's limit
+    /// applies too.
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -44,7 +48,8 @@ impl Step for HttpGet {
                 .clone()
                 .ok_or_else(|| Error::bad_config("no `url` in the config or the input"))?,
         };
-        let response = http::get(&url)?;
+        let timeout = self.config.timeout_ms.map(std::time::Duration::from_millis);
+        let response = http::request_within("GET", &url, &[], None, timeout)?;
         if self.config.fail_on_status && response.status >= 400 {
             let error = Error::new("http-status", format!("GET {url}: status {}", response.status));
             let retry = response.status >= 500 || response.status == 429;

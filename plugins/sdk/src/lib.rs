@@ -329,7 +329,8 @@ pub mod http {
     use serde::de::DeserializeOwned;
     use wasi::http::outgoing_handler;
     use wasi::http::types::{
-        ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, Scheme,
+        ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingRequest, RequestOptions,
+        Scheme,
     };
     use wasi::io::streams::StreamError;
 
@@ -383,6 +384,19 @@ pub mod http {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<Response, Error> {
+        request_within(method, url, headers, body, None)
+    }
+
+    /// [`request`], failing with `http-timeout` if the response's headers
+    /// take longer than `timeout` (the host's own limit applies too: the
+    /// shorter one wins).
+    pub fn request_within(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Response, Error> {
         let bad_url = |why: &str| Error::new("http-url", format!("{url}: {why}"));
         let (scheme, rest) =
             url.split_once("://").ok_or_else(|| bad_url("no scheme (http:// or https://)"))?;
@@ -420,7 +434,16 @@ pub mod http {
         request.set_authority(Some(authority)).map_err(|()| rejected("host"))?;
         request.set_path_with_query(Some(&path)).map_err(|()| rejected("path"))?;
         let outgoing = request.body().map_err(|()| rejected("body"))?;
-        let pending = outgoing_handler::handle(request, None).map_err(|e| failed(url, &e))?;
+        let options = match timeout {
+            Some(timeout) => {
+                let options = RequestOptions::new();
+                let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+                options.set_first_byte_timeout(Some(ns)).map_err(|()| rejected("timeout"))?;
+                Some(options)
+            }
+            None => None,
+        };
+        let pending = outgoing_handler::handle(request, options).map_err(|e| failed(url, &e))?;
         // A request the host refuses stops taking its body: the reason is
         // then the response's error, so that comes first.
         let mut sending = Ok(());
@@ -482,7 +505,7 @@ pub mod http {
                 format!("the request is over the host's limit of {limit} bytes")
             }
             ErrorCode::ConnectionReadTimeout => {
-                "no response within the host's time limit".to_owned()
+                "no response within the time limit (the step's, or the host's)".to_owned()
             }
             other => format!("{other:?}"),
         };
