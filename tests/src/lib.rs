@@ -117,7 +117,8 @@ pub fn qflow_bin() -> &'static Path {
 }
 
 /// Whether `bin` exists and no source of the binary changed after it was
-/// built: the crates it links, the contract, the lock file.
+/// built: the crates it links, the contract, the SDKs it compiles in, the
+/// lock file.
 fn built_after_its_sources(bin: &Path) -> bool {
     fn newest(path: &Path) -> Option<std::time::SystemTime> {
         let meta = std::fs::metadata(path).ok()?;
@@ -140,6 +141,9 @@ fn built_after_its_sources(bin: &Path) -> bool {
                 "server/Cargo.toml",
                 "wit",
                 "plugin-build/src",
+                // The SDKs `qflow build` compiles in.
+                "plugins/sdk-python",
+                "plugins/sdk-js",
                 "Cargo.lock",
             ]
             .map(|s| repo().join(s)),
