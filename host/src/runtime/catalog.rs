@@ -400,14 +400,13 @@ impl Catalog {
         else {
             return;
         };
-        let hashed = {
-            let mut hashed = lock(&self.hashed);
-            hashed.insert(path, (stamp, hex::encode(digest)));
-            // Files no longer there are forgotten.
-            hashed.retain(|path, _| Path::new(path).exists());
-            hashed.clone()
-        };
-        disk.save_state(DIGESTS, &hashed);
+        let mut hashed = lock(&self.hashed);
+        hashed.insert(path, (stamp, hex::encode(digest)));
+        // Files no longer there are forgotten.
+        hashed.retain(|path, _| Path::new(path).exists());
+        // Written under the lock: two loads at once must not each write the
+        // map as it was before the other's entry (a small file, rarely).
+        disk.save_state(DIGESTS, &*hashed);
     }
 
     /// The plugin's own settings (pools, HTTP grants), from `NAME.plugin.toml` beside its

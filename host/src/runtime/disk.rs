@@ -206,14 +206,13 @@ impl DiskCache {
     }
 
     fn record(&self, name: &str, stamp: FileStamp) {
-        let verified = {
-            let mut verified = lock(&self.verified);
-            // Artifacts no longer there are forgotten.
-            verified.retain(|known, _| known == name || self.components.exists(known));
-            verified.insert(name.to_owned(), stamp);
-            verified.clone()
-        };
-        self.save_state(VERIFIED, &verified);
+        let mut verified = lock(&self.verified);
+        // Artifacts no longer there are forgotten.
+        verified.retain(|known, _| known == name || self.components.exists(known));
+        verified.insert(name.to_owned(), stamp);
+        // Written under the lock, so that of two records at once the last
+        // write holds both.
+        self.save_state(VERIFIED, &*verified);
     }
 
     /// Writes `component`'s artifact for `digest`. Blocking.
