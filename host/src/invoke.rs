@@ -211,10 +211,9 @@ impl WasmInvoker {
     /// The databases `step` names, as the flow or the host declares them
     /// (the host's check found each before the run began).
     fn granted_databases(&self, step: &Step) -> Arc<[Database]> {
-        let declared = self.flow.databases.iter().chain(self.databases.iter());
-        let declared: Vec<&Database> = declared.collect();
-        let granted = step.databases.iter().filter_map(|id| declared.iter().find(|d| &d.id == id));
-        granted.map(|d| (*d).clone()).collect()
+        let granted =
+            step.databases.iter().filter_map(|id| self.flow.database(id, &self.databases));
+        granted.cloned().collect()
     }
 }
 

@@ -529,8 +529,7 @@ impl Host {
         };
         for step in &flow.steps {
             for id in &step.databases {
-                let known = flow.databases.iter().chain(self.databases.iter()).any(|d| &d.id == id);
-                if !known {
+                if flow.database(id, &self.databases).is_none() {
                     problems.push(Problem::BadDatabase {
                         owner: format!("step `{}`", step.id),
                         message: format!(

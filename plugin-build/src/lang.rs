@@ -67,25 +67,35 @@ impl Lang {
     }
 }
 
+/// A Python project's `pyproject.toml` (empty if it has none).
+fn pyproject(path: &Path) -> Result<toml::Table, Error> {
+    let file = path.join("pyproject.toml");
+    match std::fs::read_to_string(&file) {
+        Ok(text) => text
+            .parse::<toml::Table>()
+            .map_err(|e| Error::Project(format!("{}: {e}", file.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(toml::Table::new()),
+        Err(source) => Err(Error::Io { path: file, source }),
+    }
+}
+
+/// The string at `keys` in `table`, if there is one.
+fn string_at(table: &toml::Table, keys: &[&str]) -> Option<String> {
+    let (last, tables) = keys.split_last()?;
+    let mut table = table;
+    for key in tables {
+        table = table.get(*key)?.as_table()?;
+    }
+    table.get(*last)?.as_str().map(str::to_owned)
+}
+
 /// A project's name: `name` in `pyproject.toml`'s `[project]` or in
 /// `package.json`, else its directory's.
 fn project_name(path: &Path, lang: Lang) -> Result<String, Error> {
-    let read = |file: &str| std::fs::read_to_string(path.join(file)).ok();
     let named = match lang {
-        Lang::Python => read("pyproject.toml").and_then(|text| {
-            // `name = "…"` in [project]: enough TOML for the one key.
-            let mut in_project = false;
-            text.lines().find_map(|line| {
-                let line = line.trim();
-                if line.starts_with('[') {
-                    in_project = line == "[project]";
-                    return None;
-                }
-                let rest = line.strip_prefix("name")?.trim_start().strip_prefix('=')?;
-                in_project.then(|| rest.trim().trim_matches('"').to_owned())
-            })
-        }),
-        Lang::JavaScript => read("package.json")
+        Lang::Python => string_at(&pyproject(path)?, &["project", "name"]),
+        Lang::JavaScript => std::fs::read_to_string(path.join("package.json"))
+            .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
             .and_then(|json| json["name"].as_str().map(str::to_owned)),
         Lang::Rust => None,
@@ -179,10 +189,23 @@ fn installed(
     Ok(tool)
 }
 
-/// componentize-py in a virtual environment of its own, made on first use.
-fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
+/// Where componentize-py's venv is, and the program in it.
+fn py_paths(toolchains: &Path) -> (PathBuf, PathBuf) {
     let venv = toolchains.join(format!("componentize-py-{COMPONENTIZE_PY}"));
     let tool = venv.join("bin").join("componentize-py");
+    (venv, tool)
+}
+
+/// Where componentize-js's npm prefix is, and the program in it.
+fn js_paths(toolchains: &Path) -> (PathBuf, PathBuf) {
+    let prefix = toolchains.join(format!("componentize-js-{COMPONENTIZE_JS}"));
+    let tool = prefix.join("node_modules").join(".bin").join("componentize-js");
+    (prefix, tool)
+}
+
+/// componentize-py in a virtual environment of its own, made on first use.
+fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
+    let (venv, tool) = py_paths(toolchains);
     installed(&venv, tool, || {
         let python = std::env::var_os("QFLOW_PYTHON").unwrap_or_else(|| "python3".into());
         run(
@@ -200,8 +223,7 @@ fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
 
 /// componentize-js in an npm prefix of its own, made on first use.
 fn componentize_js(toolchains: &Path) -> Result<PathBuf, Error> {
-    let prefix = toolchains.join(format!("componentize-js-{COMPONENTIZE_JS}"));
-    let tool = prefix.join("node_modules").join(".bin").join("componentize-js");
+    let (prefix, tool) = js_paths(toolchains);
     installed(&prefix, tool, || {
         std::fs::create_dir_all(&prefix).map_err(io(&prefix))?;
         run(
@@ -278,17 +300,7 @@ pub(crate) fn build_python(
 
 /// The step's module: `[tool.qflow] module = "…"` in `pyproject.toml`, else `app`.
 fn python_module(path: &Path) -> Result<String, Error> {
-    let text = std::fs::read_to_string(path.join("pyproject.toml")).unwrap_or_default();
-    let mut in_qflow = false;
-    let named = text.lines().find_map(|line| {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_qflow = line == "[tool.qflow]";
-            return None;
-        }
-        let rest = line.strip_prefix("module")?.trim_start().strip_prefix('=')?;
-        in_qflow.then(|| rest.trim().trim_matches('"').to_owned())
-    });
+    let named = string_at(&pyproject(path)?, &["tool", "qflow", "module"]);
     let module = named.unwrap_or_else(|| "app".to_owned());
     let file = path.join(format!("{}.py", module.replace('.', "/")));
     if file.is_file() || path.join(module.replace('.', "/")).join("__init__.py").is_file() {
@@ -377,14 +389,19 @@ pub fn doctor(toolchains_dir: Option<&Path>) -> Vec<Check> {
         })
     };
     let toolchains = toolchains(toolchains_dir);
-    let installed = |path: PathBuf, pinned: &str| {
+    let installed = |(_, path): (PathBuf, PathBuf), pinned: &str| {
         if path.is_file() {
             format!("{pinned}, installed in {}", path.display())
         } else {
             format!("{pinned}, installed by the first build into {}", toolchains.display())
         }
     };
-    let node = version("node", "--version");
+    let (cargo, python, node, npm) = (
+        version("cargo", "--version"),
+        version("python3", "--version"),
+        version("node", "--version"),
+        version("npm", "--version"),
+    );
     let node_ok = node.as_deref().is_some_and(|v| {
         v.trim_start_matches('v')
             .split('.')
@@ -395,44 +412,31 @@ pub fn doctor(toolchains_dir: Option<&Path>) -> Vec<Check> {
     vec![
         Check {
             tool: "cargo (Rust steps)".into(),
-            ok: version("cargo", "--version").is_some(),
-            detail: version("cargo", "--version")
-                .unwrap_or_else(|| "install rustup: https://rustup.rs".into()),
+            ok: cargo.is_some(),
+            detail: cargo.unwrap_or_else(|| "install rustup: https://rustup.rs".into()),
         },
         Check {
             tool: "python3 with venv (Python steps)".into(),
-            ok: version("python3", "--version").is_some(),
-            detail: version("python3", "--version")
-                .unwrap_or_else(|| "apt-get install python3 python3-venv".into()),
+            ok: python.is_some(),
+            detail: python.unwrap_or_else(|| "apt-get install python3 python3-venv".into()),
         },
         Check {
             tool: "componentize-py".into(),
             ok: true,
-            detail: installed(
-                toolchains.join(format!("componentize-py-{COMPONENTIZE_PY}/bin/componentize-py")),
-                COMPONENTIZE_PY,
-            ),
+            detail: installed(py_paths(&toolchains), COMPONENTIZE_PY),
         },
         Check {
             tool: "node ≥ 20 and npm (JavaScript steps)".into(),
-            ok: node_ok && version("npm", "--version").is_some(),
+            ok: node_ok && npm.is_some(),
             detail: match node {
-                Some(v) => format!(
-                    "node {v}, npm {}",
-                    version("npm", "--version").unwrap_or_else(|| "missing".into())
-                ),
+                Some(v) => format!("node {v}, npm {}", npm.unwrap_or_else(|| "missing".into())),
                 None => "install Node.js 20 and npm".into(),
             },
         },
         Check {
             tool: "componentize-js".into(),
             ok: true,
-            detail: installed(
-                toolchains.join(format!(
-                    "componentize-js-{COMPONENTIZE_JS}/node_modules/.bin/componentize-js"
-                )),
-                COMPONENTIZE_JS,
-            ),
+            detail: installed(js_paths(&toolchains), COMPONENTIZE_JS),
         },
     ]
 }

@@ -575,6 +575,11 @@ impl Flow {
         }
     }
 
+    /// The database `id` as this flow declares it, else as `host` does.
+    pub fn database<'a>(&'a self, id: &str, host: &'a [Database]) -> Option<&'a Database> {
+        self.databases.iter().chain(host).find(|d| d.id == id)
+    }
+
     /// For each step, whether another step needs it: the steps nobody
     /// needs are the flow's results.
     pub fn needed(&self) -> Vec<bool> {

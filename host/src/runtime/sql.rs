@@ -409,17 +409,7 @@ async fn sqlite(
     params: &[Value],
     mode: Mode,
 ) -> Result<Outcome, Failure> {
-    let mut query = sqlx::query(statement);
-    for param in params {
-        query = match param {
-            Value::Null => query.bind(None::<i64>),
-            Value::Boolean(b) => query.bind(*b),
-            Value::Integer(i) => query.bind(*i),
-            Value::Real(r) => query.bind(*r),
-            Value::Text(t) => query.bind(t.as_str()),
-            Value::Blob(b) => query.bind(b.as_slice()),
-        };
-    }
+    let query = bound(statement, params, |query| query.bind(None::<i64>));
     match mode {
         Mode::Execute => {
             let done = query.execute(&mut *conn).await.map_err(sqlite_failure)?;
@@ -439,17 +429,7 @@ async fn postgres(
     mode: Mode,
     read_only: bool,
 ) -> Result<Outcome, Failure> {
-    let mut query = sqlx::query(statement);
-    for param in params {
-        query = match param {
-            Value::Null => query.bind(Untyped),
-            Value::Boolean(b) => query.bind(*b),
-            Value::Integer(i) => query.bind(*i),
-            Value::Real(r) => query.bind(*r),
-            Value::Text(t) => query.bind(t.as_str()),
-            Value::Blob(b) => query.bind(b.as_slice()),
-        };
-    }
+    let query = bound(statement, params, |query| query.bind(Untyped));
     let outcome = if read_only {
         // One statement in a READ ONLY transaction: whatever it is (even a
         // `SET` of the session's defaults), it cannot write.
@@ -465,7 +445,7 @@ async fn postgres(
 
 async fn pg_run(
     conn: &mut PgConnection,
-    query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    query: Query<'_, Postgres>,
     mode: Mode,
 ) -> Result<Outcome, Failure> {
     match mode {
@@ -479,6 +459,33 @@ async fn pg_run(
         }
     }
 }
+
+/// `statement` with `params` bound in order; `null` binds a NULL, which
+/// each driver types its own way.
+fn bound<'q, DB: sqlx::Database>(
+    statement: &'q str,
+    params: &'q [Value],
+    null: impl Fn(Query<'q, DB>) -> Query<'q, DB>,
+) -> Query<'q, DB>
+where
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    f64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q [u8]: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    params.iter().fold(sqlx::query(statement), |query, param| match param {
+        Value::Null => null(query),
+        Value::Boolean(b) => query.bind(*b),
+        Value::Integer(i) => query.bind(*i),
+        Value::Real(r) => query.bind(*r),
+        Value::Text(t) => query.bind(t.as_str()),
+        Value::Blob(b) => query.bind(b.as_slice()),
+    })
+}
+
+/// A statement with its arguments, for driver `DB`.
+type Query<'q, DB> = sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>;
 
 /// A NULL parameter of no type: PostgreSQL infers it from the statement,
 /// as it does for a literal NULL.
