@@ -1,13 +1,39 @@
 //! The optimizer against real runs: what its conservative level rewrites
 //! must compute exactly what the original flow computed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qflow::model::optimize::{History, Level, PluginFigures, PoolFigures, optimize};
 use qflow::{Flow, Host, PoolStats, RunStatus, RunSummary};
 use serde_json::{Value, json};
 
 use crate::support::{assert_dependencies_respected, flow, host, repo};
+
+/// The shipped examples copied into `dir`, the web server they fetch from
+/// (`127.0.0.1:8089`) replaced by `server`: the runs write their databases
+/// there rather than into the repository.
+fn examples_in(dir: &Path, server: &qflow_tests::HttpServer) -> Vec<PathBuf> {
+    let (from, data) = (repo().join("examples"), dir.join("data"));
+    std::fs::create_dir_all(&data).unwrap();
+    for entry in std::fs::read_dir(from.join("data")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e != "db") {
+            std::fs::copy(&path, data.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let copy = dir.join(path.file_name().unwrap());
+            std::fs::write(&copy, text.replace("8089", &server.port.to_string())).unwrap();
+            paths.push(copy);
+        }
+    }
+    paths.sort();
+    paths
+}
 
 /// What an example needs as input: `fan-out` passes `${input.label}` on.
 fn input_for(flow: &Flow) -> Value {
@@ -64,16 +90,12 @@ fn contended(flow: &Flow, run: RunSummary) -> History {
 #[tokio::test(flavor = "multi_thread")]
 async fn conservative_optimization_keeps_every_example_output() {
     let host = host();
-    let mut paths: Vec<_> = std::fs::read_dir(repo().join("examples"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 2, "{paths:?}");
+    let (server, dir) = (qflow_tests::HttpServer::start(), tempfile::tempdir().unwrap());
+    let paths = examples_in(dir.path(), &server);
+    assert!(paths.len() >= 3, "{paths:?}");
     for path in &paths {
         let example = Path::new("examples").join(path.file_name().unwrap());
-        let flow = Flow::load(repo().join(&example)).unwrap_or_else(|e| panic!("{e}"));
+        let flow = Flow::load(path).unwrap_or_else(|e| panic!("{e}"));
         let input = input_for(&flow);
         let original = run(&host, &flow, &input).await;
 
