@@ -41,6 +41,18 @@ pub trait Manager: Send + Sync + 'static {
     fn healthy(&self, _resource: &mut Self::Resource) -> impl Future<Output = bool> + Send {
         async { true }
     }
+
+    /// Whether an idle resource, unused since `idle_since` (tokio's clock),
+    /// may serve the caller taking it: a bad one is dropped and the next
+    /// one taken (deadpool's `recycle`). Called on every reuse: keep the
+    /// common case cheap.
+    fn recycle(
+        &self,
+        _resource: &mut Self::Resource,
+        _idle_since: Instant,
+    ) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
 }
 
 /// A pool's limits and timings.
@@ -216,6 +228,10 @@ impl<M: Manager> Pool<M> {
     /// A resource: an idle one, else a new one if fewer than `max` are
     /// alive, else the next one released (waiters are served in arrival
     /// order), for at most `acquire_timeout_ms`.
+    ///
+    /// An idle resource is checked by the manager's `recycle` first; one
+    /// found bad is dropped and the acquisition starts over (each try
+    /// takes one idle resource away, so this ends).
     pub async fn acquire(&self) -> Result<Pooled<M>, PoolError<M::Error>> {
         let started = Instant::now();
         let inner = &self.inner;
@@ -223,8 +239,29 @@ impl<M: Manager> Pool<M> {
             return Err(PoolError::Draining);
         }
         *lock(&inner.last_acquire) = started;
+        let pooled = loop {
+            let (mut pooled, idle_since) = self.take().await?;
+            match idle_since {
+                // Given up while it is checked, it is dropped (`Pooled`).
+                Some(since) if !inner.manager.recycle(pooled.get(), since).await => {
+                    drop(pooled);
+                }
+                _ => break pooled,
+            }
+        };
+        inner.acquisitions.fetch_add(1, Ordering::Relaxed);
+        inner.sample(started.elapsed());
+        // In demand, and working: keep `min` ready again, even if it was
+        // evicted.
+        inner.filling.store(true, Ordering::Relaxed);
+        Ok(pooled)
+    }
+
+    /// One resource, with when it went idle if it was idle.
+    async fn take(&self) -> Result<(Pooled<M>, Option<Instant>), PoolError<M::Error>> {
+        let inner = &self.inner;
         enum Next<R, E> {
-            Ready(R),
+            Ready(R, Instant),
             Create,
             Wait(oneshot::Receiver<Handed<R, E>>),
         }
@@ -232,7 +269,7 @@ impl<M: Manager> Pool<M> {
             let mut state = lock(&inner.state);
             let next = if let Some(idle) = state.idle.pop_back() {
                 state.in_use += 1;
-                Next::Ready(idle.resource)
+                Next::Ready(idle.resource, idle.since)
             } else if state.making > state.waiters.len() {
                 // A spare is on its way: take it rather than make a second
                 // one beside it (on two cores, the two would race).
@@ -259,8 +296,12 @@ impl<M: Manager> Pool<M> {
             inner.refill.notify_one();
         }
         let fresh = matches!(next, Next::Create);
+        let idle_since = match next {
+            Next::Ready(_, since) => Some(since),
+            _ => None,
+        };
         let resource = match next {
-            Next::Ready(resource) => resource,
+            Next::Ready(resource, _) => resource,
             Next::Create => {
                 // Given up while it is being made (the caller's future
                 // dropped): its place is given back.
@@ -302,12 +343,7 @@ impl<M: Manager> Pool<M> {
                 }
             }
         };
-        inner.acquisitions.fetch_add(1, Ordering::Relaxed);
-        inner.sample(started.elapsed());
-        // In demand, and working: keep `min` ready again, even if it was
-        // evicted.
-        inner.filling.store(true, Ordering::Relaxed);
-        Ok(Pooled { resource: Some(resource), pool: self.inner.clone(), fresh })
+        Ok((Pooled { resource: Some(resource), pool: self.inner.clone(), fresh }, idle_since))
     }
 
     /// Stops handing out resources, drops the idle ones, and waits until
@@ -718,6 +754,10 @@ mod tests {
         unhealthy: AtomicBool,
         /// How long a creation takes, in ms (on tokio's clock).
         slow_ms: std::sync::atomic::AtomicU64,
+        /// Resources idle this long (ms) are refused on reuse; 0: none.
+        stale_after_ms: std::sync::atomic::AtomicU64,
+        /// How long checking one on reuse takes, in ms.
+        recycle_ms: std::sync::atomic::AtomicU64,
     }
 
     impl Manager for Arc<Counter> {
@@ -737,6 +777,13 @@ mod tests {
 
         async fn healthy(&self, _: &mut usize) -> bool {
             !self.unhealthy.load(Ordering::SeqCst)
+        }
+
+        async fn recycle(&self, _: &mut usize, idle_since: Instant) -> bool {
+            let takes = self.recycle_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(takes)).await;
+            let stale = self.stale_after_ms.load(Ordering::SeqCst);
+            stale == 0 || idle_since.elapsed() < Duration::from_millis(stale)
         }
     }
 
@@ -865,6 +912,37 @@ mod tests {
         settle().await;
         assert_eq!(pool.stats().total, 0);
         assert!(pool.is_abandoned());
+    }
+
+    /// Idle resources the manager refuses on reuse are dropped, and the
+    /// caller gets a good one; a caller that gives up during the check
+    /// leaves the pool whole.
+    #[tokio::test(start_paused = true)]
+    async fn resources_refused_on_reuse_are_dropped_and_the_caller_served() {
+        let counter = Arc::new(Counter::default());
+        counter.stale_after_ms.store(500, Ordering::SeqCst);
+        let pool = Pool::new(counter.clone(), config(0, 4));
+        let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+        a.release();
+        b.release();
+        // Fresh from use: reused as they are.
+        let mut again = pool.acquire().await.unwrap();
+        assert_eq!((*again.get(), pool.stats().creations), (1, 2));
+        again.release();
+        // Stale: both idle ones are refused and dropped, and a third made.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut served = pool.acquire().await.unwrap();
+        assert_eq!(*served.get(), 2, "a new one, not a stale one");
+        let stats = pool.stats();
+        assert_eq!((stats.total, stats.in_use, stats.available), (1, 1, 0), "{stats:?}");
+        served.release();
+
+        counter.recycle_ms.store(1000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), pool.acquire()).await;
+        assert!(gave_up.is_err(), "still being checked when given up");
+        let stats = pool.stats();
+        assert_eq!((stats.total, stats.in_use), (0, 0), "{stats:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -180,8 +180,6 @@ impl Connector {
 /// One pooled connection.
 pub(crate) struct Connection {
     conn: Conn,
-    /// When a call last ended on it.
-    used: Instant,
     /// SQLite: when the running statement must stop (ns since `epoch`),
     /// read by its progress handler.
     deadline: Arc<AtomicU64>,
@@ -216,11 +214,15 @@ impl Manager for Connector {
             }
             Options::Postgres(options) => Conn::Postgres(options.connect().await.map_err(failed)?),
         };
-        Ok(Connection { conn, used: Instant::now(), deadline, epoch })
+        Ok(Connection { conn, deadline, epoch })
     }
 
     async fn healthy(&self, connection: &mut Connection) -> bool {
         connection.ping().await
+    }
+
+    async fn recycle(&self, connection: &mut Connection, idle_since: Instant) -> bool {
+        idle_since.elapsed() < VALIDATE_AFTER || connection.ping().await
     }
 }
 
@@ -311,44 +313,29 @@ impl StepSql {
                 message: format!("database `{db}`: {message}"),
             })?;
         }
-        let connector = pool.manager();
-        // A connection that turns out dead is dropped and another taken,
-        // as often as the pool could hold dead ones.
-        for _ in 0..=pool.config().max {
-            let mut connection = pool.acquire().await.map_err(|e| SqlError {
-                kind: SqlErrorKind::Unavailable,
-                message: format!("database `{db}`: {e}"),
-            })?;
-            let fresh = connection.is_new();
-            let conn = connection.get();
-            if !fresh && conn.used.elapsed() >= VALIDATE_AFTER && !conn.ping().await {
-                continue;
-            }
-            let done = conn.run(statement, params, mode, connector).await;
-            conn.used = Instant::now();
-            let keep = self.databases.config.keep_connections;
-            return match done {
-                Ok(outcome) => {
-                    if keep {
-                        connection.release();
-                    }
-                    Ok(outcome)
-                }
-                Err(failure) => {
-                    if keep && !failure.broken {
-                        connection.release();
-                    }
-                    Err(SqlError {
-                        kind: failure.kind,
-                        message: format!("database `{db}`: {}", failure.message),
-                    })
-                }
-            };
-        }
-        Err(SqlError {
+        let mut connection = pool.acquire().await.map_err(|e| SqlError {
             kind: SqlErrorKind::Unavailable,
-            message: format!("database `{db}`: every pooled connection was dead"),
-        })
+            message: format!("database `{db}`: {e}"),
+        })?;
+        let done = connection.get().run(statement, params, mode, pool.manager()).await;
+        let keep = self.databases.config.keep_connections;
+        match done {
+            Ok(outcome) => {
+                if keep {
+                    connection.release();
+                }
+                Ok(outcome)
+            }
+            Err(failure) => {
+                if keep && !failure.broken {
+                    connection.release();
+                }
+                Err(SqlError {
+                    kind: failure.kind,
+                    message: format!("database `{db}`: {}", failure.message),
+                })
+            }
+        }
     }
 }
 
@@ -648,6 +635,9 @@ fn failure(driver: Driver, e: sqlx::Error) -> Failure {
                 // An extended result code; its low byte is the primary one.
                 Driver::Sqlite => {
                     let kind = match code.parse::<u32>().unwrap_or(1) & 0xff {
+                        // "table t already exists": SQLite has no code of
+                        // its own for it, only this wording.
+                        1 if message.ends_with(" already exists") => K::Constraint,
                         1 => K::Syntax,
                         5 | 6 | 10 | 14 => K::Unavailable,
                         8 => K::ReadOnly,
@@ -662,6 +652,11 @@ fn failure(driver: Driver, e: sqlx::Error) -> Failure {
                     let kind = match code.as_str() {
                         "25006" => K::ReadOnly,
                         "57014" => K::Timeout,
+                        // What a statement creates already exists (database,
+                        // schema, table, column, object, alias, function).
+                        "42P04" | "42P06" | "42P07" | "42701" | "42710" | "42712" | "42723" => {
+                            K::Constraint
+                        }
                         c if c.starts_with("42") => K::Syntax,
                         c if c.starts_with("23") => K::Constraint,
                         c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {

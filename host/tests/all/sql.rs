@@ -174,6 +174,45 @@ statement = '''SELECT 1::int4 AS i, 2.5::numeric AS d, 0.25::float4 AS f, true A
     );
 }
 
+/// Eight steps whose instances start at once, each creating the table it
+/// writes to: in PostgreSQL, concurrent `CREATE TABLE IF NOT EXISTS`
+/// collide on the catalog's unique index, and the `sql` plugin's setup
+/// tries the loser again, which then finds the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_setups_of_one_table_all_succeed_in_postgres() {
+    let Some((url, _server)) = postgres_url() else { return };
+    let host = host(vec![Database::new("pg", url)]);
+    for round in 0..3 {
+        let t = table(&format!("qflow_setup_race{round}"));
+        let steps: Vec<String> = (0..8)
+            .map(|i| {
+                step(
+                    &format!("w{i}"),
+                    &["pg"],
+                    // Each its own plugin instance: eight `init`s at once.
+                    &format!("input = [{i}]
+pool = {{ min = 0 }}"),
+                    &format!(
+                        "db = \"pg\"\nsetup = [\"CREATE TABLE IF NOT EXISTS {t} (id INT4 PRIMARY KEY)\"]\nstatement = \"INSERT INTO {t} (id) VALUES ($1)\""
+                    ),
+                )
+            })
+            .collect();
+        let summary = run(&host, &steps, json!(null)).await;
+        assert_succeeded(&summary);
+        let count = step(
+            "count",
+            &["pg"],
+            "",
+            &format!("db = \"pg\"\nstatement = \"SELECT count(*)::int4 AS n FROM {t}\""),
+        );
+        assert_eq!(
+            run(&host, &[count], json!(null)).await.output("count"),
+            Some(json!([{"n": 8}]))
+        );
+    }
+}
+
 /// Writes through a read-only grant, every way a step could try.
 async fn read_only_refuses(host: &Host, db: &str, t: &str) {
     let execute = step(
@@ -266,6 +305,7 @@ async fn failures_are_typed_and_name_the_database() {
         ("SELEC 1", "sql-syntax", "syntax error".to_owned()),
         ("SELECT * FROM missing", "sql-syntax", "no such table".to_owned()),
         ("INSERT INTO t (id) VALUES (1)", "sql-constraint", "UNIQUE".to_owned()),
+        ("CREATE TABLE t (id INTEGER)", "sql-constraint", "already exists".to_owned()),
         (
             "WITH RECURSIVE forever(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM forever) SELECT count(*) FROM forever",
             "sql-timeout",
@@ -319,6 +359,10 @@ async fn failures_are_typed_and_name_the_database() {
     let bad = step("bad", &["pg"], "", "db = \"pg\"\nstatement = \"SELEC 1\"");
     let (code, _) = failure(&run(&host, &[bad], json!(null)).await, "bad");
     assert_eq!(code, "sql-syntax");
+    let exists = step("exists", &["pg"], "", "db = \"pg\"\nstatement = \"CREATE SCHEMA public\"");
+    let (code, message) = failure(&run(&host, &[exists], json!(null)).await, "exists");
+    assert_eq!(code, "sql-constraint", "{message}");
+    assert!(message.contains("already exists"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

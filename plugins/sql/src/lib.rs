@@ -17,8 +17,10 @@
 //!   object is refused (say which fields).
 //! - `setup` statements run in every instance's `init`, and the pool may
 //!   make an instance ahead of demand: write them to be repeated (`CREATE
-//!   TABLE IF NOT EXISTS`), and in PostgreSQL, where two of those at once
-//!   can collide, create tables before the flow runs.
+//!   TABLE IF NOT EXISTS`). One that fails on a constraint is tried once
+//!   more: in PostgreSQL, two `CREATE TABLE IF NOT EXISTS` at once collide
+//!   on the catalog's unique index, and the loser finds the table there
+//!   when it tries again.
 //! - `each = true` runs the statement once per element of an array input.
 //! - A statement that starts with `SELECT`, `WITH`, `VALUES`, `PRAGMA`,
 //!   `SHOW` or `EXPLAIN`, or says `RETURNING`, returns its rows (an array of
@@ -55,7 +57,7 @@ impl Step for Sql {
 
     fn new(config: Config) -> Result<Self, Error> {
         for statement in &config.setup {
-            sql::execute(&config.db, statement, &[])
+            setup(&config.db, statement)
                 .map_err(|e| Error::bad_config(format!("setup statement {statement:?}: {e}")))?;
         }
         let returns_rows = returns_rows(&config.statement);
@@ -122,6 +124,14 @@ impl Sql {
             (None, Value::Null) => Ok(Vec::new()),
             (None, scalar) => Ok(vec![param(scalar)]),
         }
+    }
+}
+
+/// Runs a setup statement, a second time if it lost a race (see above).
+fn setup(db: &str, statement: &str) -> Result<u64, Error> {
+    match sql::execute(db, statement, &[]) {
+        Err(e) if e.code == "sql-constraint" => sql::execute(db, statement, &[]),
+        done => done,
     }
 }
 
