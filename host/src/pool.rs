@@ -549,18 +549,11 @@ impl<M: Manager> Inner<M> {
     fn hand_over(
         &self,
         state: &mut MutexGuard<'_, State<M::Resource, M::Error>>,
-        mut resource: M::Resource,
+        resource: M::Resource,
     ) {
         if !self.draining.load(Ordering::Acquire) {
-            while let Some(waiter) = state.waiters.pop_front() {
-                match waiter.send(Ok(resource)) {
-                    // Still counted in use, now by the waiter.
-                    Ok(()) => return,
-                    // That waiter gave up: try the next.
-                    Err(Ok(back)) => resource = back,
-                    Err(Err(_)) => unreachable!("a resource was sent"),
-                }
-            }
+            // Still counted in use, now by the waiter.
+            let Some(resource) = to_waiter(state, resource) else { return };
             state.in_use -= 1;
             state.idle.push_back(Idle { resource, since: Instant::now() });
             return;
@@ -586,6 +579,19 @@ impl<M: Manager> Inner<M> {
             self.refill.notify_one();
         }
     }
+}
+
+/// Gives `resource` to the first waiter still waiting; back if there is none.
+fn to_waiter<R, E>(state: &mut State<R, E>, mut resource: R) -> Option<R> {
+    while let Some(waiter) = state.waiters.pop_front() {
+        match waiter.send(Ok(resource)) {
+            Ok(()) => return None,
+            // That waiter gave up: try the next.
+            Err(Ok(back)) => resource = back,
+            Err(Err(_)) => unreachable!("a resource was sent"),
+        }
+    }
+    Some(resource)
 }
 
 /// The pool's background work: keep `min` idle (and serve waiters when a
@@ -670,8 +676,18 @@ async fn check_health<M: Manager>(inner: &Inner<M>) {
     }
     let mut state = lock(&inner.state);
     state.live -= unhealthy;
-    // Those taken meanwhile were newer: keep the checked ones behind them.
-    for entry in healthy.into_iter().rev() {
+    // Callers that queued while every resource was out being checked are
+    // served first; the rest go back behind those taken meanwhile (newer),
+    // idle since when they were.
+    let mut kept = Vec::with_capacity(healthy.len());
+    for Idle { resource, since } in healthy {
+        state.in_use += 1;
+        if let Some(resource) = to_waiter(&mut state, resource) {
+            state.in_use -= 1;
+            kept.push(Idle { resource, since });
+        }
+    }
+    for entry in kept.into_iter().rev() {
         state.idle.push_front(entry);
     }
 }
@@ -758,6 +774,8 @@ mod tests {
         stale_after_ms: std::sync::atomic::AtomicU64,
         /// How long checking one on reuse takes, in ms.
         recycle_ms: std::sync::atomic::AtomicU64,
+        /// How long a health check of one takes, in ms.
+        check_ms: std::sync::atomic::AtomicU64,
     }
 
     impl Manager for Arc<Counter> {
@@ -776,6 +794,8 @@ mod tests {
         }
 
         async fn healthy(&self, _: &mut usize) -> bool {
+            let takes = self.check_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(takes)).await;
             !self.unhealthy.load(Ordering::SeqCst)
         }
 
@@ -943,6 +963,24 @@ mod tests {
         assert!(gave_up.is_err(), "still being checked when given up");
         let stats = pool.stats();
         assert_eq!((stats.total, stats.in_use), (0, 0), "{stats:?}");
+    }
+
+    /// A caller that queued while the only resource was out for its health
+    /// check gets it when the check ends, not an acquisition timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waiting_out_a_health_check_is_served_after_it() {
+        let counter = Arc::new(Counter::default());
+        let config = PoolConfig { health_check_ms: 100, acquire_timeout_ms: 5000, ..config(0, 1) };
+        let pool = Pool::new(counter.clone(), config);
+        pool.acquire().await.unwrap().release();
+        counter.check_ms.store(1000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        settle().await;
+        assert_eq!(pool.stats().available, 0, "out for its check");
+        let started = Instant::now();
+        let mut served = pool.acquire().await.expect("served once the check ends");
+        assert_eq!((*served.get(), pool.stats().creations), (0, 1));
+        assert!(started.elapsed() < Duration::from_millis(2000), "not at the timeout");
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,18 +86,28 @@ impl Database {
     }
 
     /// The URL with any password replaced by `***`: what messages show.
+    /// Read as a leak would be: the user information runs to the *last*
+    /// `@` (a password may hold `/` or `@` unencoded), and a `password`
+    /// query parameter is hidden too. When in doubt, more is hidden.
     pub fn redacted_url(&self) -> String {
         let url = self.url.trim();
         let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
+        let rest = match rest.rsplit_once('@') {
             Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-                None => url.to_owned(),
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => rest.to_owned(),
             },
-            None => url.to_owned(),
-        }
+            None => rest.to_owned(),
+        };
+        let Some((path, query)) = rest.split_once('?') else { return format!("{scheme}://{rest}") };
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        format!("{scheme}://{path}?{}", query.join("&"))
     }
 
     /// A SQLite URL's relative path made absolute against `base`; other
@@ -133,6 +143,14 @@ mod tests {
             Database::new("o", "postgres://qflow@h/db").redacted_url(),
             "postgres://qflow@h/db"
         );
+        for (url, shown) in [
+            ("postgres://u:p/ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:p@ss@h:5432/db?sslmode=off", "postgres://u:***@h:5432/db?sslmode=off"),
+            ("postgres://h/db?user=u&password=s3cret", "postgres://h/db?user=u&password=***"),
+            ("sqlite:data/x.db?mode=ro", "sqlite:data/x.db?mode=ro"),
+        ] {
+            assert_eq!(Database::new("o", url).redacted_url(), shown, "{url}");
+        }
         assert_eq!(db.kind(), Ok(DatabaseKind::Postgres));
         let bad = Database::new("o", "mysql://u:pw@h/db").kind().unwrap_err();
         assert!(

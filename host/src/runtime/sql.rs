@@ -55,8 +55,14 @@ const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// statement is sent, not by it.
 const VALIDATE_AFTER: Duration = Duration::from_millis(500);
 
+/// How long a ping may take before the connection counts as dead.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The most JSON a query may return: a step's output limit's default.
 const MAX_RESULT_BYTES: usize = 16 << 20;
+
+/// SQLite's longest string or blob: no bigger one could be returned.
+const MAX_VALUE_BYTES: i32 = 16 << 20;
 
 /// Steps' databases, host-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,12 +210,29 @@ impl Manager for Connector {
         let conn = match &self.options {
             Options::Sqlite(options) => {
                 let mut conn = options.connect().await.map_err(failed)?;
+                let mut handle = conn.lock_handle().await.map_err(failed)?;
                 // Interrupts a statement past its deadline: the statement
                 // fails with SQLITE_INTERRUPT, the connection stays good.
                 let watched = deadline.clone();
-                conn.lock_handle().await.map_err(failed)?.set_progress_handler(1000, move || {
+                handle.set_progress_handler(1000, move || {
                     (epoch.elapsed().as_nanos() as u64) < watched.load(Ordering::Relaxed)
                 });
+                let db = handle.as_raw_handle().as_ptr();
+                // SAFETY: `db` is this open connection's handle, locked for
+                // us (sqlx's worker uses it only under the same lock), and
+                // `sqlite3_limit` is safe on any open handle. No database
+                // can be attached (nor VACUUM run, which attaches one),
+                // whatever the statement check missed; no string or blob
+                // outgrows what a result may hold.
+                #[allow(unsafe_code)]
+                unsafe {
+                    use libsqlite3_sys::{
+                        SQLITE_LIMIT_ATTACHED, SQLITE_LIMIT_LENGTH, sqlite3_limit,
+                    };
+                    sqlite3_limit(db, SQLITE_LIMIT_ATTACHED, 0);
+                    sqlite3_limit(db, SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES);
+                }
+                drop(handle);
                 Conn::Sqlite(conn)
             }
             Options::Postgres(options) => Conn::Postgres(options.connect().await.map_err(failed)?),
@@ -227,11 +250,14 @@ impl Manager for Connector {
 }
 
 impl Connection {
+    /// Whether the database answers, within [`PING_TIMEOUT`]: a server that
+    /// stopped answering must not stall the pool's upkeep.
     async fn ping(&mut self) -> bool {
-        match &mut self.conn {
-            Conn::Sqlite(conn) => conn.ping().await.is_ok(),
-            Conn::Postgres(conn) => conn.ping().await.is_ok(),
-        }
+        let pinged = match &mut self.conn {
+            Conn::Sqlite(conn) => tokio::time::timeout(PING_TIMEOUT, conn.ping()).await,
+            Conn::Postgres(conn) => tokio::time::timeout(PING_TIMEOUT, conn.ping()).await,
+        };
+        pinged.is_ok_and(|answer| answer.is_ok())
     }
 }
 
@@ -292,9 +318,12 @@ impl StepSql {
     ) -> Result<Outcome, SqlError> {
         let Some(database) = self.grants.iter().find(|d| d.id == db) else {
             let granted: Vec<&str> = self.grants.iter().map(|d| d.id.as_str()).collect();
+            // `db` is the plugin's text: shown escaped, and not at length.
+            let shown: String = db.chars().take(200).collect();
             let message = format!(
-                "step `{}` has no grant for database `{db}` (it may use: {})",
+                "step `{}` has no grant for database `{}` (it may use: {})",
                 self.caller,
+                crate::model::printable(&shown),
                 if granted.is_empty() { "none".to_owned() } else { granted.join(", ") }
             );
             tracing::warn!("{message}");
@@ -370,13 +399,23 @@ impl Connection {
                 // this stops a call stuck outside SQLite's VM (a lock wait).
                 let ran =
                     tokio::time::timeout(limit * 2, sqlite(conn, statement, params, mode)).await;
-                self.deadline.store(u64::MAX, Ordering::Relaxed);
-                ran.unwrap_or_else(|_| Err(timed_out(limit, true)))
+                match ran {
+                    Ok(ran) => {
+                        self.deadline.store(u64::MAX, Ordering::Relaxed);
+                        ran
+                    }
+                    Err(_) => {
+                        // Given up (and the connection dropped): whatever
+                        // it waited for, the statement stops at its next step.
+                        self.deadline.store(0, Ordering::Relaxed);
+                        Err(timed_out(limit, true))
+                    }
+                }
             }
             Conn::Postgres(conn) => {
                 // PostgreSQL ends a statement at its `statement_timeout`
                 // itself; this is for a server that stopped answering.
-                let ran = postgres(conn, statement, params, mode, connector.read_only);
+                let ran = postgres(conn, statement, params, mode, connector.read_only, limit);
                 tokio::time::timeout(limit + Duration::from_secs(5), ran)
                     .await
                     .unwrap_or_else(|_| Err(timed_out(limit, true)))
@@ -402,10 +441,9 @@ async fn sqlite(
             let done = query.execute(&mut *conn).await.map_err(sqlite_failure)?;
             Ok(Outcome::Affected(done.rows_affected()))
         }
-        Mode::Query => {
-            let rows = query.fetch_all(&mut *conn).await.map_err(sqlite_failure)?;
-            rows_json(&rows, sqlite_value).map(Outcome::Rows)
-        }
+        Mode::Query => rows_json(query.fetch(&mut *conn), sqlite_value, sqlite_failure)
+            .await
+            .map(Outcome::Rows),
     }
 }
 
@@ -415,18 +453,22 @@ async fn postgres(
     params: &[Value],
     mode: Mode,
     read_only: bool,
+    timeout: Duration,
 ) -> Result<Outcome, Failure> {
     let query = bound(statement, params, |query| query.bind(Untyped));
-    let outcome = if read_only {
-        // One statement in a READ ONLY transaction: whatever it is (even a
-        // `SET` of the session's defaults), it cannot write.
-        let mut tx = conn.begin_with("BEGIN READ ONLY").await.map_err(pg_failure)?;
-        let outcome = pg_run(&mut tx, query, mode).await?;
-        tx.commit().await.map_err(pg_failure)?;
-        outcome
-    } else {
-        pg_run(&mut *conn, query, mode).await?
-    };
+    // Each call is one transaction of its own, begun (with its timeout) in
+    // one round trip: a step's `BEGIN` cannot leave one open on a shared
+    // connection, nor a `SET statement_timeout` outlive the call that set
+    // it. READ ONLY: whatever the statement is (even a `SET` of the
+    // session's defaults), it cannot write.
+    let begin = format!(
+        "BEGIN{}; SET LOCAL statement_timeout = {}",
+        if read_only { " READ ONLY" } else { "" },
+        timeout.as_millis()
+    );
+    let mut tx = conn.begin_with(begin).await.map_err(pg_failure)?;
+    let outcome = pg_run(&mut tx, query, mode).await?;
+    tx.commit().await.map_err(pg_failure)?;
     Ok(outcome)
 }
 
@@ -441,8 +483,7 @@ async fn pg_run(
             Ok(Outcome::Affected(done.rows_affected()))
         }
         Mode::Query => {
-            let rows = query.fetch_all(&mut *conn).await.map_err(pg_failure)?;
-            rows_json(&rows, pg_value).map(Outcome::Rows)
+            rows_json(query.fetch(&mut *conn), pg_value, pg_failure).await.map(Outcome::Rows)
         }
     }
 }
@@ -493,28 +534,32 @@ impl sqlx::Encode<'_, Postgres> for Untyped {
     }
 }
 
-/// Rows as a JSON array of objects, within [`MAX_RESULT_BYTES`].
-fn rows_json<R: Row>(
-    rows: &[R],
+/// Rows as a JSON array of objects, within [`MAX_RESULT_BYTES`]: read as
+/// they come, so a result over the limit stops there rather than being
+/// held whole first.
+async fn rows_json<R: Row>(
+    mut rows: futures::stream::BoxStream<'_, Result<R, sqlx::Error>>,
     value: impl Fn(&R, usize) -> Result<JsonValue, Failure>,
+    failed: fn(sqlx::Error) -> Failure,
 ) -> Result<String, Failure> {
+    use futures::TryStreamExt as _;
     let mut out = String::from("[");
-    for (n, row) in rows.iter().enumerate() {
+    let mut n = 0;
+    while let Some(row) = rows.try_next().await.map_err(failed)? {
         let mut object = serde_json::Map::with_capacity(row.len());
         for (i, column) in row.columns().iter().enumerate() {
-            object.insert(column.name().to_owned(), value(row, i)?);
+            object.insert(column.name().to_owned(), value(&row, i)?);
         }
         if n > 0 {
             out.push(',');
         }
+        n += 1;
         let _ = write!(out, "{}", JsonValue::Object(object));
         if out.len() > MAX_RESULT_BYTES {
             return Err(Failure::new(
                 SqlErrorKind::Unsupported,
                 format!(
-                    "the result is over {MAX_RESULT_BYTES} bytes of JSON after {} of {} rows (add a LIMIT)",
-                    n + 1,
-                    rows.len()
+                    "the result is over {MAX_RESULT_BYTES} bytes of JSON after {n} rows (add a LIMIT)"
                 ),
             ));
         }
@@ -639,6 +684,7 @@ fn failure(driver: Driver, e: sqlx::Error) -> Failure {
                         // its own for it, only this wording.
                         1 if message.ends_with(" already exists") => K::Constraint,
                         1 => K::Syntax,
+                        18 => K::Unsupported,
                         5 | 6 | 10 | 14 => K::Unavailable,
                         8 => K::ReadOnly,
                         9 => K::Timeout,
@@ -659,13 +705,18 @@ fn failure(driver: Driver, e: sqlx::Error) -> Failure {
                         }
                         c if c.starts_with("42") => K::Syntax,
                         c if c.starts_with("23") => K::Constraint,
+                        // A protocol violation the session survives: the
+                        // parameters do not fit the statement ("bind message
+                        // supplies 1 parameters, but … requires 2").
+                        "08P01" => K::Syntax,
                         c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
                             K::Unavailable
                         }
                         _ => K::Other,
                     };
                     // A server shutting down (57P01 …) ends the session.
-                    (kind, code.starts_with("57P") || code.starts_with("08"))
+                    let broken = code.starts_with("57P") || code.starts_with("08");
+                    (kind, broken && code != "08P01")
                 }
             };
             let message = match kind {
@@ -703,10 +754,15 @@ fn pg_failure(e: sqlx::Error) -> Failure {
 /// sqlx runs every statement in a string, and SQLite's `ATTACH` opens (and
 /// `VACUUM INTO` writes) any path the host can reach; what is needed to
 /// catch them is SQLite's own lexing of quotes and comments, which this is.
+/// A byte SQLite allows inside an identifier or a parameter's name.
+fn id_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
 fn check_sqlite_statement(statement: &str) -> Result<(), String> {
     let refuse = |message: String| Err(message);
     let bytes = statement.as_bytes();
-    let mut i = 0;
+    let (mut i, mut words) = (0, 0);
     let mut ended = false;
     while i < bytes.len() {
         let c = bytes[i];
@@ -747,11 +803,50 @@ fn check_sqlite_statement(statement: &str) -> Result<(), String> {
                 continue;
             }
             c if c.is_ascii_whitespace() => continue,
-            c if c.is_ascii_alphabetic() || c == b'_' => {
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+            // A parameter (`$1`, `:name`, `@x`, `$a::b(…)`), one token as
+            // SQLite reads it, so a `--` or a quote inside it starts nothing.
+            b'$' | b':' | b'@' | b'#' | b'?' => {
+                while i < bytes.len() {
+                    if c == b'?' {
+                        // `?NNN`: digits only.
+                        if !bytes[i].is_ascii_digit() {
+                            break;
+                        }
+                        i += 1;
+                    } else if id_char(bytes[i]) {
+                        i += 1;
+                    } else if c == b'$' && bytes[i] == b'(' && i > start + 1 {
+                        while i < bytes.len() && bytes[i] != b')' && !bytes[i].is_ascii_whitespace()
+                        {
+                            i += 1;
+                        }
+                        i += 1;
+                        break;
+                    } else if c == b'$' && bytes[i] == b':' && bytes.get(i + 1) == Some(&b':') {
+                        i += 2;
+                    } else {
+                        break;
+                    }
+                }
+                let name = &statement[start + 1..i.min(statement.len())];
+                if c == b'$' && !name.is_empty() && name.bytes().all(|b| b == b'0') {
+                    return refuse("parameters are numbered from $1, not $0".to_owned());
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                while i < bytes.len() && id_char(bytes[i]) {
                     i += 1;
                 }
                 let word = &statement[start..i];
+                let first = words == 0;
+                words += 1;
+                if first && ["BEGIN", "SAVEPOINT"].iter().any(|w| word.eq_ignore_ascii_case(w)) {
+                    return refuse(format!(
+                        "{} is not allowed: each call is a transaction of its own, and a \
+                         connection is shared by every step",
+                        word.to_ascii_uppercase()
+                    ));
+                }
                 for refused in ["ATTACH", "DETACH", "VACUUM"] {
                     if word.eq_ignore_ascii_case(refused) {
                         return refuse(format!(
@@ -782,6 +877,7 @@ mod tests {
         assert!(check("SELECT 'it''s; fine'").is_ok());
         assert!(check("/* attach */ SELECT 1").is_ok());
         assert!(check("SELECT attached FROM t").is_ok());
+        assert!(check("SELECT $1, $10, :name, @n, ?2, $a::b(x) FROM x$attach").is_ok());
         for bad in [
             "ATTACH DATABASE '/etc/x.db' AS x",
             "attach '/tmp/x' as y",
@@ -790,6 +886,14 @@ mod tests {
             "SELECT 1; DELETE FROM t",
             "SELECT 'a'; SELECT 2",
             "SELECT 1 /* c */ ; SELECT 2",
+            // Inside a parameter's name, `--`, `/*` and quotes are not
+            // comments or strings to SQLite.
+            "SELECT $1(--);ATTACH'/tmp/o.db'AS o",
+            "SELECT $a::b(/*);VACUUM",
+            "SELECT $0",
+            "BEGIN",
+            " begin immediate",
+            "SAVEPOINT a",
         ] {
             assert!(check(bad).is_err(), "{bad} should be refused");
         }

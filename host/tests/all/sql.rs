@@ -317,6 +317,10 @@ async fn failures_are_typed_and_name_the_database() {
             "ATTACH is not allowed".to_owned(),
         ),
         ("SELECT 1; DELETE FROM t", "sql-syntax", "one statement".to_owned()),
+        ("SELECT $1(--);ATTACH 'x.db' AS x", "sql-syntax", "ATTACH is not".to_owned()),
+        ("BEGIN IMMEDIATE", "sql-syntax", "BEGIN is not allowed".to_owned()),
+        // Refused by SQLite before a gigabyte is made.
+        ("SELECT zeroblob(1000000000) AS b", "sql-unsupported", "too big".to_owned()),
     ];
     for (statement, code, says) in cases {
         let bad =
@@ -359,6 +363,33 @@ async fn failures_are_typed_and_name_the_database() {
     let bad = step("bad", &["pg"], "", "db = \"pg\"\nstatement = \"SELEC 1\"");
     let (code, _) = failure(&run(&host, &[bad], json!(null)).await, "bad");
     assert_eq!(code, "sql-syntax");
+    // Parameters that do not fit the statement: the step's mistake.
+    let short = step(
+        "short",
+        &["pg"],
+        "",
+        "db = \"pg\"\nparams = [\"a\"]\nstatement = \"SELECT $1::int4 + $2::int4 AS n\"",
+    );
+    let (code, message) = failure(&run(&host, &[short], json!({"a": 1})).await, "short");
+    assert_eq!(code, "sql-syntax", "{message}");
+    // A step cannot switch its timeout off for the calls after it (nor
+    // leave a transaction open on the shared connection): each call is a
+    // transaction with the timeout set in it.
+    for statement in ["SET statement_timeout = 0", "BEGIN"] {
+        let unset = step("unset", &["pg"], "", &format!("db = \"pg\"\nstatement = {statement:?}"));
+        let sleep = step(
+            "sleep",
+            &["pg"],
+            "needs = [\"unset\"]",
+            "db = \"pg\"\nparams = []\nstatement = \"SELECT pg_sleep(30)\"",
+        );
+        let summary = run(&host, &[unset, sleep], json!(null)).await;
+        assert_eq!(summary.step("unset").unwrap().status, StepStatus::Succeeded, "{statement}");
+        let (code, message) = failure(&summary, "sleep");
+        assert_eq!(code, "sql-timeout", "after {statement}: {message}");
+        // Stopped by PostgreSQL itself, not by the host's late backstop.
+        assert!(message.contains("canceling statement due to statement timeout"), "{message}");
+    }
     let exists = step("exists", &["pg"], "", "db = \"pg\"\nstatement = \"CREATE SCHEMA public\"");
     let (code, message) = failure(&run(&host, &[exists], json!(null)).await, "exists");
     assert_eq!(code, "sql-constraint", "{message}");
