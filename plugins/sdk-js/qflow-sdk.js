@@ -106,6 +106,19 @@ function failure(e, code) {
   return { code, message: String(e), retryable: false };
 }
 
+/** What a step's `init` or `run` returned, refused if it is a Promise: the
+ * call must finish before it returns (componentize-js does not wait for
+ * promises), so a step cannot `await`, nor use `fetch`. */
+function settled(value, what) {
+  if (value !== null && typeof value === "object" && typeof value.then === "function") {
+    throw new StepError(
+      `${what} returned a Promise: a step's ${what} must finish before it returns (no async, no await, no fetch)`,
+      { code: "async-unsupported" },
+    );
+  }
+  return value;
+}
+
 /** The `step` world's exports over a step object (`run`, and optionally
  * `init`, `name`, `version`, `description`, `assets`, `needs`). */
 export function world(step, project) {
@@ -124,7 +137,7 @@ export function world(step, project) {
     init(config) {
       try {
         const parsed = config ? JSON.parse(config) : {};
-        instance = { config: parsed, state: step.init ? step.init(parsed) : undefined };
+        instance = { config: parsed, state: step.init ? settled(step.init(parsed), "init") : undefined };
       } catch (e) {
         throw failure(e, "bad-config");
       }
@@ -132,8 +145,10 @@ export function world(step, project) {
     run(input) {
       try {
         if (instance === null) throw new StepError("run before init: the host always calls init first", { code: "no-init" });
-        const output = step.run(JSON.parse(input), instance.config, instance.state);
-        return JSON.stringify(output === undefined ? null : output);
+        const output = settled(step.run(JSON.parse(input), instance.config, instance.state), "run");
+        const text = JSON.stringify(output ?? null);
+        if (text === undefined) throw new StepError(`run returned a ${typeof output}, which has no JSON form`, { code: "bad-output" });
+        return text;
       } catch (e) {
         throw failure(e, "error");
       }

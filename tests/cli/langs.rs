@@ -60,16 +60,19 @@ fn python_and_javascript_steps_build_from_the_sdks_and_run_beside_a_rust_step() 
                 && root.join(name).join("flow.toml").is_file()
         );
     }
-    // Each learns to fail as code fails: an exception, a thrown Error.
+    // Each learns to fail as code fails (an exception, a thrown Error), and
+    // to try what a step cannot do: return a coroutine, or a Promise.
     patch(
         &root.join("words-py/app.py"),
         "    words = text.split()\n",
-        "    if text == \"boom\":\n        raise ValueError(\"boom\")\n    words = text.split()\n",
+        "    if text == \"boom\":\n        raise ValueError(\"boom\")\n    if text == \"later\":\n        \
+         async def later():\n            return 1\n        return later()\n    words = text.split()\n",
     );
     patch(
         &root.join("words-js/app.js"),
         "    const words =",
-        "    if (text === \"boom\") throw new Error(\"boom\");\n    const words =",
+        "    if (text === \"boom\") throw new Error(\"boom\");\n    \
+         if (text === \"later\") return Promise.resolve(1);\n    const words =",
     );
     for name in ["words-py", "words-js"] {
         let project = root.join(name);
@@ -154,4 +157,15 @@ fn python_and_javascript_steps_build_from_the_sdks_and_run_beside_a_rust_step() 
     assert!(error["message"].as_str().unwrap().contains("Error: boom"), "{error}");
     let summary = run(&alone, &plugins, "[1]");
     assert_eq!(step(&summary, "js")["error"]["code"], "bad-input", "{summary}");
+
+    // Neither output is taken for done while it is still to come: an
+    // async step is refused, by name, rather than output `{}`.
+    let summary = run(&alone, &plugins, "\"later\"");
+    let error = &step(&summary, "js")["error"];
+    assert_eq!(error["code"], "async-unsupported", "{summary}");
+    assert!(error["message"].as_str().unwrap().contains("run returned a Promise"), "{error}");
+    let summary = run(&flow, &plugins, "\"later\"");
+    let error = &step(&summary, "py")["error"];
+    assert_eq!(error["code"], "async-unsupported", "{summary}");
+    assert!(error["message"].as_str().unwrap().contains("run returned a coroutine"), "{error}");
 }

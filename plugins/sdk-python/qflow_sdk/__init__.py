@@ -167,6 +167,19 @@ def _failure(e, code="error"):
     return Err(types.StepError(code, message, False))
 
 
+def _settled(value, what):
+    """What a step returned, refused if it is awaitable (a coroutine): the
+    call must finish before it returns, so a step cannot be `async def`."""
+    if hasattr(value, "__await__"):
+        if hasattr(value, "close"):
+            value.close()  # no "never awaited" warning
+        raise StepError(
+            f"{what} returned a coroutine: a step's {what} must finish before it returns (no async def)",
+            "async-unsupported",
+        )
+    return value
+
+
 def _required():
     if not _registered:
         raise StepError("no step: decorate a function or class with @qflow_sdk.step", "no-step")
@@ -185,7 +198,7 @@ class WitWorld:
     def init(self, config):
         global _instance
         try:
-            _instance = _required()["factory"](json.loads(config) if config else {})
+            _instance = _settled(_required()["factory"](json.loads(config) if config else {}), "init")
         except Exception as e:
             raise _failure(e, "bad-config")
 
@@ -193,6 +206,6 @@ class WitWorld:
         try:
             if _instance is None:
                 raise StepError("run before init: the host always calls init first", "no-init")
-            return json.dumps(_instance.run(json.loads(input)))
+            return json.dumps(_settled(_instance.run(json.loads(input)), "run"), allow_nan=False)
         except Exception as e:
             raise _failure(e)
