@@ -49,6 +49,13 @@ pub(crate) fn offered() -> String {
 /// (none: it may link). Bytes that do not parse are left for the compiler
 /// to describe.
 pub(crate) fn problems(bytes: &[u8]) -> Vec<String> {
+    if wasmparser::Parser::is_core_wasm(bytes) {
+        return vec![
+            "it is a core WebAssembly module, not a component: build it for `wasm32-wasip2` \
+             (as `qflow build` does), or make it one with `wasm-tools component new`"
+                .to_owned(),
+        ];
+    }
     let (imports, exports) = match surface(bytes) {
         Some(surface) => surface,
         None => return Vec::new(),
@@ -110,7 +117,14 @@ fn surface(bytes: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::provided;
+    use super::{problems, provided};
+
+    #[test]
+    fn a_core_module_is_named_as_one() {
+        let module = b"\0asm\x01\0\0\0";
+        let found = problems(module);
+        assert!(found.len() == 1 && found[0].contains("a core WebAssembly module"), "{found:?}");
+    }
 
     #[test]
     fn the_interfaces_the_host_links_are_provided_and_no_others() {

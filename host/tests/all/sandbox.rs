@@ -169,12 +169,19 @@ async fn files_that_are_not_components_are_ignored_or_named() {
     std::fs::copy(hostile_dir().join("identity.wasm"), dir.path().join("identity.wasm")).unwrap();
     std::fs::write(dir.path().join("README.txt"), "not a plugin").unwrap();
     std::fs::write(dir.path().join("fake.wasm"), "not wasm either").unwrap();
+    // A core module (built for wasm32-wasip1, say) is said to be one.
+    std::fs::write(dir.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
     let host = Host::new(config(dir.path(), None)).unwrap();
-    assert_eq!(host.catalog().names().unwrap(), ["fake", "identity"]);
+    assert_eq!(host.catalog().names().unwrap(), ["core", "fake", "identity"]);
     let listed = host.catalog().describe_all().await.unwrap();
-    let (name, fake) = listed.iter().find_map(|(n, d)| Some((n, d.as_ref().err()?))).unwrap();
-    assert_eq!(name, "fake");
-    assert!(fake.to_string().contains("fake.wasm is not a valid WebAssembly component"), "{fake}");
+    let error = |name: &str| {
+        let (_, described) = listed.iter().find(|(n, _)| n == name).unwrap();
+        described.as_ref().err().unwrap_or_else(|| panic!("{name} was described")).to_string()
+    };
+    let fake = error("fake");
+    assert!(fake.contains("fake.wasm is not a valid WebAssembly component"), "{fake}");
+    let core = error("core");
+    assert!(core.contains("core.wasm") && core.contains("a core WebAssembly module"), "{core}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
