@@ -162,8 +162,9 @@ impl DiskCache {
         // `serialize` produced for an engine like this one, and that it does
         // not change while mapped. Both hold because of how artifacts are
         // written: only by `save`, from wasmtime's own serialisation, into a
-        // temporary file that is then renamed over the name — never written
-        // in place. So the name always denotes a complete artifact. The file
+        // temporary file that is synced to disk and then renamed over the
+        // name — never written in place. So the name always denotes a
+        // complete artifact, even after a crash. The file
         // was checked in full (checksum, component digest and engine hash in
         // its trailer) either just now, or when it had the very stamp it has
         // now (size, times, inode: no write or rename since), and its
@@ -329,11 +330,15 @@ fn verified<'a>(
 
 /// Writes through a temporary file in the same directory and renames it
 /// into place, so that no reader (in this process or another) sees half.
+/// The data reaches the disk before the rename: after a crash, the name
+/// holds the old file or the whole new one, never a new file's size and
+/// times over blocks never written (which a stamp, trusted without reading
+/// the file again, would not notice).
 fn write_atomically(dir: &Dir, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = format!("{name}.tmp.{}.{}", std::process::id(), unique());
     let written = dir
         .create(&tmp)
-        .and_then(|mut file| file.write_all(bytes))
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_data()))
         .and_then(|()| dir.rename(&tmp, dir, name));
     written.inspect_err(|_| {
         let _ = dir.remove_file(&tmp);
