@@ -339,7 +339,16 @@ impl Catalog {
     async fn load_one(&self, name: &str) -> Result<(Arc<Plugin>, LoadSource), PluginError> {
         let digest = self.resolve(name).await?;
         let file = wasm(name);
-        self.store.get(digest, name, &self.path_of(&file), self.reader(file)).await
+        let path = self.path_of(&file);
+        let loaded = self.store.get(digest, name, &path, self.reader(file.clone())).await;
+        if let Err(PluginError::Changed { .. }) = &loaded {
+            // The digest was taken from bytes half-rewritten under a stamp
+            // that did not change after (the kernel's clock is coarse): it
+            // must not stand for the file, here or in the cache's index.
+            lock(&self.digests).remove(name);
+            self.forget_hash(&file);
+        }
+        loaded
     }
 
     /// The digest the name `name` stands for now. A watched catalog keeps
@@ -386,20 +395,28 @@ impl Catalog {
     /// The digest of `file`, if it was hashed before (by any host on this
     /// cache directory) and has not changed since.
     fn hashed_before(&self, file: &str, stamp: Fingerprint) -> Option<Digest> {
-        let path = std::path::absolute(self.path_of(file)).ok()?;
+        let path = self.index_key(file)?;
         let hashed = lock(&self.hashed);
-        let (known, hex_digest) = hashed.get(path.to_str()?)?;
+        let (known, hex_digest) = hashed.get(&path)?;
         let mut digest = [0; 32];
         (*known == stamp && hex::decode_to_slice(hex_digest, &mut digest).is_ok()).then_some(digest)
     }
 
+    /// A file's key in the digest index: its absolute path.
+    fn index_key(&self, file: &str) -> Option<String> {
+        std::path::absolute(self.path_of(file)).ok()?.to_str().map(str::to_owned)
+    }
+
+    fn forget_hash(&self, file: &str) {
+        let (Some(disk), Some(path)) = (self.store.disk(), self.index_key(file)) else { return };
+        let mut hashed = lock(&self.hashed);
+        if hashed.remove(&path).is_some() {
+            disk.save_state(DIGESTS, &*hashed);
+        }
+    }
+
     fn remember_hash(&self, file: &str, stamp: Fingerprint, digest: Digest) {
-        let path = std::path::absolute(self.path_of(file)).ok();
-        let (Some(disk), Some(path)) =
-            (self.store.disk(), path.and_then(|p| p.to_str().map(str::to_owned)))
-        else {
-            return;
-        };
+        let (Some(disk), Some(path)) = (self.store.disk(), self.index_key(file)) else { return };
         let mut hashed = lock(&self.hashed);
         hashed.insert(path, (stamp, hex::encode(digest)));
         // Files no longer there are forgotten.

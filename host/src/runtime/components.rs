@@ -245,9 +245,7 @@ impl ComponentStore {
             .map_err(|e| PluginError::Host(e.to_string()))?
             .map_err(read_error)?;
         if self::digest(&bytes) != digest {
-            return Err(read_error(std::io::Error::other(
-                "the file changed while it was being loaded; try again",
-            )));
+            return Err(PluginError::Changed { path: path.to_path_buf() });
         }
         // Seconds of Cranelift are not spent on a component that cannot link.
         let problems = preflight::problems(&bytes);

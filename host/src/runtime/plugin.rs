@@ -57,6 +57,14 @@ pub enum PluginError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// The file's bytes were not those its digest was taken from: it was
+    /// being written. The name's digest is forgotten, so the next load
+    /// reads the file afresh.
+    #[error("{path} changed while it was being loaded; try again")]
+    Changed {
+        /// The component file.
+        path: PathBuf,
+    },
     /// The file is not a valid WebAssembly component.
     #[error("{path} is not a valid WebAssembly component")]
     Compile {

@@ -77,6 +77,44 @@ async fn an_unchanged_component_is_not_hashed_again_by_a_new_host() {
     assert_eq!((third.files_hashed, third.disk_hits, third.compiles), (1, 2, 0), "{third:?}");
 }
 
+/// A digest that does not match the file it is kept for (taken from bytes
+/// half-rewritten within one tick of the file's clock) fails that load as
+/// a change under way, and is then forgotten: the next load reads the file
+/// afresh, rather than failing the same way for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_digest_found_wrong_for_its_file_is_forgotten() {
+    let (cache, plugins) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for name in ["jq", "hash"] {
+        let file = format!("{name}.wasm");
+        std::fs::copy(plugins_dir().join(&file), plugins.path().join(&file)).unwrap();
+    }
+    let host = || Host::new(config(plugins.path(), Some(cache.path()))).unwrap();
+    assert_eq!(run(&host(), TWO_PLUGINS, json!({"n": 1})).await.status, RunStatus::Succeeded);
+    // The index says jq.wasm, with its present stamp, is other bytes.
+    let index = cache.path().join("digests.json");
+    let mut digests: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    let (_, entry) = digests
+        .as_object_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|(path, _)| path.ends_with("jq.wasm"))
+        .expect("jq.wasm's digest is kept");
+    entry[1] = json!("ab".repeat(32));
+    std::fs::write(&index, serde_json::to_vec(&digests).unwrap()).unwrap();
+
+    let host = host();
+    let failed = run(&host, TWO_PLUGINS, json!({"n": 1})).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    let message = &failed.step("q").unwrap().error.as_ref().unwrap().message;
+    assert!(message.contains("jq.wasm changed while it was being loaded"), "{message}");
+    let again = run(&host, TWO_PLUGINS, json!({"n": 1})).await;
+    assert_eq!(again.status, RunStatus::Succeeded, "{:?}", again.steps[0].error);
+    assert_eq!(again.output("q"), Some(json!(2)));
+    let index = std::fs::read_to_string(cache.path().join("digests.json")).unwrap();
+    assert!(!index.contains(&"ab".repeat(32)), "the wrong digest is gone from the index");
+}
+
 /// A compile over the load timeout is reported as the timeout it is (not
 /// as an invalid component), and goes on to fill the disk cache.
 #[tokio::test(flavor = "multi_thread")]
