@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Built, Error, place};
 
@@ -121,10 +122,15 @@ fn toolchains(dir: Option<&Path>) -> PathBuf {
     let dir = match dir {
         Some(dir) => dir.to_path_buf(),
         None => {
+            // Only absolute directories (the XDG rule); without one, the
+            // current directory's `.qflow-cache` rather than a shared /tmp
+            // where another user could plant a "toolchain".
+            let absolute =
+                |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
             let home = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(std::env::temp_dir);
+                .and_then(absolute)
+                .or_else(|| std::env::var_os("HOME").and_then(absolute).map(|h| h.join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".qflow-cache"));
             home.join("qflow").join("toolchains")
         }
     };
@@ -145,7 +151,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 fn run(what: &str, command: &mut Command) -> Result<(), Error> {
     let output = command.stdin(Stdio::null()).output().map_err(|e| Error::Tool {
         tool: what.to_owned(),
-        message: format!("could not start it: {e}"),
+        message: format!("could not start {}: {e}", Path::new(command.get_program()).display()),
     })?;
     if output.status.success() {
         return Ok(());
@@ -160,13 +166,18 @@ fn run(what: &str, command: &mut Command) -> Result<(), Error> {
 
 /// Installs a pinned tool into `dir` once: under a lock (builds at once
 /// install it once), marked complete only when the install succeeded.
+/// `needs` are files the installed tool runs through (a venv's python,
+/// a link into the interpreter it was made from): one gone (the system's
+/// Python upgraded) means the install is redone rather than trusted.
 fn installed(
     dir: &Path,
     tool: PathBuf,
+    needs: &[PathBuf],
     install: impl FnOnce() -> Result<(), Error>,
 ) -> Result<PathBuf, Error> {
     let done = dir.join(".qflow-installed");
-    if done.is_file() && tool.is_file() {
+    let ready = || done.is_file() && tool.is_file() && needs.iter().all(|n| n.exists());
+    if ready() {
         return Ok(tool);
     }
     let parent = dir.parent().unwrap_or(dir);
@@ -174,7 +185,7 @@ fn installed(
     let lock_path = dir.with_extension("lock");
     let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
     lock.lock().map_err(io(&lock_path))?;
-    if done.is_file() && tool.is_file() {
+    if ready() {
         return Ok(tool);
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -206,7 +217,9 @@ fn js_paths(toolchains: &Path) -> (PathBuf, PathBuf) {
 /// componentize-py in a virtual environment of its own, made on first use.
 fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
     let (venv, tool) = py_paths(toolchains);
-    installed(&venv, tool, || {
+    // `exists` follows the venv's link to the interpreter it was made from.
+    let python = venv.join("bin").join("python3");
+    installed(&venv, tool, &[python], || {
         let python = std::env::var_os("QFLOW_PYTHON").unwrap_or_else(|| "python3".into());
         run(
             "python3 -m venv (install python3 and python3-venv)",
@@ -224,7 +237,7 @@ fn componentize_py(toolchains: &Path) -> Result<PathBuf, Error> {
 /// componentize-js in an npm prefix of its own, made on first use.
 fn componentize_js(toolchains: &Path) -> Result<PathBuf, Error> {
     let (prefix, tool) = js_paths(toolchains);
-    installed(&prefix, tool, || {
+    installed(&prefix, tool, &[], || {
         std::fs::create_dir_all(&prefix).map_err(io(&prefix))?;
         run(
             "npm install @bytecodealliance/componentize-js (install Node.js 20 and npm)",
@@ -236,15 +249,18 @@ fn componentize_js(toolchains: &Path) -> Result<PathBuf, Error> {
     })
 }
 
-/// A scratch directory for one build, removed when dropped.
-struct Scratch(PathBuf);
+/// A scratch directory for one build, removed when dropped, and the
+/// build's unique tag (process and count).
+struct Scratch(PathBuf, String);
 
 impl Scratch {
     fn new(base: &Path, name: &str) -> Result<Scratch, Error> {
-        let dir = base.join("builds").join(format!("{name}-{}", std::process::id()));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = base.join("builds").join(format!("{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        Ok(Scratch(dir))
+        Ok(Scratch(dir, format!("{}-{n}", std::process::id())))
     }
 }
 
@@ -338,9 +354,18 @@ pub(crate) fn build_js(
     let scratch = Scratch::new(&toolchains, &name)?;
     write(&scratch.0.join("qflow.wit"), WIT)?;
     // The SDK beside the step, where its `import … from "./qflow-sdk.js"`
-    // finds it: always this qflow's, never a stale copy.
-    write(&path.join("qflow-sdk.js"), JS_SDK)?;
-    let entry_file = path.join(".qflow-entry.js");
+    // finds it: always this qflow's, never a stale copy; replaced by a
+    // rename, so a build reading it at the same time sees it whole.
+    let sdk = path.join("qflow-sdk.js");
+    if std::fs::read_to_string(&sdk).ok().as_deref() != Some(JS_SDK) {
+        let tmp = path.join(format!(".qflow-sdk.{}.tmp", scratch.1));
+        write(&tmp, JS_SDK)?;
+        std::fs::rename(&tmp, &sdk).map_err(io(&sdk))?;
+    }
+    // An entry of this build's own: another build of the project at the
+    // same time has its own.
+    let entry_name = format!(".qflow-entry-{}.js", scratch.1);
+    let entry_file = path.join(&entry_name);
     let main = main.trim_start_matches("./");
     let entry = format!(
         "// Written by qflow build: the component's entry.\nimport {{ world }} from \"./qflow-sdk.js\";\nimport {{ step }} from \"./{main}\";\nconst exports = world(step, {name:?});\nexport function describe() {{ return exports.describe(); }}\nexport function init(config) {{ return exports.init(config); }}\nexport function run(input) {{ return exports.run(input); }}\n"
@@ -350,7 +375,7 @@ pub(crate) fn build_js(
     let ran = run(
         "componentize-js",
         Command::new(&tool)
-            .arg(".qflow-entry.js")
+            .arg(&entry_name)
             .arg("--wit")
             .arg(scratch.0.join("qflow.wit"))
             .args(["--world-name", "step", "-o"])

@@ -12,11 +12,13 @@ const RUST_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/sdk");
 
 /// Writes a new step project `name` in `dir/name`; the files it wrote.
 pub fn new_project(dir: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Error> {
-    let valid =
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    // What cargo takes as a package name, Python as a module's and npm as
+    // a package's, and the host as a plugin's.
+    let valid = name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !valid {
         return Err(Error::Project(format!(
-            "{name:?} is not a plugin name: use letters, digits, `-` and `_`"
+            "{name:?} is not a plugin name: start with a letter, then letters, digits, `-` and `_`"
         )));
     }
     let root = dir.join(name);
@@ -183,4 +185,21 @@ export const step = {
         ("flow.toml", flow(name)),
         ("README.md", readme(name, "JavaScript", "app.js", notes)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_plugin_name_is_one_every_language_and_the_host_take() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        for bad in ["", "1abc", "-x", "a b", "a/b", "../x", "é"] {
+            let error = new_project(dir.path(), bad, Lang::Rust).expect_err(bad).to_string();
+            assert!(error.contains("is not a plugin name"), "{bad}: {error}");
+        }
+        assert!(std::fs::read_dir(dir.path()).expect("listed").next().is_none(), "nothing written");
+        new_project(dir.path(), "a1-b_c", Lang::Python).expect("a good name");
+        assert!(dir.path().join("a1-b_c").join("app.py").is_file());
+    }
 }
