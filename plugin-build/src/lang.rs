@@ -19,6 +19,10 @@ pub const COMPONENTIZE_JS: &str = "0.23.0";
 const WIT: &str = include_str!("../../wit/0.2.0/qflow.wit");
 const PYTHON_SDK: &str = include_str!("../../plugins/sdk-python/qflow_sdk/__init__.py");
 const JS_SDK: &str = include_str!("../../plugins/sdk-js/qflow-sdk.js");
+/// componentize-js and every package under it, pinned: a new release of a
+/// dependency (jco, wizer, …) cannot change what a fresh install gets.
+const JS_PACKAGE: &str = include_str!("../toolchain/componentize-js/package.json");
+const JS_LOCK: &str = include_str!("../toolchain/componentize-js/package-lock.json");
 
 /// Standard-library modules that others import lazily, inside functions
 /// (`collections.Counter.most_common` imports `heapq`): componentize-py
@@ -239,12 +243,14 @@ fn componentize_js(toolchains: &Path) -> Result<PathBuf, Error> {
     let (prefix, tool) = js_paths(toolchains);
     installed(&prefix, tool, &[], || {
         std::fs::create_dir_all(&prefix).map_err(io(&prefix))?;
+        write(&prefix.join("package.json"), JS_PACKAGE)?;
+        write(&prefix.join("package-lock.json"), JS_LOCK)?;
+        // `npm ci`: exactly the lock's tree, or a failure.
         run(
-            "npm install @bytecodealliance/componentize-js (install Node.js 20 and npm)",
+            "npm ci (componentize-js; install Node.js 20 and npm)",
             Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&prefix)
-                .arg(format!("@bytecodealliance/componentize-js@{COMPONENTIZE_JS}")),
+                .args(["ci", "--silent", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix),
         )
     })
 }

@@ -141,6 +141,7 @@ fn built_after_its_sources(bin: &Path) -> bool {
                 "server/Cargo.toml",
                 "wit",
                 "plugin-build/src",
+                "plugin-build/toolchain",
                 // The SDKs `qflow build` compiles in.
                 "plugins/sdk-python",
                 "plugins/sdk-js",
