@@ -546,6 +546,9 @@ async fn rows_json<R: Row>(
     let mut out = String::from("[");
     let mut n = 0;
     while let Some(row) = rows.try_next().await.map_err(failed)? {
+        if n == 0 {
+            distinct_columns(row.columns())?;
+        }
         let mut object = serde_json::Map::with_capacity(row.len());
         for (i, column) in row.columns().iter().enumerate() {
             object.insert(column.name().to_owned(), value(&row, i)?);
@@ -566,6 +569,23 @@ async fn rows_json<R: Row>(
     }
     out.push(']');
     Ok(out)
+}
+
+/// A row is an object keyed by column name: two columns of one name would
+/// lose one value without a word.
+fn distinct_columns<C: Column>(columns: &[C]) -> Result<(), Failure> {
+    for (i, column) in columns.iter().enumerate() {
+        if columns[..i].iter().any(|c| c.name() == column.name()) {
+            return Err(Failure::new(
+                SqlErrorKind::Unsupported,
+                format!(
+                    "two columns are named `{}`: a row is an object keyed by column name, so name them apart (`AS …`)",
+                    column.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn decode(e: sqlx::Error) -> Failure {

@@ -132,6 +132,16 @@ async fn sqlite_round_trips_with_bound_parameters_and_injection_stays_data() {
         summary.output("types"),
         Some(json!([{"i": 1, "r": 2.5, "s": "text", "b": "AP8=", "n": null, "echoed": "bound"}]))
     );
+    // A query is told by its first word after any comments.
+    let commented = step(
+        "commented",
+        &["orders"],
+        "",
+        "db = \"orders\"\nstatement = \"/* how many */ -- rows\\n SELECT count(*) AS n FROM t\"",
+    );
+    let summary = run(&host, &[commented], json!(null)).await;
+    assert_succeeded(&summary);
+    assert_eq!(summary.output("commented"), Some(json!([{"n": 3}])));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -319,6 +329,7 @@ async fn failures_are_typed_and_name_the_database() {
         ("SELECT 1; DELETE FROM t", "sql-syntax", "one statement".to_owned()),
         ("SELECT $1(--);ATTACH 'x.db' AS x", "sql-syntax", "ATTACH is not".to_owned()),
         ("BEGIN IMMEDIATE", "sql-syntax", "BEGIN is not allowed".to_owned()),
+        ("SELECT 1 AS a, 2 AS a", "sql-unsupported", "two columns are named `a`".to_owned()),
         // Refused by SQLite before a gigabyte is made.
         ("SELECT zeroblob(1000000000) AS b", "sql-unsupported", "too big".to_owned()),
     ];

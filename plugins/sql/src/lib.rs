@@ -146,14 +146,28 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// Whether a statement returns rows: a query by its first word, or one
-/// that says `RETURNING`.
+/// Whether a statement returns rows: a query by its first word (after any
+/// comments), or one that says `RETURNING`.
 fn returns_rows(statement: &str) -> bool {
-    let first =
-        statement.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+    let first = skip_comments(statement).split(|c: char| !c.is_ascii_alphabetic()).next();
+    let first = first.unwrap_or("");
     let query = ["SELECT", "WITH", "VALUES", "PRAGMA", "SHOW", "EXPLAIN"];
     query.iter().any(|q| first.eq_ignore_ascii_case(q))
         || statement.to_ascii_uppercase().contains("RETURNING")
+}
+
+/// The statement after its leading whitespace and comments.
+fn skip_comments(mut statement: &str) -> &str {
+    loop {
+        statement = statement.trim_start();
+        if let Some(rest) = statement.strip_prefix("--") {
+            statement = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = statement.strip_prefix("/*") {
+            statement = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return statement;
+        }
+    }
 }
 
 export_step!(Sql, "Runs a configured SQL statement with the step's input as its parameters");
