@@ -60,8 +60,14 @@ export function asset(name) {
 function value(v) {
   if (v === null || v === undefined) return { tag: "null" };
   if (typeof v === "boolean") return { tag: "boolean", val: v };
-  if (typeof v === "bigint") return { tag: "integer", val: v };
-  if (typeof v === "number") return Number.isInteger(v) ? { tag: "integer", val: BigInt(v) } : { tag: "real", val: v };
+  if (typeof v === "bigint") {
+    if (v < -(2n ** 63n) || v >= 2n ** 63n) {
+      throw new StepError(`the integer ${v} does not fit a SQL parameter (64 bits); pass it as text`, { code: "bad-input" });
+    }
+    return { tag: "integer", val: v };
+  }
+  // An integer beyond 2^53 is not exact as a number: it goes as a real.
+  if (typeof v === "number") return Number.isSafeInteger(v) ? { tag: "integer", val: BigInt(v) } : { tag: "real", val: v };
   if (v instanceof Uint8Array) return { tag: "blob", val: v };
   if (typeof v === "string") return { tag: "text", val: v };
   return { tag: "text", val: JSON.stringify(v) };

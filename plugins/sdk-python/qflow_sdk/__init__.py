@@ -83,6 +83,8 @@ class _Sql:
         if isinstance(v, bool):
             return _sql.Value_Boolean(v)
         if isinstance(v, int):
+            if not -(2**63) <= v < 2**63:
+                raise StepError(f"the integer {v} does not fit a SQL parameter (64 bits); pass it as text", "bad-input")
             return _sql.Value_Integer(v)
         if isinstance(v, float):
             return _sql.Value_Real(v)
