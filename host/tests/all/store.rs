@@ -25,6 +25,17 @@ fn host_on(cache: &Path) -> Host {
     Host::new(config(plugins_dir(), Some(cache))).unwrap()
 }
 
+/// An empty cache directory, and a plugins directory of its own holding
+/// copies of `jq` and `hash` (files a test may rewrite).
+fn cache_and_copied_plugins() -> (tempfile::TempDir, tempfile::TempDir) {
+    let (cache, plugins) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for name in ["jq", "hash"] {
+        let file = format!("{name}.wasm");
+        std::fs::copy(plugins_dir().join(&file), plugins.path().join(&file)).unwrap();
+    }
+    (cache, plugins)
+}
+
 fn artifacts(cache: &Path) -> Vec<std::path::PathBuf> {
     let dir = cache.join("components");
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -59,11 +70,7 @@ async fn a_second_host_on_the_same_cache_compiles_nothing() {
 /// hashed again.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unchanged_component_is_not_hashed_again_by_a_new_host() {
-    let (cache, plugins) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for name in ["jq", "hash"] {
-        let file = format!("{name}.wasm");
-        std::fs::copy(plugins_dir().join(&file), plugins.path().join(&file)).unwrap();
-    }
+    let (cache, plugins) = cache_and_copied_plugins();
     let host = || Host::new(config(plugins.path(), Some(cache.path()))).unwrap();
     let first = run(&host(), TWO_PLUGINS, json!({"n": 1})).await.store.components;
     assert_eq!((first.files_hashed, first.compiles), (2, 2), "{first:?}");
@@ -83,11 +90,7 @@ async fn an_unchanged_component_is_not_hashed_again_by_a_new_host() {
 /// afresh, rather than failing the same way for ever.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_digest_found_wrong_for_its_file_is_forgotten() {
-    let (cache, plugins) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    for name in ["jq", "hash"] {
-        let file = format!("{name}.wasm");
-        std::fs::copy(plugins_dir().join(&file), plugins.path().join(&file)).unwrap();
-    }
+    let (cache, plugins) = cache_and_copied_plugins();
     let host = || Host::new(config(plugins.path(), Some(cache.path()))).unwrap();
     assert_eq!(run(&host(), TWO_PLUGINS, json!({"n": 1})).await.status, RunStatus::Succeeded);
     // The index says jq.wasm, with its present stamp, is other bytes.
