@@ -31,7 +31,7 @@ pub fn new_project(dir: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, E
         Lang::JavaScript => js(name),
     };
     let mut written = Vec::new();
-    for (file, text) in files {
+    let wrote = files.into_iter().try_for_each(|(file, text)| {
         let path = root.join(file);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -39,8 +39,16 @@ pub fn new_project(dir: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, E
         }
         std::fs::write(&path, text).map_err(|source| Error::Io { path: path.clone(), source })?;
         written.push(path);
+        Ok(())
+    });
+    match wrote {
+        Ok(()) => Ok(written),
+        Err(e) => {
+            // Half a project would stand in the way of trying again.
+            let _ = std::fs::remove_dir_all(&root);
+            Err(e)
+        }
     }
-    Ok(written)
 }
 
 /// The test flow: the step over a sample sentence.
