@@ -857,8 +857,10 @@ impl Host {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Nothing panics while holding the lock; recover the data if it ever did.
+/// A mutex's data. Nothing panics while holding Qflow's locks; should
+/// something ever, the data is recovered rather than every later user
+/// failing too.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+use crate::lock;
 pub use crate::model::PoolStats;
 
 /// Makes (and checks) the resources of a pool.
@@ -89,6 +90,21 @@ impl Default for PoolConfig {
             create_timeout_ms: 10_000,
             acquire_timeout_ms: 30_000,
             min_only_if_slower_than_us: None,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// These limits and timings, with those `settings` give in their place.
+    pub fn with_settings(self, settings: &crate::model::PoolSettings) -> PoolConfig {
+        PoolConfig {
+            min: settings.min.unwrap_or(self.min),
+            max: settings.max.unwrap_or(self.max),
+            idle_timeout_ms: settings.idle_timeout_ms.unwrap_or(self.idle_timeout_ms),
+            health_check_ms: settings.health_check_ms.unwrap_or(self.health_check_ms),
+            create_timeout_ms: settings.create_timeout_ms.unwrap_or(self.create_timeout_ms),
+            acquire_timeout_ms: settings.acquire_timeout_ms.unwrap_or(self.acquire_timeout_ms),
+            ..self
         }
     }
 }
@@ -177,11 +193,6 @@ impl<M: Manager> Clone for Pool<M> {
     fn clone(&self) -> Self {
         Pool { inner: self.inner.clone() }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; recover the data if it ever did.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<M: Manager> Pool<M> {
@@ -689,6 +700,43 @@ async fn check_health<M: Manager>(inner: &Inner<M>) {
     }
     for entry in kept.into_iter().rev() {
         state.idle.push_front(entry);
+    }
+}
+
+/// Pools by key (an origin, a database), made on first use. A pool that
+/// went unused for its idle timeout and holds nothing is dropped when the
+/// next key is added, so keys used once do not grow the host without end.
+pub(crate) struct PoolSet<K, M: Manager> {
+    pools: Mutex<std::collections::HashMap<K, Arc<Pool<M>>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, M: Manager> PoolSet<K, M> {
+    pub(crate) fn new() -> PoolSet<K, M> {
+        PoolSet { pools: Mutex::default() }
+    }
+
+    /// The pool for `key`, made by `make` if there is none.
+    pub(crate) fn get<E>(
+        &self,
+        key: &K,
+        make: impl FnOnce() -> Result<Pool<M>, E>,
+    ) -> Result<Arc<Pool<M>>, E> {
+        let mut pools = lock(&self.pools);
+        if let Some(pool) = pools.get(key) {
+            return Ok(pool.clone());
+        }
+        pools.retain(|_, pool| !pool.is_abandoned());
+        let pool = Arc::new(make()?);
+        pools.insert(key.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    /// Each pool's figures, by its key's `name`, in name order.
+    pub(crate) fn stats(&self, name: impl Fn(&K) -> String) -> Vec<(String, PoolStats)> {
+        let pools = lock(&self.pools);
+        let mut stats: Vec<_> = pools.iter().map(|(k, p)| (name(k), p.stats())).collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
     }
 }
 

@@ -143,14 +143,14 @@ pub struct Step {
 #[derive(Debug, Clone)]
 pub(crate) struct InstanceKey {
     hash: u64,
-    /// The step's part, and the flow's loaders (encoded once, shared by
-    /// every step of the flow).
+    /// The step's part, and the flow's loaders and databases (encoded
+    /// once, shared by every step of the flow).
     text: Arc<str>,
-    loaders: Arc<str>,
+    flow: Arc<str>,
 }
 
 impl InstanceKey {
-    fn new(step: &Step, loaders: &Arc<str>) -> InstanceKey {
+    fn new(step: &Step, flow: &Arc<str>) -> InstanceKey {
         let encoded = serde_json::json!({
             "config": step.config,
             "dirs": step.dirs,
@@ -162,17 +162,15 @@ impl InstanceKey {
         });
         let text: Arc<str> = Arc::from(encoded.to_string());
         let hash = xxhash_rust::xxh3::xxh3_64(text.as_bytes())
-            ^ xxhash_rust::xxh3::xxh3_64(loaders.as_bytes()).rotate_left(1);
-        InstanceKey { hash, text, loaders: loaders.clone() }
+            ^ xxhash_rust::xxh3::xxh3_64(flow.as_bytes()).rotate_left(1);
+        InstanceKey { hash, text, flow: flow.clone() }
     }
 }
 
 impl PartialEq for InstanceKey {
     fn eq(&self, other: &Self) -> bool {
         let same = |a: &Arc<str>, b: &Arc<str>| Arc::ptr_eq(a, b) || a == b;
-        self.hash == other.hash
-            && same(&self.text, &other.text)
-            && same(&self.loaders, &other.loaders)
+        self.hash == other.hash && same(&self.text, &other.text) && same(&self.flow, &other.flow)
     }
 }
 
@@ -767,11 +765,7 @@ impl RawFlow {
                     max_memory_bytes: raw.max_memory_mb.or(self.flow.max_memory_mb).map(mib),
                     deps,
                     input,
-                    instance_key: InstanceKey {
-                        hash: 0,
-                        text: Arc::from(""),
-                        loaders: Arc::from(""),
-                    },
+                    instance_key: InstanceKey { hash: 0, text: Arc::from(""), flow: Arc::from("") },
                 }
             })
             .collect();

@@ -714,7 +714,8 @@ async fn execute<I: StepInvoker>(ctx: Arc<RunContext<I>>, index: usize, input: J
     let mut load = None;
     loop {
         let timeout = step.timeout.or(ctx.step_timeout);
-        let (result, log, ready) = attempt(&*ctx.invoker, step, timeout, index, &input).await;
+        let Attempt { result, log, ready } =
+            attempt(&*ctx.invoker, step, timeout, index, &input).await;
         let load = *load.get_or_insert(prepared + ready);
         match result {
             Err(failure) if retries && failure.retryable && attempts < step.retry.max_attempts => {
@@ -751,21 +752,24 @@ async fn attempt<I: StepInvoker>(
     timeout: Option<Duration>,
     index: usize,
     input: &Json,
-) -> (Result<Json, StepFailure>, StepLog, Duration) {
+) -> Attempt {
     let Some((limit, deadline)) =
         timeout.and_then(|limit| Some((limit, Instant::now().checked_add(limit)?)))
     else {
-        let Attempt { result, log, ready } = invoker.invoke(index, input, None).await;
-        return (result, log, ready);
+        return invoker.invoke(index, input, None).await;
     };
     match tokio::time::timeout_at(deadline, invoker.invoke(index, input, Some(deadline))).await {
         // An interrupted guest traps; at its deadline, that is the timeout.
         Ok(Attempt { result: Err(failure), log, ready })
             if failure.kind == FailureKind::Trap && Instant::now() >= deadline =>
         {
-            (Err(timed_out(step, limit)), log, ready)
+            Attempt { result: Err(timed_out(step, limit)), log, ready }
         }
-        Ok(Attempt { result, log, ready }) => (result, log, ready),
-        Err(_) => (Err(timed_out(step, limit)), StepLog::default(), Duration::ZERO),
+        Ok(attempt) => attempt,
+        Err(_) => Attempt {
+            result: Err(timed_out(step, limit)),
+            log: StepLog::default(),
+            ready: Duration::ZERO,
+        },
     }
 }

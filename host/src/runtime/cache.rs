@@ -108,7 +108,8 @@ pub(crate) enum Outcome {
 pub(crate) struct Cache<K, V, E> {
     inner: Mutex<Inner<K, V, E>>,
     limit: u64,
-    timeout: Duration,
+    /// How long a request waits for a load (`None`: as long as it takes).
+    timeout: Option<Duration>,
     on_evict: Option<EvictionHook<K>>,
 }
 
@@ -118,8 +119,9 @@ where
     V: Clone + Send + Sync + 'static,
     E: Clone + Send + Sync + 'static,
 {
-    /// A cache of at most `limit` bytes whose loads may take `timeout`.
-    pub(crate) fn new(limit: u64, timeout: Duration) -> Cache<K, V, E> {
+    /// A cache of at most `limit` bytes whose loads may take `timeout`
+    /// (`None`: loads bounded by their parts' own limits).
+    pub(crate) fn new(limit: u64, timeout: Option<Duration>) -> Cache<K, V, E> {
         Cache {
             inner: Mutex::new(Inner {
                 lru: lru::LruCache::unbounded(),
@@ -194,9 +196,12 @@ where
                 }
             }
         };
-        let result = match tokio::time::timeout(self.timeout, pending).await {
-            Ok(result) => result,
-            Err(_) => Err(LoadError::TimedOut(self.timeout)),
+        let result = match self.timeout {
+            None => pending.await,
+            Some(limit) => match tokio::time::timeout(limit, pending).await {
+                Ok(result) => result,
+                Err(_) => Err(LoadError::TimedOut(limit)),
+            },
         };
         (result, outcome)
     }
@@ -315,7 +320,7 @@ mod tests {
     type TestCache = Cache<u32, Arc<str>, String>;
 
     fn cache(limit: u64) -> Arc<TestCache> {
-        Arc::new(Cache::new(limit, Duration::from_secs(5)))
+        Arc::new(Cache::new(limit, Some(Duration::from_secs(5))))
     }
 
     async fn load(cache: &Arc<TestCache>, key: u32, size: u64) -> Arc<str> {
@@ -410,7 +415,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_load_times_out_but_still_fills_the_cache() {
-        let cache: Arc<TestCache> = Arc::new(Cache::new(100, Duration::from_millis(100)));
+        let cache: Arc<TestCache> = Arc::new(Cache::new(100, Some(Duration::from_millis(100))));
         let slow = cache
             .get_or_load(&1, || async {
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
@@ -22,6 +22,7 @@ use super::components::{ComponentStore, ReadBytes};
 use super::disk::FileStamp;
 use super::engine::Engine;
 use super::plugin::{Digest, LoadSource, Plugin, PluginError, PluginInfo, digest, valid_name};
+use crate::lock;
 use crate::model::{HttpGrant, Numbers, PoolSettings};
 
 /// What identifies a file's contents without reading it: when this is the
@@ -89,11 +90,6 @@ pub struct Catalog {
     uses: Mutex<HashMap<String, u64>>,
     /// The plugins loaded by preloading.
     preloaded: Mutex<std::collections::HashSet<String>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding these locks; recover the data if it ever did.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn wasm(name: &str) -> String {
@@ -184,7 +180,9 @@ impl Catalog {
     /// which only ever happens through the directory's capability.
     fn stat(&self, file: &str) -> Result<Option<Fingerprint>, PluginError> {
         match std::fs::metadata(self.path_of(file)) {
-            Ok(meta) if meta.is_file() => Ok(Some(FileStamp::of(&meta))),
+            Ok(meta) if meta.is_file() => {
+                Ok(Some(FileStamp::of(&cap_std::fs::Metadata::from_just_metadata(meta))))
+            }
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A link whose target is missing outside (`../x/…`) is not

@@ -62,9 +62,6 @@ impl Default for CacheConfig {
     }
 }
 
-/// No limit on a whole load: its parts have their own.
-const UNBOUNDED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
 /// `describe()` only returns constants: a plugin that takes longer is broken.
 const DESCRIBE_TIME_LIMIT: Duration = Duration::from_secs(10);
 
@@ -119,7 +116,7 @@ impl ComponentStore {
         Ok(ComponentStore {
             // A compile is timed by itself (not its wait for a slot); a load
             // is otherwise bounded by its parts' own limits (describe's).
-            memory: Arc::new(Cache::new(config.memory_limit, UNBOUNDED).on_evict(Box::new(
+            memory: Arc::new(Cache::new(config.memory_limit, None).on_evict(Box::new(
                 move |evicted: Vec<(Digest, u64)>| {
                     events.emit(|| EventData::CacheEvicted {
                         cache: "components".into(),

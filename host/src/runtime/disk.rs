@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use wasmtime::component::Component;
 
 use super::plugin::Digest;
+use crate::lock;
 
 const MAGIC: &[u8; 8] = b"QFLOWCW2";
 /// digest, engine hash, checksum, magic.
@@ -55,17 +56,9 @@ pub(crate) struct FileStamp {
 }
 
 impl FileStamp {
-    pub(crate) fn of(meta: &std::fs::Metadata) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        FileStamp {
-            len: meta.len(),
-            modified: (meta.mtime(), meta.mtime_nsec()),
-            changed: (meta.ctime(), meta.ctime_nsec()),
-            inode: meta.ino(),
-        }
-    }
-
-    fn of_cap(meta: &cap_std::fs::Metadata) -> FileStamp {
+    /// The stamp of a file's metadata (`std`'s converts with
+    /// `cap_std::fs::Metadata::from_just_metadata`).
+    pub(crate) fn of(meta: &cap_std::fs::Metadata) -> FileStamp {
         use cap_std::fs::MetadataExt;
         FileStamp {
             len: meta.len(),
@@ -120,11 +113,7 @@ impl DiskCache {
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        let verified: HashMap<String, FileStamp> = root
-            .read(VERIFIED)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let verified = read_state(&root, VERIFIED);
         Some(DiskCache {
             root,
             components,
@@ -144,14 +133,15 @@ impl DiskCache {
     pub(crate) fn load(&self, engine: &wasmtime::Engine, digest: &Digest) -> Lookup {
         let name = self.name(digest);
         let stamp = match self.components.metadata(&name) {
-            Ok(meta) => FileStamp::of_cap(&meta),
+            Ok(meta) => FileStamp::of(&meta),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lookup::Miss,
             Err(e) => return Lookup::Corrupt(format!("unreadable: {e}")),
         };
         let known = lock(&self.verified).get(&name) == Some(&stamp);
         let checked = if known {
-            self.trailer(&name, stamp.len)
-                .and_then(|trailer| check_trailer(&trailer, digest, self.engine_hash))
+            self.trailer(&name, stamp.len).and_then(|trailer| {
+                check_trailer(&trailer, digest, self.engine_hash).map(drop).map_err(str::to_owned)
+            })
         } else {
             self.verify(&name, digest, stamp)
         };
@@ -231,7 +221,7 @@ impl DiskCache {
             write_atomically(&self.components, &name, &bytes).map_err(|e| e.to_string())?;
             // What we just wrote is what we checked: no need to read it back.
             if let Ok(meta) = self.components.metadata(&name) {
-                self.record(&name, FileStamp::of_cap(&meta));
+                self.record(&name, FileStamp::of(&meta));
             }
             Ok(())
         });
@@ -249,11 +239,7 @@ impl DiskCache {
     /// A small state file beside the artifacts (use counts, step
     /// durations), as saved by earlier hosts; empty if there is none.
     pub(crate) fn load_state<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> T {
-        self.root
-            .read(name)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        read_state(&self.root, name)
     }
 
     /// Renames a state file that something else now keeps to
@@ -277,30 +263,37 @@ impl DiskCache {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The state file `name` in `root`, or the default if it is missing or
+/// unreadable (state is a saving, never a necessity).
+fn read_state<T: serde::de::DeserializeOwned + Default>(root: &Dir, name: &str) -> T {
+    root.read(name).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
 }
 
-/// A trailer that names `digest` and an engine with `engine_hash` (its
-/// checksum is not checked: that needs the payload).
-fn check_trailer(trailer: &[u8; TRAILER], digest: &Digest, engine_hash: u64) -> Result<(), String> {
+/// A trailer that names `digest` and an engine with `engine_hash`: the
+/// payload's checksum it holds (checking that needs the payload).
+fn check_trailer(
+    trailer: &[u8; TRAILER],
+    digest: &Digest,
+    engine_hash: u64,
+) -> Result<u64, &'static str> {
+    let le = |b: &[u8]| b.try_into().map(u64::from_le_bytes).unwrap_or_default();
     let (source, rest) = trailer.split_at(32);
     let (engine, rest) = rest.split_at(8);
-    let magic = &rest[8..];
+    let (checksum, magic) = rest.split_at(8);
     if magic != MAGIC {
-        return Err("truncated or not an artifact".into());
+        return Err("truncated or not an artifact");
     }
     if source != digest {
-        return Err("compiled from another component".into());
+        return Err("compiled from another component");
     }
-    if engine.try_into().map(u64::from_le_bytes).ok() != Some(engine_hash) {
-        return Err("compiled for another engine".into());
+    if le(engine) != engine_hash {
+        return Err("compiled for another engine");
     }
-    Ok(())
+    Ok(le(checksum))
 }
 
 /// The payload of an artifact whose trailer checks out for `digest` on an
-/// engine with `engine_hash`; otherwise why not.
+/// engine with `engine_hash`, and whose checksum matches; otherwise why not.
 fn verified<'a>(
     bytes: &'a [u8],
     digest: &Digest,
@@ -309,21 +302,9 @@ fn verified<'a>(
     let truncated = "truncated or not an artifact";
     let at = bytes.len().checked_sub(TRAILER).ok_or(truncated)?;
     let (payload, trailer) = bytes.split_at(at);
-    let (source, rest) = trailer.split_at(32);
-    let (engine, rest) = rest.split_at(8);
-    let (checksum, magic) = rest.split_at(8);
-    if magic != MAGIC {
-        return Err(truncated);
-    }
-    let le = |b: &[u8]| b.try_into().map(u64::from_le_bytes).map_err(|_| truncated);
-    if xxhash_rust::xxh3::xxh3_64(payload) != le(checksum)? {
+    let checksum = check_trailer(trailer.try_into().map_err(|_| truncated)?, digest, engine_hash)?;
+    if xxhash_rust::xxh3::xxh3_64(payload) != checksum {
         return Err("corrupt (checksum mismatch)");
-    }
-    if source != digest {
-        return Err("compiled from another component");
-    }
-    if le(engine)? != engine_hash {
-        return Err("compiled for another engine");
     }
     Ok(payload)
 }

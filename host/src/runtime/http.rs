@@ -13,10 +13,9 @@
 //!   limit and a response body limit, each failing that request with the
 //!   matching `wasi:http` error code.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::model::{HttpGrant, HttpScheme, PoolStats, is_internal};
-use crate::pool::{Manager, Pool, PoolConfig, Pooled};
+use crate::pool::{Manager, Pool, PoolConfig, PoolSet, Pooled};
 
 /// Outbound HTTP's limits and pool settings, host-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,33 +122,28 @@ impl std::fmt::Display for Origin {
 /// The host's HTTP client: a connection pool per origin.
 pub(crate) struct HttpClient {
     config: HttpConfig,
-    pools: Mutex<HashMap<Origin, Arc<Pool<Connector>>>>,
+    /// By origin; one unused for an idle timeout goes, so a wildcard grant
+    /// does not grow the host without end.
+    pools: PoolSet<Origin, Connector>,
 }
 
 impl HttpClient {
     pub(crate) fn new(config: HttpConfig) -> HttpClient {
-        HttpClient { config, pools: Mutex::default() }
+        HttpClient { config, pools: PoolSet::new() }
     }
 
     /// Each origin's pool figures, by `scheme://host:port`.
     pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
-        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let mut stats: Vec<_> = pools.iter().map(|(o, p)| (o.to_string(), p.stats())).collect();
-        stats.sort_by(|a, b| a.0.cmp(&b.0));
-        stats
+        self.pools.stats(Origin::to_string)
     }
 
     fn pool(&self, origin: Origin) -> Arc<Pool<Connector>> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if !pools.contains_key(&origin) {
-            // Origins not used for an idle timeout, with no connection left,
-            // go: a wildcard grant does not grow the host without end.
-            pools.retain(|_, pool| !pool.is_abandoned());
-        }
-        pools
-            .entry(origin.clone())
-            .or_insert_with(|| Arc::new(Pool::new(Connector { origin }, self.config.pool)))
-            .clone()
+        let made = self.pools.get(&origin, || {
+            let connector = Connector { origin: origin.clone() };
+            Ok::<_, std::convert::Infallible>(Pool::new(connector, self.config.pool))
+        });
+        let Ok(pool) = made;
+        pool
     }
 
     /// Sends `request` for `caller` if `grants` allow it, waiting for its

@@ -36,17 +36,12 @@ const SPARE_WORTH_US: u64 = 100;
 fn resolve(settings: PoolSettings, max_instances: usize) -> (PoolConfig, u32) {
     let defaults = PoolConfig { max: max_instances, ..PoolConfig::default() };
     let config = PoolConfig {
-        min: settings.min.unwrap_or(defaults.min),
-        max: settings.max.unwrap_or(defaults.max),
-        idle_timeout_ms: settings.idle_timeout_ms.unwrap_or(defaults.idle_timeout_ms),
-        health_check_ms: settings.health_check_ms.unwrap_or(defaults.health_check_ms),
-        create_timeout_ms: settings.create_timeout_ms.unwrap_or(defaults.create_timeout_ms),
-        acquire_timeout_ms: settings.acquire_timeout_ms.unwrap_or(defaults.acquire_timeout_ms),
         // The default spare is kept only for plugins whose instances take
         // a while to make (a slow `init`): a trivial one is made on the
         // spot faster than a spare is handed over from another thread. A
         // `min` that someone set is kept whatever it costs.
         min_only_if_slower_than_us: settings.min.is_none().then_some(SPARE_WORTH_US),
+        ..defaults.with_settings(&settings)
     };
     (config, settings.reuse.unwrap_or(1).max(1))
 }

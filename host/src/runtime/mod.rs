@@ -43,7 +43,7 @@ pub(crate) use self::watch::{Reloader, start as watch};
 /// The host's asset cache, with the limits of `config`; what it evicts is
 /// announced through `events`.
 pub(crate) fn asset_cache(config: &CacheConfig, events: crate::model::Emitter) -> AssetCache {
-    cache::Cache::new(config.asset_memory_limit, config.load_timeout).on_evict(Box::new(
+    cache::Cache::new(config.asset_memory_limit, Some(config.load_timeout)).on_evict(Box::new(
         move |evicted: Vec<(AssetKey, u64)>| {
             events.emit(|| crate::model::EventData::CacheEvicted {
                 cache: "assets".into(),

@@ -4,24 +4,26 @@
 //! - **Granted, or refused.** A step reaches only the databases its
 //!   `databases = [...]` names; a read-only grant refuses `execute`, and
 //!   the database itself refuses writes (SQLite opens the file read-only,
-//!   PostgreSQL runs each call in a `READ ONLY` transaction).
+//!   PostgreSQL's transaction for each call is `READ ONLY`).
 //! - **Bound, never spliced.** Parameters go to the database as values;
 //!   one call is one statement. SQLite statements may not `ATTACH`,
-//!   `DETACH` or `VACUUM` (which reach files beside the granted one).
+//!   `DETACH` or `VACUUM` (which reach files beside the granted one), and
+//!   its connections can attach no database.
 //! - **Pooled.** Connections live in the generic [`Pool`], one per
 //!   database, shared by every step and instance of the host: `min`, `max`,
 //!   idle timeout, health checks (a ping), creation and acquisition
 //!   timeouts, stats. A connection idle for more than half a second is
 //!   pinged before use, so a restarted database costs no step a failure.
+//! - **One call, one transaction.** PostgreSQL runs each call in its own
+//!   transaction; SQLite refuses `BEGIN` and `SAVEPOINT`.
 //! - **Bounded.** A statement timeout (SQLite's interrupted by a progress
-//!   handler, PostgreSQL's by its own `statement_timeout`) and a limit on
-//!   the rows' JSON.
+//!   handler, PostgreSQL's by its own `statement_timeout`, set in each
+//!   call's transaction) and a limit on the rows' JSON.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -33,7 +35,7 @@ use tokio::time::Instant;
 
 use super::bindings::sql::{self, SqlError, SqlErrorKind, Value};
 use crate::model::{Database, DatabaseKind, PoolStats};
-use crate::pool::{Manager, Pool, PoolConfig};
+use crate::pool::{Manager, Pool, PoolConfig, PoolSet};
 
 /// A database's pool where its declaration says nothing: connections made
 /// on demand (`min` 0), at most 10, checked every 10 s.
@@ -90,45 +92,25 @@ impl SqlConfig {
 /// The host's databases: a connection pool per declared database.
 pub(crate) struct Databases {
     config: SqlConfig,
-    pools: Mutex<HashMap<Database, Arc<Pool<Connector>>>>,
+    /// By declaration; a flow's databases go with it once unused.
+    pools: PoolSet<Database, Connector>,
 }
 
 impl Databases {
     pub(crate) fn new(config: SqlConfig) -> Databases {
-        Databases { config, pools: Mutex::default() }
+        Databases { config, pools: PoolSet::new() }
     }
 
     /// Each database's pool figures, by id.
     pub(crate) fn stats(&self) -> Vec<(String, PoolStats)> {
-        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let mut stats: Vec<_> = pools.iter().map(|(db, p)| (db.id.clone(), p.stats())).collect();
-        stats.sort_by(|a, b| a.0.cmp(&b.0));
-        stats
+        self.pools.stats(|database| database.id.clone())
     }
 
     fn pool(&self, database: &Database) -> Result<Arc<Pool<Connector>>, SqlError> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = pools.get(database) {
-            return Ok(pool.clone());
-        }
-        // A flow's databases go with it once unused.
-        pools.retain(|_, pool| !pool.is_abandoned());
-        let connector = Connector::new(database)?;
-        let settings = database.pool;
-        let config = PoolConfig {
-            min: settings.min.unwrap_or(DEFAULT_POOL.min),
-            max: settings.max.unwrap_or(DEFAULT_POOL.max),
-            idle_timeout_ms: settings.idle_timeout_ms.unwrap_or(DEFAULT_POOL.idle_timeout_ms),
-            health_check_ms: settings.health_check_ms.unwrap_or(DEFAULT_POOL.health_check_ms),
-            create_timeout_ms: settings.create_timeout_ms.unwrap_or(DEFAULT_POOL.create_timeout_ms),
-            acquire_timeout_ms: settings
-                .acquire_timeout_ms
-                .unwrap_or(DEFAULT_POOL.acquire_timeout_ms),
-            ..DEFAULT_POOL
-        };
-        let pool = Arc::new(Pool::new(connector, config));
-        pools.insert(database.clone(), pool.clone());
-        Ok(pool)
+        self.pools.get(database, || {
+            let config = DEFAULT_POOL.with_settings(&database.pool);
+            Ok(Pool::new(Connector::new(database)?, config))
+        })
     }
 }
 
@@ -142,8 +124,9 @@ enum Options {
 struct Connector {
     id: Arc<str>,
     options: Options,
-    read_only: bool,
     timeout: Duration,
+    /// PostgreSQL: what begins each call's transaction, with its timeout.
+    begin: String,
 }
 
 impl Connector {
@@ -164,22 +147,23 @@ impl Connector {
                     .read_only(database.read_only)
                     .create_if_missing(!database.read_only),
             ),
-            DatabaseKind::Postgres => {
-                let ms = timeout.as_millis().to_string();
-                Options::Postgres(
-                    PgConnectOptions::from_str(database.url.trim())
-                        .map_err(bad_url)?
-                        .application_name("qflow")
-                        .options([("statement_timeout", ms.as_str())]),
-                )
-            }
+            DatabaseKind::Postgres => Options::Postgres(
+                PgConnectOptions::from_str(database.url.trim())
+                    .map_err(bad_url)?
+                    .application_name("qflow"),
+            ),
         };
-        Ok(Connector {
-            id: Arc::from(database.id.as_str()),
-            options,
-            read_only: database.read_only,
-            timeout,
-        })
+        // Each call is one transaction of its own, begun with its timeout
+        // in one round trip: a step's `BEGIN` cannot leave one open on a
+        // shared connection, nor a `SET statement_timeout` outlive the call
+        // that set it. READ ONLY: whatever the statement is (even a `SET`
+        // of the session's defaults), it cannot write.
+        let begin = format!(
+            "BEGIN{}; SET LOCAL statement_timeout = {}",
+            if database.read_only { " READ ONLY" } else { "" },
+            timeout.as_millis()
+        );
+        Ok(Connector { id: Arc::from(database.id.as_str()), options, timeout, begin })
     }
 }
 
@@ -415,7 +399,7 @@ impl Connection {
             Conn::Postgres(conn) => {
                 // PostgreSQL ends a statement at its `statement_timeout`
                 // itself; this is for a server that stopped answering.
-                let ran = postgres(conn, statement, params, mode, connector.read_only, limit);
+                let ran = postgres(conn, statement, params, mode, &connector.begin);
                 tokio::time::timeout(limit + Duration::from_secs(5), ran)
                     .await
                     .unwrap_or_else(|_| Err(timed_out(limit, true)))
@@ -452,21 +436,10 @@ async fn postgres(
     statement: &str,
     params: &[Value],
     mode: Mode,
-    read_only: bool,
-    timeout: Duration,
+    begin: &str,
 ) -> Result<Outcome, Failure> {
     let query = bound(statement, params, |query| query.bind(Untyped));
-    // Each call is one transaction of its own, begun (with its timeout) in
-    // one round trip: a step's `BEGIN` cannot leave one open on a shared
-    // connection, nor a `SET statement_timeout` outlive the call that set
-    // it. READ ONLY: whatever the statement is (even a `SET` of the
-    // session's defaults), it cannot write.
-    let begin = format!(
-        "BEGIN{}; SET LOCAL statement_timeout = {}",
-        if read_only { " READ ONLY" } else { "" },
-        timeout.as_millis()
-    );
-    let mut tx = conn.begin_with(begin).await.map_err(pg_failure)?;
+    let mut tx = conn.begin_with(begin.to_owned()).await.map_err(pg_failure)?;
     let outcome = pg_run(&mut tx, query, mode).await?;
     tx.commit().await.map_err(pg_failure)?;
     Ok(outcome)
@@ -616,17 +589,18 @@ fn pg_value(row: &PgRow, i: usize) -> Result<JsonValue, Failure> {
     }
     let column = &row.columns()[i];
     let type_name = column.type_info().name();
-    let get = |e| decode(e);
     Ok(match type_name {
-        "BOOL" => JsonValue::from(row.try_get::<bool, _>(i).map_err(get)?),
-        "INT2" => JsonValue::from(row.try_get::<i16, _>(i).map_err(get)?),
-        "INT4" => JsonValue::from(row.try_get::<i32, _>(i).map_err(get)?),
-        "INT8" => JsonValue::from(row.try_get::<i64, _>(i).map_err(get)?),
-        "OID" => JsonValue::from(row.try_get::<sqlx::postgres::types::Oid, _>(i).map_err(get)?.0),
-        "FLOAT4" => float(f64::from(row.try_get::<f32, _>(i).map_err(get)?)),
-        "FLOAT8" => float(row.try_get::<f64, _>(i).map_err(get)?),
+        "BOOL" => JsonValue::from(row.try_get::<bool, _>(i).map_err(decode)?),
+        "INT2" => JsonValue::from(row.try_get::<i16, _>(i).map_err(decode)?),
+        "INT4" => JsonValue::from(row.try_get::<i32, _>(i).map_err(decode)?),
+        "INT8" => JsonValue::from(row.try_get::<i64, _>(i).map_err(decode)?),
+        "OID" => {
+            JsonValue::from(row.try_get::<sqlx::postgres::types::Oid, _>(i).map_err(decode)?.0)
+        }
+        "FLOAT4" => float(f64::from(row.try_get::<f32, _>(i).map_err(decode)?)),
+        "FLOAT8" => float(row.try_get::<f64, _>(i).map_err(decode)?),
         "NUMERIC" => {
-            let decimal = row.try_get::<sqlx::types::Decimal, _>(i).map_err(get)?;
+            let decimal = row.try_get::<sqlx::types::Decimal, _>(i).map_err(decode)?;
             let text = decimal.to_string();
             text.parse::<i64>()
                 .map(JsonValue::from)
@@ -634,30 +608,28 @@ fn pg_value(row: &PgRow, i: usize) -> Result<JsonValue, Failure> {
                 .unwrap_or(JsonValue::String(text))
         }
         "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "CITEXT" | "UNKNOWN" => {
-            JsonValue::from(row.try_get::<String, _>(i).map_err(get)?)
+            JsonValue::from(row.try_get::<String, _>(i).map_err(decode)?)
         }
-        "BYTEA" => base64(&row.try_get::<Vec<u8>, _>(i).map_err(get)?),
-        "JSON" | "JSONB" => row.try_get::<JsonValue, _>(i).map_err(get)?,
-        "UUID" => JsonValue::from(row.try_get::<sqlx::types::Uuid, _>(i).map_err(get)?.to_string()),
+        "BYTEA" => base64(&row.try_get::<Vec<u8>, _>(i).map_err(decode)?),
+        "JSON" | "JSONB" => row.try_get::<JsonValue, _>(i).map_err(decode)?,
+        "UUID" => {
+            JsonValue::from(row.try_get::<sqlx::types::Uuid, _>(i).map_err(decode)?.to_string())
+        }
         "TIMESTAMPTZ" => {
-            let at = row.try_get::<time::OffsetDateTime, _>(i).map_err(get)?;
-            let text = at.format(&time::format_description::well_known::Rfc3339);
-            JsonValue::from(text.map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?)
+            let at = row.try_get::<time::OffsetDateTime, _>(i).map_err(decode)?;
+            formatted(at.format(&time::format_description::well_known::Rfc3339))?
         }
         "TIMESTAMP" => {
-            let at = row.try_get::<time::PrimitiveDateTime, _>(i).map_err(get)?;
+            let at = row.try_get::<time::PrimitiveDateTime, _>(i).map_err(decode)?;
             let format = time::macros::format_description!(
                 "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]"
             );
-            let text = at.format(&format);
-            JsonValue::from(text.map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?)
+            formatted(at.format(&format))?
         }
         "DATE" => {
-            let date = row.try_get::<time::Date, _>(i).map_err(get)?;
+            let date = row.try_get::<time::Date, _>(i).map_err(decode)?;
             let format = time::macros::format_description!("[year]-[month]-[day]");
-            JsonValue::from(
-                date.format(&format).map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))?,
-            )
+            formatted(date.format(&format))?
         }
         other => {
             return Err(Failure::new(
@@ -670,6 +642,11 @@ fn pg_value(row: &PgRow, i: usize) -> Result<JsonValue, Failure> {
             ));
         }
     })
+}
+
+/// A date or time as the text it was formatted into.
+fn formatted(text: Result<String, time::error::Format>) -> Result<JsonValue, Failure> {
+    text.map(JsonValue::from).map_err(|e| decode(sqlx::Error::Decode(Box::new(e))))
 }
 
 /// A float as JSON: NaN and the infinities, which JSON lacks, are null.
