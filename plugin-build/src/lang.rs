@@ -96,13 +96,17 @@ fn string_at(table: &toml::Table, keys: &[&str]) -> Option<String> {
 
 /// A project's name: `name` in `pyproject.toml`'s `[project]` or in
 /// `package.json`, else its directory's.
+/// A text field of the JavaScript project's `package.json`, if it has one.
+fn package_field(path: &Path, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path.join("package.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json[field].as_str().map(str::to_owned)
+}
+
 fn project_name(path: &Path, lang: Lang) -> Result<String, Error> {
     let named = match lang {
         Lang::Python => string_at(&pyproject(path)?, &["project", "name"]),
-        Lang::JavaScript => std::fs::read_to_string(path.join("package.json"))
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|json| json["name"].as_str().map(str::to_owned)),
+        Lang::JavaScript => package_field(path, "name"),
         Lang::Rust => None,
     };
     let dir = std::fs::canonicalize(path)
@@ -344,11 +348,7 @@ pub(crate) fn build_js(
 ) -> Result<Built, Error> {
     let path = &absolute(path)?;
     let name = project_name(path, Lang::JavaScript)?;
-    let main = std::fs::read_to_string(path.join("package.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|json| json["main"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "app.js".to_owned());
+    let main = package_field(path, "main").unwrap_or_else(|| "app.js".to_owned());
     if !path.join(&main).is_file() {
         return Err(Error::Project(format!(
             "{}: no {main} (package.json's `main`, app.js by default)",
