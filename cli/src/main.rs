@@ -159,9 +159,11 @@ enum NewLang {
     Js,
 }
 
-/// Where `build` installs the Python and JavaScript toolchains.
+/// Where `build` installs the Python and JavaScript toolchains, if the
+/// command line says (otherwise the builder's own default, the user's
+/// cache directory).
 fn toolchains(cache_dir: Option<PathBuf>) -> Option<PathBuf> {
-    cache_dir.or_else(|| dirs::cache_dir().map(|d| d.join("qflow"))).map(|d| d.join("toolchains"))
+    cache_dir.map(|d| d.join("toolchains"))
 }
 
 #[derive(Subcommand)]
